@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install what the test suite runs against, only when missing:
+#   qemu-system-arm + firmware-microbit-micropython (emulated micro:bit v1), mosquitto (MQTT broker),
+#   Node.js + @micropython/micropython-webassembly-pyscript (MicroPython 1.29 as WebAssembly).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v qemu-system-arm >/dev/null || need_apt+=(qemu-system-arm)
+[ -f /usr/share/firmware-microbit-micropython/firmware.hex ] || need_apt+=(firmware-microbit-micropython)
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v node >/dev/null || need_apt+=(nodejs npm)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing system packages: ${need_apt[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -f node_modules/@micropython/micropython-webassembly-pyscript/micropython.mjs ]; then
+  echo "installing MicroPython WebAssembly (npm ci)"
+  npm ci --no-audit --no-fund --loglevel=error
+fi

@@ -1,0 +1,274 @@
+"""``toolchain build``: data -> federated sparse training -> int8 export -> verification -> manifest.
+
+Every stage is real: the model is trained by the federated simulator, exported through TensorFlow
+Lite's int8 converter, and checked in LiteRT and TFLite Micro. Output is assembled in a temporary
+folder next to ``--out`` and renamed into place only when every stage (budget check included)
+succeeded, so a failed build never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hw.profiles import BoardProfile, UnknownBoard, all_profiles, get_profile
+from models.datasets import Dataset, load_dataset
+from models.zoo import build_model, prunable_layers
+from toolchain import __version__
+from toolchain.errors import EXIT_VERIFY, BudgetError, ToolchainError
+from toolchain.fl import Federation, TrainConfig, simulate
+from toolchain.fl.local import evaluate
+from toolchain.fl.masks import kept_count
+from toolchain.fl.simulator import seed_everything
+from toolchain.manifest import Budget, Manifest, artifact_entry
+from toolchain.pruning import ALGORITHMS, make_strategy
+from toolchain.select import select_model
+from toolchain.silence import captured_fds
+
+
+@dataclass
+class BuildOptions:
+    target: str
+    dataset: str = "mnist"
+    data: str | None = None
+    algo: str = "gmp"
+    density: float = 0.1
+    clients: int = 10
+    per_round: int | None = None  # default: all clients
+    rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.08
+    optimizer: str = "sgd"
+    threads: int = 1
+    partition: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    model: str | None = None
+    out: str | None = None
+    quiet: bool = False
+    dense_as_conv: bool = True
+    calibration_samples: int = 300
+    algo_options: dict[str, Any] = field(default_factory=dict)
+
+
+def validate(opts: BuildOptions) -> BoardProfile:
+    """Reject bad options before any work is done."""
+    try:
+        profile = get_profile(opts.target)
+    except UnknownBoard:
+        raise ToolchainError(f"unknown target '{opts.target}'; choose one of: {', '.join(all_profiles())} "
+                             "(`toolchain targets` lists them)") from None
+    if not 0.0 < opts.density <= 1.0:
+        raise ToolchainError(f"--density must be in (0, 1], got {opts.density}; e.g. --density 0.1 keeps 10 % of weights")
+    if opts.algo not in ALGORITHMS:
+        raise ToolchainError(f"unknown algorithm '{opts.algo}'; choose one of: {', '.join(ALGORITHMS)}")
+    for name, value, low in (("--clients", opts.clients, 1), ("--rounds", opts.rounds, 1),
+                             ("--local-epochs", opts.local_epochs, 1), ("--batch-size", opts.batch_size, 1)):
+        if value < low:
+            raise ToolchainError(f"{name} must be at least {low}, got {value}")
+    if opts.per_round is not None and not 1 <= opts.per_round <= opts.clients:
+        raise ToolchainError(f"--per-round must be between 1 and --clients ({opts.clients}), got {opts.per_round}")
+    return profile
+
+
+def train_config(opts: BuildOptions) -> TrainConfig:
+    return TrainConfig(rounds=opts.rounds, clients=opts.clients, per_round=opts.per_round or opts.clients,
+                       local_epochs=opts.local_epochs, batch_size=opts.batch_size, lr=opts.lr,
+                       optimizer=opts.optimizer, partition=opts.partition, alpha=opts.alpha, density=opts.density, seed=opts.seed,
+                       eval_samples=2000, threads=opts.threads, algo_options=dict(opts.algo_options))
+
+
+def _stage(timings: dict[str, float], name: str, t0: float) -> float:
+    now = time.perf_counter()
+    timings[name] = round(now - t0, 2)
+    return now
+
+
+def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Manifest:
+    """Run every stage; returns the manifest written to ``<out>/manifest.json``."""
+    profile = validate(opts)
+    out = Path(opts.out or f"build/{opts.target}")
+    timings: dict[str, float] = {}
+    t = t_start = time.perf_counter()
+    data = load_dataset(opts.dataset, opts.data)
+    t = _stage(timings, "data", t)
+
+    model_name = opts.model or select_model(profile, data.input_shape, data.num_classes, opts.density)
+    seed_everything(opts.seed)  # the initial weights are part of the run
+    model = build_model(model_name, data.input_shape, data.num_classes)
+    cfg = train_config(opts)
+    fed = Federation.from_dataset(data, cfg)
+    strategy = make_strategy(opts.algo, cfg)
+    log(f"training {model_name} on {opts.dataset} with {opts.algo}: {cfg.clients} clients, {cfg.rounds} rounds, "
+        f"target density {opts.density}")
+    history = simulate(strategy, model, fed, cfg, progress=not opts.quiet)
+    t = _stage(timings, "train", t)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        manifest = _export_and_verify(opts, profile, data, strategy, model_name, fed, history, staging, timings, t)
+        timings["total"] = round(time.perf_counter() - t_start, 2)
+        manifest.timings_s = timings
+        manifest.write(staging / "manifest.json")
+        (staging / "report.md").write_text(render_report(manifest, history))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset, strategy, model_name: str,
+                       fed: Federation, history, staging: Path, timings: dict[str, float], t: float) -> Manifest:
+    from toolchain.export.c_array import write_c_array
+    from toolchain.export.fold_bn import fold_batchnorm, max_abs_diff
+    from toolchain.export.keras_mirror import build_keras_mirror
+    from toolchain.export.onnx_export import export_onnx, onnx_logits
+    from toolchain.export.tflite import convert_int8, unsupported_ops
+    from toolchain.verify.interpreters import litert_outputs, quantize_input, tflm_min_arena, tflm_outputs
+
+    model = strategy.model.eval()
+    masks = strategy.masks
+    kept, total = kept_count(masks), sum(m.numel() for m in masks.values())
+    torch.save({"arch": model.arch, "state_dict": model.state_dict(), "masks": masks,
+                "algorithm": opts.algo, "config": asdict(opts)}, staging / "model.pt")
+    with (staging / "metrics.jsonl").open("w") as f:
+        for rec in history:
+            f.write(json.dumps(rec.as_dict()) + "\n")
+
+    folded = fold_batchnorm(model)
+    x_test_f = data.preprocessing.apply(data.x_test)  # NHWC float
+    x_test_t = torch.from_numpy(x_test_f).permute(0, 3, 1, 2)
+    if max_abs_diff(model, folded, x_test_t[:64]) > 1e-3:
+        raise ToolchainError("BN folding changed the model's outputs; please report this model", EXIT_VERIFY)
+    float_acc, _ = evaluate(folded, x_test_t, torch.from_numpy(data.y_test))
+    t = _stage(timings, "fold_eval", t)
+
+    calib_idx = np.random.default_rng(opts.seed).permutation(len(data.y_train))[:opts.calibration_samples]
+    with captured_fds():
+        keras_model = build_keras_mirror(folded, data.input_shape, opts.dense_as_conv)
+        tfl = convert_int8(keras_model, data.preprocessing.apply(data.x_train[calib_idx]))
+    bad = unsupported_ops(tfl.ops)
+    if bad:
+        raise ToolchainError(f"the int8 graph uses ops TFLite Micro lacks: {', '.join(bad)}", EXIT_VERIFY)
+    tflite_path = staging / "model.tflite"
+    tflite_path.write_bytes(tfl.data)
+    write_c_array(tfl.data, staging)
+    onnx_path = staging / "model.onnx"
+    export_onnx(folded, data.input_shape, onnx_path)
+    onnx_err = float(np.abs(onnx_logits(onnx_path, x_test_t[:64].numpy())
+                            - folded(x_test_t[:64]).detach().numpy()).max())
+    if onnx_err > 1e-3:
+        raise ToolchainError(f"ONNX export differs from the torch model by {onnx_err:.2e}", EXIT_VERIFY)
+    t = _stage(timings, "export", t)
+
+    xq = quantize_input(x_test_f, tfl.input_quant.scale, tfl.input_quant.zero_point)
+    arena = tflm_min_arena(tflite_path)
+    lite = litert_outputs(tfl.data, xq)
+    micro = tflm_outputs(tflite_path, xq, arena_size=arena)  # the measured minimum arena runs the whole test set
+    mismatch = int((lite != micro).sum())
+    acc_lite = float((lite.argmax(1) == data.y_test).mean())
+    acc_micro = float((micro.argmax(1) == data.y_test).mean())
+    t = _stage(timings, "verify", t)
+
+    model_bytes = len(tfl.data)
+    ram_needed = arena + (model_bytes if profile.weights_in_ram else 0)
+    budget = Budget(profile.ram_bytes, profile.flash_bytes, ram_needed, model_bytes)
+    if not budget.fits:
+        raise BudgetError(
+            f"{model_name} at density {opts.density} needs {ram_needed} B RAM and {model_bytes} B flash but "
+            f"{profile.name} has {profile.ram_bytes} B RAM and {profile.flash_bytes} B flash; "
+            "lower --density, pass a smaller --model, or pick a larger --target")
+
+    notes = []
+    if mismatch:
+        notes.append(f"LiteRT and TFLite Micro int8 outputs differ in {mismatch} entries")
+    if opts.dense_as_conv:
+        notes.append("dense layers are exported as 1x1 CONV_2D: LiteRT's int8 FULLY_CONNECTED rounds differently "
+                     "from TFLite Micro's (single vs double rounding)")
+    artifacts = {name: artifact_entry(staging, staging / name)
+                 for name in ("model.tflite", "model_data.h", "model_data.cc", "model.onnx", "model.pt",
+                              "metrics.jsonl")}
+    return Manifest(
+        target=profile.name, algorithm=opts.algo, dataset=opts.dataset,
+        model={"name": model_name, "prunable_weights": total, "kept_weights": kept,
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "layers": [n for n, _ in prunable_layers(model)]},
+        density=kept / total,
+        accuracy={"float": float_acc, "tflite_int8": acc_lite, "tflm_int8": acc_micro},
+        int8_agreement={"litert_vs_tflm_identical": mismatch == 0, "mismatched_outputs": mismatch,
+                        "compared_outputs": int(lite.size), "litert_resolver": "BUILTIN_REF"},
+        arena_bytes=arena, flash_bytes=model_bytes, budget=budget,
+        input={"shape": [1, *data.input_shape], "layout": "NHWC", "dtype": "int8",
+               "quantization": {"scale": tfl.input_quant.scale, "zero_point": tfl.input_quant.zero_point},
+               "preprocessing": data.preprocessing.as_dict()},
+        output={"shape": [1, data.num_classes], "dtype": "int8",
+                "quantization": {"scale": tfl.output_quant.scale, "zero_point": tfl.output_quant.zero_point}},
+        artifacts=artifacts,
+        config={**asdict(opts), "train": train_config(opts).as_dict(), "ops": sorted(set(tfl.ops))},
+        board=profile.as_dict(), timings_s=timings, toolchain_version=__version__, notes=notes,
+    )
+
+
+def render_report(m: Manifest, history) -> str:
+    acc = m.accuracy
+    lines = [
+        f"# Build report: {m.model['name']} for {m.target}",
+        "",
+        f"Algorithm `{m.algorithm}` on `{m.dataset}`, density {m.density:.4f} "
+        f"({m.model['kept_weights']} of {m.model['prunable_weights']} prunable weights kept).",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| accuracy, float (BN folded) | {acc['float'] * 100:.2f} % |",
+        f"| accuracy, int8 LiteRT | {acc['tflite_int8'] * 100:.2f} % |",
+        f"| accuracy, int8 TFLite Micro | {acc['tflm_int8'] * 100:.2f} % |",
+        f"| LiteRT vs TFLite Micro outputs | {'identical' if m.int8_agreement['litert_vs_tflm_identical'] else 'differ'}"
+        f" ({m.int8_agreement['mismatched_outputs']} of {m.int8_agreement['compared_outputs']} differ) |",
+        f"| TFLite Micro minimum arena | {m.arena_bytes} B |",
+        f"| model flash (.tflite) | {m.flash_bytes} B |",
+        f"| budget RAM needed / available | {m.budget.ram_needed} / {m.budget.ram_bytes} B |",
+        f"| budget flash needed / available | {m.budget.flash_needed} / {m.budget.flash_bytes} B |",
+        f"| fits {m.target} | {'yes' if m.budget.fits else 'no'} |",
+        "",
+        "## Rounds",
+        "",
+        "| round | accuracy | density | bytes up / client | bytes down / client |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {r.round} | {r.accuracy * 100:.2f} % | {r.density:.4f} | {r.bytes_up_per_client:.0f} | "
+              f"{r.bytes_down_per_client:.0f} |" for r in history]
+    lines += ["", "## Artifacts", "", "| file | bytes | sha256 |", "|---|---|---|"]
+    lines += [f"| {a['path']} | {a['bytes']} | `{a['sha256'][:16]}...` |" for a in m.artifacts.values()]
+    if m.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in m.notes]
+    lines += ["", f"Stage timings (s): {json.dumps(m.timings_s)}", ""]
+    return "\n".join(lines)
+
+
+def summary_lines(m: Manifest) -> list[str]:
+    acc = m.accuracy
+    return [
+        f"built {m.model['name']} for {m.target} ({m.algorithm}, density {m.density:.4f})",
+        f"  accuracy   float {acc['float'] * 100:.2f} %   int8 LiteRT {acc['tflite_int8'] * 100:.2f} %   "
+        f"int8 TFLite Micro {acc['tflm_int8'] * 100:.2f} %",
+        f"  int8 LiteRT vs TFLite Micro: {m.int8_agreement['mismatched_outputs']} of "
+        f"{m.int8_agreement['compared_outputs']} outputs differ",
+        f"  memory     arena {m.arena_bytes} B, model {m.flash_bytes} B; budget RAM {m.budget.ram_needed}/"
+        f"{m.budget.ram_bytes} B, flash {m.budget.flash_needed}/{m.budget.flash_bytes} B -> "
+        f"{'fits' if m.budget.fits else 'DOES NOT FIT'}",
+        f"  time       {m.timings_s.get('total', 0):.1f} s",
+    ]

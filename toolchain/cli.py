@@ -1,0 +1,164 @@
+"""The ``toolchain`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from toolchain import __version__
+from toolchain.errors import EXIT_USAGE, ToolchainError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (what is wrong + where to look), not argparse's usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {message}; see `{self.prog} --help`\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+
+
+def _add_fl_options(p: argparse.ArgumentParser, *, rounds: int, clients: int, batch: int, lr: float,
+                    optimizer: str) -> None:
+    p.add_argument("--dataset", default="mnist", help="mnist (embedded), fashion-mnist, cifar10 (default: mnist)")
+    p.add_argument("--data", metavar="DIR", help="folder with the dataset files (default: the embedded MNIST)")
+    p.add_argument("--density", type=_fraction, default=0.1, help="fraction of prunable weights kept, in (0, 1]")
+    p.add_argument("--clients", type=int, default=clients, help="number of simulated clients")
+    p.add_argument("--per-round", type=int, default=None, help="clients sampled per round (default: all)")
+    p.add_argument("--rounds", type=int, default=rounds, help="federated rounds")
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default=optimizer, help=f"local optimizer (default {optimizer})")
+    p.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default=None,
+                   help="client data split (default: iid, or dirichlet when --alpha is given)")
+    p.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (smaller = more skewed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--model", default=None, help="zoo model (default: the largest that fits the target)")
+    p.add_argument("--algo-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="algorithm option, repeatable (e.g. prune_end=4)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _algo_options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ToolchainError(f"--algo-opt expects KEY=VALUE, got '{pair}'")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _partition(args: argparse.Namespace) -> tuple[str, float]:
+    scheme = args.partition or ("dirichlet" if args.alpha is not None else "iid")
+    return scheme, args.alpha if args.alpha is not None else 0.5
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from hw.profiles import all_profiles
+
+    profiles = all_profiles()
+    if args.json:
+        print(json.dumps({n: p.as_dict() for n, p in profiles.items()}, indent=2))
+        return 0
+    print(f"{'target':<18} {'runtime':<12} {'RAM for model':>14} {'flash':>12}  {'transport':<9} description")
+    for name, p in profiles.items():
+        print(f"{name:<18} {p.runtime:<12} {p.ram_bytes:>12} B {p.flash_bytes:>10} B  {p.default_transport:<9} "
+              f"{p.description}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from toolchain.build import BuildOptions, build, summary_lines
+
+    scheme, alpha = _partition(args)
+    opts = BuildOptions(target=args.target, dataset=args.dataset, data=args.data, algo=args.algo,
+                        density=args.density, clients=args.clients, per_round=args.per_round, rounds=args.rounds,
+                        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                        partition=scheme,
+                        alpha=alpha, seed=args.seed, model=args.model, out=args.out, quiet=args.quiet, threads=args.threads,
+                        dense_as_conv=not args.keep_fully_connected, algo_options=_algo_options(args.algo_opt))
+    log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    manifest = build(opts, log=log)
+    for line in summary_lines(manifest):
+        print(line)
+    print(f"  output     {opts.out or f'build/{opts.target}'}/manifest.json")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from toolchain.train import TrainOptions, train
+
+    scheme, alpha = _partition(args)
+    opts = TrainOptions(algo=args.algo, model=args.model or "lenet5", dataset=args.dataset, data=args.data,
+                        density=args.density, clients=args.clients, per_round=args.per_round, rounds=args.rounds,
+                        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                        partition=scheme,
+                        alpha=alpha, seed=args.seed, out=args.out, quiet=args.quiet, threads=args.threads,
+                        eval_samples=args.eval_samples, algo_options=_algo_options(args.algo_opt))
+    summary = train(opts)
+    print(f"{opts.algo} {opts.model} on {opts.dataset}: accuracy {summary['accuracy'] * 100:.2f} % at density "
+          f"{summary['density']:.4f}; device memory {summary['device_memory_bytes']['total']} B; "
+          f"up {summary['bytes_up_per_round']:.0f} B / round; output {opts.out}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from toolchain.pruning import ALGORITHMS
+
+    parser = OneLineParser(prog="toolchain", description="Federated pruning -> int8 TinyML models -> devices.")
+    parser.add_argument("--version", action="version", version=f"toolchain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    p = sub.add_parser("targets", help="list the boards (hw/boards/*.toml)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("build", help="train, prune, quantize, export and verify a model for a board")
+    p.add_argument("--target", required=True, help="board name (`toolchain targets`)")
+    p.add_argument("--algo", default="gmp", help=f"pruning algorithm: {', '.join(ALGORITHMS)} (default: gmp)")
+    p.add_argument("--out", default=None, help="output folder (default: build/<target>)")
+    p.add_argument("--keep-fully-connected", action="store_true",
+                   help="export dense layers as FULLY_CONNECTED instead of 1x1 CONV_2D")
+    _add_fl_options(p, rounds=5, clients=10, batch=64, lr=0.08, optimizer="sgd")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("train", help="run a federated pruning algorithm in simulation")
+    p.add_argument("--algo", required=True, help=f"one of: {', '.join(ALGORITHMS)}")
+    p.add_argument("--out", required=True, help="output folder for metrics.jsonl, summary.json, model.pt, plot")
+    p.add_argument("--eval-samples", type=int, default=None, help="test samples for per-round evaluation")
+    _add_fl_options(p, rounds=20, clients=10, batch=64, lr=0.05, optimizer="sgd")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ToolchainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Pruning algorithms as federated strategies, by CLI name.
+
+Each entry maps an ``--algo`` name to a :class:`toolchain.fl.Strategy` subclass; adding a method is
+adding a module and one line here.
+"""
+
+from __future__ import annotations
+
+from toolchain.errors import ToolchainError
+from toolchain.fl.config import TrainConfig
+from toolchain.fl.strategy import Strategy
+from toolchain.pruning.gmp import GradualMagnitude
+
+ALGORITHMS: dict[str, type[Strategy]] = {
+    "fedavg": Strategy,
+    "gmp": GradualMagnitude,
+}
+
+
+def make_strategy(name: str, cfg: TrainConfig) -> Strategy:
+    if name not in ALGORITHMS:
+        raise ToolchainError(f"unknown algorithm '{name}'; choose one of: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name](cfg)

@@ -1,0 +1,133 @@
+"""``toolchain train``: one federated pruning run in simulation, with its metrics, model and plot.
+
+Writes ``metrics.jsonl`` (one JSON object per round), ``summary.json``, ``model.pt`` (arch, weights,
+masks) and ``accuracy.png`` into ``--out`` (assembled in a temporary folder, renamed at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.datasets import load_dataset
+from models.zoo import build_model
+from toolchain.errors import ToolchainError
+from toolchain.fl import Federation, RoundRecord, TrainConfig, simulate
+from toolchain.fl.simulator import seed_everything
+from toolchain.pruning import ALGORITHMS, make_strategy
+
+
+@dataclass
+class TrainOptions:
+    algo: str
+    out: str
+    model: str = "lenet5"
+    dataset: str = "mnist"
+    data: str | None = None
+    density: float = 0.1
+    clients: int = 10
+    per_round: int | None = None
+    rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    partition: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    quiet: bool = False
+    eval_samples: int | None = None
+    threads: int = 1
+    algo_options: dict[str, Any] = field(default_factory=dict)
+
+    def config(self) -> TrainConfig:
+        return TrainConfig(rounds=self.rounds, clients=self.clients, per_round=self.per_round or self.clients,
+                           local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+                           optimizer=self.optimizer, partition=self.partition, alpha=self.alpha,
+                           density=self.density, seed=self.seed, eval_samples=self.eval_samples, threads=self.threads,
+                           algo_options=dict(self.algo_options))
+
+
+def _validate(opts: TrainOptions) -> None:
+    if opts.algo not in ALGORITHMS:
+        raise ToolchainError(f"unknown algorithm '{opts.algo}'; choose one of: {', '.join(ALGORITHMS)}")
+    if not 0.0 < opts.density <= 1.0:
+        raise ToolchainError(f"--density must be in (0, 1], got {opts.density}")
+    if opts.rounds < 1 or opts.clients < 1:
+        raise ToolchainError("--rounds and --clients must be at least 1")
+    if opts.per_round is not None and not 1 <= opts.per_round <= opts.clients:
+        raise ToolchainError(f"--per-round must be between 1 and --clients ({opts.clients}), got {opts.per_round}")
+
+
+def summarize(history: list[RoundRecord], strategy) -> dict[str, Any]:
+    last = history[-1]
+    evaluated = [r for r in history if r.accuracy == r.accuracy]  # skip NaN (not evaluated)
+    peak = max(history, key=lambda r: r.device_memory["total"]).device_memory
+    return {
+        "algorithm": strategy.name,
+        "accuracy": last.accuracy,
+        "best_accuracy": max(r.accuracy for r in evaluated),
+        "loss": last.loss,
+        "density": last.density,
+        "rounds": len(history),
+        "bytes_up_per_round": sum(r.bytes_up for r in history) / len(history),
+        "bytes_down_per_round": sum(r.bytes_down for r in history) / len(history),
+        "bytes_up_per_client_round": sum(r.bytes_up_per_client for r in history) / len(history),
+        "bytes_down_per_client_round": sum(r.bytes_down_per_client for r in history) / len(history),
+        "device_memory_bytes": peak,
+        "seconds": sum(r.seconds for r in history),
+    }
+
+
+def plot_accuracy(history: list[RoundRecord], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r.round, r.accuracy * 100) for r in history if r.accuracy == r.accuracy]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(opts: TrainOptions) -> dict[str, Any]:
+    _validate(opts)
+    data = load_dataset(opts.dataset, opts.data)
+    cfg = opts.config()
+    seed_everything(opts.seed)  # the initial weights are part of the run
+    model = build_model(opts.model, data.input_shape, data.num_classes)
+    fed = Federation.from_dataset(data, cfg)
+    strategy = make_strategy(opts.algo, cfg)
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with (staging / "metrics.jsonl").open("w") as f:
+            history = simulate(strategy, model, fed, cfg, progress=not opts.quiet,
+                               on_round=lambda r: (f.write(json.dumps(r.as_dict()) + "\n"), f.flush()))
+        summary = summarize(history, strategy)
+        summary["config"] = {**asdict(opts), "train": cfg.as_dict()}
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        torch.save({"arch": strategy.model.arch, "state_dict": strategy.model.state_dict(), "masks": strategy.masks,
+                    "algorithm": opts.algo, "config": asdict(opts)}, staging / "model.pt")
+        plot_accuracy(history, staging / "accuracy.png", f"{opts.algo} / {opts.model} / {opts.dataset}")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary

@@ -1,0 +1,1 @@
+"""Verification of exported artifacts in real interpreters: LiteRT, TFLite Micro, onnxruntime."""
