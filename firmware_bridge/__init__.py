@@ -1,0 +1,33 @@
+"""Host <-> device protocol (docs/protocol.md): messages, serial framing, serial and MQTT links, model security."""
+
+from .cobs import cobs_decode, cobs_encode
+from .crc import crc32
+from .errors import LinkError, ProtocolError
+from .framing import Frame, FrameDecoder, encode_frame
+from .messages import (
+    VERSION,
+    Ack,
+    Error,
+    Hello,
+    Message,
+    ModelBegin,
+    ModelChunk,
+    ModelCommit,
+    Ping,
+    RoundResult,
+    RoundStart,
+    Status,
+    decode,
+    encode,
+)
+from .mqtt_link import DeviceSlot, MqttConfig, MqttDevice, MqttHost, TlsOptions
+from .security import ModelReceiver, RoundLimits, Signer, Verifier, bundle_header, check_round, model_transfer
+from .serial_link import LinkStats, SerialLink
+
+__all__ = [
+    "VERSION", "Ack", "DeviceSlot", "Error", "Frame", "FrameDecoder", "Hello", "LinkError", "LinkStats", "Message",
+    "ModelBegin", "ModelChunk", "ModelCommit", "ModelReceiver", "MqttConfig", "MqttDevice", "MqttHost", "Ping",
+    "ProtocolError", "RoundLimits", "RoundResult", "RoundStart", "SerialLink", "Signer", "Status", "TlsOptions",
+    "Verifier", "bundle_header", "check_round", "cobs_decode", "cobs_encode", "crc32", "decode", "encode",
+    "encode_frame", "model_transfer",
+]
