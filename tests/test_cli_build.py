@@ -72,3 +72,14 @@ def test_model_too_big_for_board_fails_with_budget_message(tmp_path):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: lenet5") and "microbit has" in line and "lower --density" in line
     assert not out.exists() and not any(tmp_path.iterdir())  # the staging folder was removed too
+
+
+def test_microbit_build_fits_its_budget(tmp_path):
+    out = tmp_path / "microbit"
+    proc = run("build", "--target", "microbit", "--rounds", "2", "--clients", "2", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"]["name"] == "micro-mlp" and m["budget"]["fits"]
+    # weights live in RAM on the micro:bit: the sparse model file counts against RAM, not the .tflite
+    assert m["budget"]["deployed"] == {"model.smf": m["artifacts"]["model.smf"]["bytes"]}
+    assert m["budget"]["ram_needed"] == m["arena_bytes"] + m["artifacts"]["model.smf"]["bytes"] <= 4096

@@ -137,6 +137,7 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
     from toolchain.export.fold_bn import fold_batchnorm, max_abs_diff
     from toolchain.export.keras_mirror import build_keras_mirror
     from toolchain.export.onnx_export import export_onnx, onnx_logits
+    from toolchain.export.sparse_format import tflite_to_smf
     from toolchain.export.tflite import convert_int8, unsupported_ops
     from toolchain.verify.interpreters import litert_outputs, quantize_input, tflm_min_arena, tflm_outputs
 
@@ -185,11 +186,22 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
     t = _stage(timings, "verify", t)
 
     model_bytes = len(tfl.data)
-    ram_needed = arena + (model_bytes if profile.weights_in_ram else 0)
-    budget = Budget(profile.ram_bytes, profile.flash_bytes, ram_needed, model_bytes)
+    deployed = {"model.tflite": model_bytes}
+    if profile.runtime == "micropython":
+        # MicroPython boards run the sparse model file; pruned weights cost nothing there.
+        smf = tflite_to_smf(tfl.data)
+        (staging / "model.smf").write_bytes(smf)
+        deployed["model.smf"] = len(smf)
+    if profile.runtime == "onnxruntime":
+        deployed = {"model.onnx": onnx_path.stat().st_size}
+    if profile.weights_in_ram:  # no TFLite Micro build for such a board, and its weights live in RAM
+        deployed.pop("model.tflite", None)
+    flash_needed = max(deployed.values())
+    ram_needed = arena + (flash_needed if profile.weights_in_ram else 0)
+    budget = Budget(profile.ram_bytes, profile.flash_bytes, ram_needed, flash_needed, deployed)
     if not budget.fits:
         raise BudgetError(
-            f"{model_name} at density {opts.density} needs {ram_needed} B RAM and {model_bytes} B flash but "
+            f"{model_name} at density {opts.density} needs {ram_needed} B RAM and {flash_needed} B flash but "
             f"{profile.name} has {profile.ram_bytes} B RAM and {profile.flash_bytes} B flash; "
             "lower --density, pass a smaller --model, or pick a larger --target")
 
@@ -200,8 +212,8 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
         notes.append("dense layers are exported as 1x1 CONV_2D: LiteRT's int8 FULLY_CONNECTED rounds differently "
                      "from TFLite Micro's (single vs double rounding)")
     artifacts = {name: artifact_entry(staging, staging / name)
-                 for name in ("model.tflite", "model_data.h", "model_data.cc", "model.onnx", "model.pt",
-                              "metrics.jsonl")}
+                 for name in ("model.tflite", "model_data.h", "model_data.cc", "model.onnx", "model.smf", "model.pt",
+                              "metrics.jsonl") if (staging / name).exists()}
     return Manifest(
         target=profile.name, algorithm=opts.algo, dataset=opts.dataset,
         model={"name": model_name, "prunable_weights": total, "kept_weights": kept,
@@ -240,6 +252,7 @@ def render_report(m: Manifest, history) -> str:
         f" ({m.int8_agreement['mismatched_outputs']} of {m.int8_agreement['compared_outputs']} differ) |",
         f"| TFLite Micro minimum arena | {m.arena_bytes} B |",
         f"| model flash (.tflite) | {m.flash_bytes} B |",
+        f"| deployed model files | {', '.join(f'{k} {v} B' for k, v in m.budget.deployed.items())} |",
         f"| budget RAM needed / available | {m.budget.ram_needed} / {m.budget.ram_bytes} B |",
         f"| budget flash needed / available | {m.budget.flash_needed} / {m.budget.flash_bytes} B |",
         f"| fits {m.target} | {'yes' if m.budget.fits else 'no'} |",

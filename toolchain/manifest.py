@@ -22,6 +22,7 @@ class Budget:
     flash_bytes: int
     ram_needed: int
     flash_needed: int
+    deployed: dict[str, int] = field(default_factory=dict)  # artifact -> bytes the board's runtime loads
 
     @property
     def fits(self) -> bool:
