@@ -29,12 +29,15 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim
 def local_train(model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, lr: float,
                 generator: torch.Generator, keep_last_grads: bool = False,
                 extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
-                lr_fn: Callable[[int, int], float] | None = None) -> LocalResult:
+                lr_fn: Callable[[int, int], float] | None = None,
+                grad_hook: Callable[[dict[str, torch.Tensor]], None] | None = None) -> LocalResult:
     """``cfg.local_epochs`` epochs of masked mini-batch training.
 
     After every step pruned weights are re-zeroed and their optimizer state reset, so a pruned
     weight can never come back through momentum or weight decay. ``lr_fn(step, total_steps)``
-    overrides the learning rate per step (used by budget-aware schedules).
+    overrides the learning rate per step (used by budget-aware schedules). ``grad_hook(grads)`` sees the
+    dense gradients of the masked tensors after every backward, before they are masked (used by methods
+    that accumulate gradient statistics, e.g. PruneFL's squared gradients).
     """
     model.train()
     opt = make_optimizer(model, cfg, lr)
@@ -59,6 +62,8 @@ def local_train(model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Tensor
             loss.backward()
             if keep_last_grads and step == total - 1:
                 last_grads = {k: params[k].grad.detach().clone() for k in masks}
+            if grad_hook is not None:
+                grad_hook({k: params[k].grad.detach() for k in masks})
             for k, m in masks.items():
                 params[k].grad.mul_(m)
             opt.step()

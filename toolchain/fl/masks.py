@@ -53,10 +53,14 @@ def global_topk(scores: dict[str, torch.Tensor], target_density: float) -> Masks
 
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Masks) -> None:
-    """Zero every pruned weight in place."""
+    """Zero every pruned weight in place, and hand the mask to layers that need it in their forward
+    (``set_mask``: NSConv normalises over the unpruned entries, and a grown weight is 0 yet active)."""
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         params[name].mul_(mask)
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if hasattr(owner, "set_mask"):
+            owner.set_mask(mask)
 
 
 @torch.no_grad()

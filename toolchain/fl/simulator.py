@@ -14,7 +14,6 @@ from torch import nn
 from models.datasets import Dataset
 from toolchain.fl.config import TrainConfig
 from toolchain.fl.masks import density
-from toolchain.fl.memory import training_memory
 from toolchain.fl.messages import TrainIns, TrainRes
 from toolchain.fl.partition import partition
 from toolchain.fl.strategy import ClientData, ServerContext, Strategy
@@ -75,6 +74,21 @@ class Federation:
         return cls(clients, tx, ty, ex, ey)
 
 
+def fewshot_set(fed: Federation, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small labelled server-side set: ``per_class`` samples of every class from the pooled client data.
+
+    Drawn with its own seeded generator so it does not change client sampling. (FedTiny's [AUTH] code
+    draws its 5-shot set from the test split; we draw from training data so the test set stays unseen.)
+    """
+    y = np.concatenate([c.y.numpy() for c in fed.clients])  # labels only: images are not copied
+    owner = np.concatenate([np.full(len(c.y), i) for i, c in enumerate(fed.clients)])
+    local = np.concatenate([np.arange(len(c.y)) for c in fed.clients])
+    rng = np.random.default_rng(seed + 7919)
+    sel = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)]))
+    xs = torch.stack([fed.clients[owner[i]].x[local[i]] for i in sel])
+    return xs, torch.from_numpy(y[sel].astype(np.int64))
+
+
 def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainConfig,
              on_round: Callable[[RoundRecord], None] | None = None, progress: bool = True) -> list[RoundRecord]:
     """Run ``cfg.rounds`` rounds of ``strategy`` over ``fed``; returns one record per round."""
@@ -86,6 +100,7 @@ def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainCo
     server_sel = rng.permutation(len(fed.clients[0].y))[: min(256, len(fed.clients[0].y))]
     ctx = ServerContext(cfg, [len(c.y) for c in fed.clients], rng,
                         fed.clients[0].x[torch.from_numpy(server_sel)], fed.clients[0].y[torch.from_numpy(server_sel)])
+    ctx.extra["fewshot"] = fewshot_set(fed, int(cfg.algo_options.get("n_shots", 5)), cfg.seed)
     strategy.setup(model, ctx)
     client_model = copy.deepcopy(model)
     client_masks: dict[int, dict[str, torch.Tensor]] = {}  # what each client last received
@@ -96,25 +111,42 @@ def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainCo
     for rnd in bar:
         t0 = time.perf_counter()
         sampled = sorted(int(c) for c in rng.choice(cfg.clients, per_round, replace=False))
+        down = up = 0
+        setup_metrics: dict[str, float] = {}
+        for step in range(strategy.setup_steps(rnd)):
+            # setup payloads carry no masks (receivers keep what they hold); bytes count in this round
+            setup_ins = strategy.configure_setup(rnd, step, sampled)
+            setup_res: list[TrainRes] = []
+            for cid in sampled:
+                blob = setup_ins[cid].to_bytes()
+                down += len(blob)
+                ins = type(setup_ins[cid]).from_bytes(blob, {})
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd * 1009 + cid + 7 * (step + 1))
+                res = strategy.client_setup(ins, fed.clients[cid], client_model, gen)
+                blob = res.to_bytes({})
+                up += len(blob)
+                setup_res.append(type(res).from_bytes(blob, {}))
+            setup_metrics.update(strategy.aggregate_setup(rnd, step, setup_res) or {})
         instructions = strategy.configure_train(rnd, sampled)
         results: list[TrainRes] = []
-        down = up = 0
         for cid in sampled:
+            # A strategy may use its own message kinds (e.g. ZO rounds): decode with the sender's class.
+            ins_type: type[TrainIns] = type(instructions[cid])
             blob = instructions[cid].to_bytes()
             down += len(blob)
-            ins = TrainIns.from_bytes(blob, client_masks.get(cid, {}))
+            ins = ins_type.from_bytes(blob, client_masks.get(cid, {}))
             client_masks[cid] = ins.masks
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd * 1009 + cid)
             res = strategy.client_train(ins, fed.clients[cid], client_model, gen)
             blob = res.to_bytes(ins.masks)
             up += len(blob)
-            results.append(TrainRes.from_bytes(blob, strategy.masks))
+            results.append(type(res).from_bytes(blob, strategy.masks))
         metrics = strategy.aggregate_train(rnd, results)
+        metrics.update(setup_metrics)
         probe = fed.clients[sampled[0]]
         bs = min(cfg.batch_size, len(probe.y))
         client_model.load_state_dict(strategy.model.state_dict())
-        mem = training_memory(client_model, strategy.masks, probe.x[:bs], probe.y[:bs], cfg.optimizer, cfg.momentum,
-                              strategy.dense_gradients, strategy.extra_device_bytes(rnd))
+        mem = strategy.device_memory(rnd, client_model, probe.x[:bs], probe.y[:bs])
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
             ev = strategy.evaluate(fed.eval_x, fed.eval_y)
         else:

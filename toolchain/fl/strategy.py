@@ -18,6 +18,7 @@ from torch import nn
 from toolchain.fl.config import TrainConfig
 from toolchain.fl.local import evaluate, local_train
 from toolchain.fl.masks import Masks, apply_masks, dense_masks, density
+from toolchain.fl.memory import MemoryReport, training_memory
 from toolchain.fl.messages import TrainIns, TrainRes
 
 
@@ -105,6 +106,29 @@ class Strategy:
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         acc, loss = evaluate(self.model, x, y)
         return {"accuracy": acc, "loss": loss, "density": density(self.masks)}
+
+    # ---- optional setup exchanges (e.g. FedTiny's adaptive BN selection) ----------------------------
+    def setup_steps(self, rnd: int) -> int:
+        """Message exchanges with this round's sampled clients *before* ``configure_train`` (default 0).
+
+        Each step is ``configure_setup`` -> ``client_setup`` on every sampled client -> ``aggregate_setup``;
+        the simulator encodes the messages and adds their bytes to the round's traffic.
+        """
+        return 0
+
+    def configure_setup(self, rnd: int, step: int, client_ids: list[int]) -> dict[int, TrainIns]:
+        raise NotImplementedError
+
+    def client_setup(self, ins: TrainIns, data: ClientData, model: nn.Module, generator: torch.Generator) -> TrainRes:
+        raise NotImplementedError
+
+    def aggregate_setup(self, rnd: int, step: int, results: list[TrainRes]) -> dict[str, float] | None:
+        raise NotImplementedError
+
+    def device_memory(self, rnd: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> MemoryReport:
+        """Device memory to train one round of this method on batch ``(x, y)`` (backprop by default)."""
+        return training_memory(model, self.masks, x, y, self.cfg.optimizer, self.cfg.momentum, self.dense_gradients,
+                               extra_bytes=self.extra_device_bytes(rnd))
 
     def extra_device_bytes(self, rnd: int) -> int:
         """Device memory a method needs beyond weights/grads/optimizer/activations (e.g. top-K buffers)."""

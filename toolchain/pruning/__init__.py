@@ -9,11 +9,20 @@ from __future__ import annotations
 from toolchain.errors import ToolchainError
 from toolchain.fl.config import TrainConfig
 from toolchain.fl.strategy import Strategy
+from toolchain.pruning.baselines import SNIP, FedDST, Magnitude, PruneFL, RandomERK, SynFlow
+from toolchain.pruning.fedtiny import FedTiny
 from toolchain.pruning.gmp import GradualMagnitude
 
 ALGORITHMS: dict[str, type[Strategy]] = {
     "fedavg": Strategy,
     "gmp": GradualMagnitude,
+    "fedtiny": FedTiny,
+    "random": RandomERK,
+    "magnitude": Magnitude,
+    "snip": SNIP,
+    "synflow": SynFlow,
+    "prunefl": PruneFL,
+    "feddst": FedDST,
 }
 
 
