@@ -12,10 +12,12 @@ from toolchain.fl.strategy import Strategy
 from toolchain.pruning.baselines import SNIP, FedDST, Magnitude, PruneFL, RandomERK, SynFlow
 from toolchain.pruning.fedtiny import FedTiny
 from toolchain.pruning.gmp import GradualMagnitude
+from toolchain.pruning.zo_fl import NTKZeroOrder
 
 ALGORITHMS: dict[str, type[Strategy]] = {
     "fedavg": Strategy,
     "gmp": GradualMagnitude,
+    "ntk-zo": NTKZeroOrder,
     "fedtiny": FedTiny,
     "random": RandomERK,
     "magnitude": Magnitude,
