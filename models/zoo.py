@@ -26,6 +26,19 @@ def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu
     return layers
 
 
+def _apply_norm(model: nn.Module, norm: str, nsconv_stats: str) -> None:
+    """``norm="bn"``: keep BatchNorm (the default). ``norm="nsconv"``: BN-free, every conv+BN pair becomes a
+    normalized sparse convolution (``models/nsconv.py``; FedMef), with statistics over the unpruned
+    entries (``nsconv_stats="active"``) or over all entries (``"all"``)."""
+    if norm == "bn":
+        return
+    if norm != "nsconv":
+        raise ValueError(f"norm must be 'bn' or 'nsconv', got {norm!r}")
+    from models.nsconv import convert_to_nsconv
+
+    convert_to_nsconv(model, nsconv_stats)
+
+
 class MLP(nn.Module):
     """Flatten -> hidden dense layers with ReLU -> classifier."""
 
@@ -110,7 +123,7 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, in_shape: tuple[int, int, int], num_classes: int, widths: tuple[int, ...],
-                 blocks: tuple[int, ...], stem: int) -> None:
+                 blocks: tuple[int, ...], stem: int, norm: str = "bn", nsconv_stats: str = "active") -> None:
         super().__init__()
         c = in_shape[2]
         self.stem = nn.Sequential(*_conv_bn(c, stem, 3))
@@ -123,6 +136,7 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        _apply_norm(self, norm, nsconv_stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.stages(self.stem(x)))
@@ -151,7 +165,8 @@ class MobileNetV2(nn.Module):
 
     CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: float = 1.0) -> None:
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: float = 1.0, norm: str = "bn",
+                 nsconv_stats: str = "active") -> None:
         super().__init__()
 
         def ch(v: int) -> int:
@@ -168,6 +183,7 @@ class MobileNetV2(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(last, num_classes)
+        _apply_norm(self, norm, nsconv_stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
@@ -197,12 +213,14 @@ class VGG11(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _resnet8(in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    return ResNet(in_shape, num_classes, (16, 32, 64), (1, 1, 1), 16)
+def _resnet8(in_shape: tuple[int, int, int], num_classes: int, norm: str = "bn",
+             nsconv_stats: str = "active") -> nn.Module:
+    return ResNet(in_shape, num_classes, (16, 32, 64), (1, 1, 1), 16, norm, nsconv_stats)
 
 
-def _resnet18(in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    return ResNet(in_shape, num_classes, (64, 128, 256, 512), (2, 2, 2, 2), 64)
+def _resnet18(in_shape: tuple[int, int, int], num_classes: int, norm: str = "bn",
+              nsconv_stats: str = "active") -> nn.Module:
+    return ResNet(in_shape, num_classes, (64, 128, 256, 512), (2, 2, 2, 2), 64, norm, nsconv_stats)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

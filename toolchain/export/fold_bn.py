@@ -7,16 +7,20 @@ output channel, so a zero weight stays zero after folding).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
+from models.nsconv import materialize
+
 
 def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
-    """An eval-mode ``GraphModule`` equal to ``model`` with conv+BN pairs fused."""
-    m = copy.deepcopy(model).eval()
+    """An eval-mode ``GraphModule`` equal to ``model`` with conv+BN pairs fused.
+
+    BN-free NSConv layers are first materialised into plain convolutions holding their effective
+    (standardised, gained, masked) weights, and training-only layer subclasses (SAP) become their
+    plain base classes (``models.nsconv.materialize``)."""
+    m = materialize(model)
     gm = fuse(m, inplace=True)
     leftover = [n for n, mod in gm.named_modules() if isinstance(mod, nn.BatchNorm2d)]
     if leftover:

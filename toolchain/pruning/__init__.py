@@ -10,6 +10,7 @@ from toolchain.errors import ToolchainError
 from toolchain.fl.config import TrainConfig
 from toolchain.fl.strategy import Strategy
 from toolchain.pruning.baselines import SNIP, FedDST, Magnitude, PruneFL, RandomERK, SynFlow
+from toolchain.pruning.fedmef import FedMef
 from toolchain.pruning.fedtiny import FedTiny
 from toolchain.pruning.gmp import GradualMagnitude
 from toolchain.pruning.zo_fl import NTKZeroOrder
@@ -18,6 +19,7 @@ ALGORITHMS: dict[str, type[Strategy]] = {
     "fedavg": Strategy,
     "gmp": GradualMagnitude,
     "ntk-zo": NTKZeroOrder,
+    "fedmef": FedMef,
     "fedtiny": FedTiny,
     "random": RandomERK,
     "magnitude": Magnitude,
