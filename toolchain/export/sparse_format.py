@@ -312,6 +312,12 @@ class _Converter:
                     raise SmfError("grouped convolutions are not supported")
                 mat = w.reshape(oc, kh * kw * ic)
                 mult = 1
+                if (kh, kw) == (1, 1) and in_t.shape[:2] == (1, 1) and out_t.shape[:2] == (1, 1):
+                    # A 1x1 kernel on a 1x1 map is a fully connected layer with per-channel scales: the same
+                    # accumulation and the same per-channel MultiplyByQuantizedMultiplier as TFLite Micro's
+                    # conv (the exporter emits dense layers this way; see docs/sparse-model-format.md).
+                    # Stored as FULLY_CONNECTED: no geometry, no scratch, the small FC kernel on devices.
+                    kind = FULLY_CONNECTED
             else:
                 _, kh, kw, oc = w.shape
                 mult = int(opt.depthMultiplier) or oc // in_t.shape[2]
@@ -321,7 +327,7 @@ class _Converter:
             sh, sw = int(opt.strideH), int(opt.strideW)
             pt = self._pad(opt.padding, in_t.shape[0], out_t.shape[0], kh, sh)
             pl = self._pad(opt.padding, in_t.shape[1], out_t.shape[1], kw, sw)
-            geometry = struct.pack("<BBBBBBBB", kh, kw, sh, sw, pt, pl, mult, 0)
+            geometry = struct.pack("<BBBBBBBB", kh, kw, sh, sw, pt, pl, mult, 0) if kind != FULLY_CONNECTED else b""
         rows = mat.shape[0]
         if len(w_scale) == 1:
             w_scale = np.repeat(w_scale, rows)
