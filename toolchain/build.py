@@ -205,6 +205,11 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
             f"{profile.name} has {profile.ram_bytes} B RAM and {profile.flash_bytes} B flash; "
             "lower --density, pass a smaller --model, or pick a larger --target")
 
+    from toolchain.ondevice.bundle import write_bundle
+
+    bundle_files = write_bundle(staging, profile, calibration=data.preprocessing.apply(data.x_train[calib_idx]))
+    t = _stage(timings, "bundle", t)
+
     notes = []
     if mismatch:
         notes.append(f"LiteRT and TFLite Micro int8 outputs differ in {mismatch} entries")
@@ -214,6 +219,7 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
     artifacts = {name: artifact_entry(staging, staging / name)
                  for name in ("model.tflite", "model_data.h", "model_data.cc", "model.onnx", "model.smf", "model.pt",
                               "metrics.jsonl") if (staging / name).exists()}
+    artifacts.update({name: artifact_entry(staging, path) for name, path in bundle_files.items()})
     return Manifest(
         target=profile.name, algorithm=opts.algo, dataset=opts.dataset,
         model={"name": model_name, "prunable_weights": total, "kept_weights": kept,

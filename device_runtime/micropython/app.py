@@ -1,0 +1,201 @@
+# Device app (docs/fleet.md): protocol messages (docs/protocol.md) <-> FineTuner (ft.py).
+# MicroPython 1.9.2 .. 1.29 and CPython. Event driven, so one file serves every port:
+#   a = App(out, ...); then feed(bytes) for serial bytes (framed) or msg(bytes) for one
+#   MQTT payload, and tick() every few ms (retransmit, heartbeat). Import proto first.
+import struct
+
+import proto
+
+try:
+    import utime as time
+except ImportError:
+    import time
+
+T_UPD = 18  # ROUND_UPDATE (fleet extension): round u32, seed u32, lr f32, g[k] f32
+
+
+class App:
+    def __init__(s, out, ft, data, ids, caps=0, size=160, maxk=8, seq=0, session=0, heap=None,
+                 hb=30000, rto=500, mid=0, mt=None, raw=0):
+        # out(bytes): write to the link; ft: FineTuner (None: no model yet); data(rid, n) -> (xs, ys);
+        # ids = (device id, board, firmware) as bytes; mt: model receiver (app_mt.MT) or None
+        s.p = proto.Proto(size, seq, maxk)
+        s.out = out
+        s.ft = ft
+        s.data = data
+        s.ids = ids
+        s.caps = caps
+        s.ses = session
+        s.heap = heap
+        s.hb = hb
+        s.rto = rto
+        s.mid = mid
+        s.mt = mt
+        s.raw = raw
+        s.rnd = 0  # last round whose update was applied (the model version)
+        s.st = 1
+        s.q = []
+        s.fl = 0  # a DATA frame in flight: its seq is s.fs, length s.fn
+        s.fs = s.fn = s.fk = s.tries = 0
+        s.t0 = s.ts = s.th = time.ticks_ms()
+        s.hello()
+
+    def feed(s, d):
+        # serial bytes from the host
+        p = s.p
+        i = 0
+        while i < len(d):
+            i = p.feed(d, i)
+            k = p.kind
+            if k == 1 or k == 2:
+                s.out(p.at[:p.ack()])
+            if k == 1:
+                s.handle()
+            elif k == 3 and s.fl and p.fseq == s.fs:
+                s.fl = 0
+                s.next()
+
+    def msg(s, m):
+        # one whole message (an MQTT payload)
+        p = s.p
+        if 1 < len(m) <= p.size:
+            p.rx[3:3 + len(m)] = m
+            p.mlen = len(m)
+            s.handle()
+
+    def tick(s):
+        n = time.ticks_ms()
+        if s.fl and time.ticks_diff(n, s.ts) > s.rto:
+            s.tries += 1
+            if s.tries > 30 and s.fk != 1:  # give up (on HELLO never: a host may come later)
+                s.fl = 0
+                s.next()
+            else:
+                s.out(b'\x00')
+                s.out(s.p.tx[:s.fn])
+                s.ts = n
+        if time.ticks_diff(n, s.th) > s.hb and not s.fl and not s.q:
+            s.status()
+
+    # -- sending: one DATA frame in flight, the rest queued as message bytes
+    def send(s, i):
+        p = s.p
+        if s.raw:
+            s.out(bytes(p.b[3:i]))
+            return
+        if s.fl:
+            s.q.append(bytes(p.b[3:i]))
+            return
+        s.fk = p.b[4]
+        s.fn = p.frame(i)
+        s.fs = (p.seq - 1) & 65535
+        s.fl = 1
+        s.tries = 0
+        s.ts = time.ticks_ms()
+        s.out(p.tx[:s.fn])
+
+    def next(s):
+        if s.q:
+            m = s.q.pop(0)
+            s.p.b[3:3 + len(m)] = m
+            s.send(3 + len(m))
+
+    def hello(s):
+        p = s.p
+        i = p.put(3, '<BBHBBBIHH', 1, 1, s.ses, 0, 2, 0, s.free(), p.size, s.caps)
+        for x in s.ids:
+            i = p.put(i, '<B' + str(len(x)) + 's', len(x), x)
+        s.send(i)
+
+    def free(s):
+        return s.heap() if s.heap else 0
+
+    def status(s):
+        s.th = time.ticks_ms()
+        up = time.ticks_diff(s.th, s.t0) // 1000
+        s.send(s.p.put(3, '<BBBIIII', 1, 32, s.st, up, s.free(), s.rnd, s.mid))
+
+    def ack(s, t, r):
+        s.send(s.p.put(3, '<BBBI', 1, 48, t, r))
+
+    def err(s, c, t, r):
+        s.send(s.p.put(3, '<BBBBI', 1, 63, c, t, r))
+
+    # -- receiving
+    def handle(s):
+        p = s.p
+        r = p.rx
+        if r[3] == 1 and r[4] == T_UPD:
+            return s.upd()
+        t, v = p.msg()
+        if t == 33:  # PING: HELLO (a new host learns who we are) + STATUS
+            s.hello()
+            s.status()
+        elif t == 16:
+            s.round(v)
+        elif t == -4:
+            s.err(4, 16, v[0])
+        elif 1 < t < 5:
+            if s.mt is None:
+                s.err(3, t, v[0])  # this port cannot verify a model (micro:bit): flash it instead
+            else:
+                s.st = 2
+                a = s.mt.handle(s, t, v)
+                s.st = 1
+                if a:
+                    s.ft = a
+                    s.mid = v[0]
+                    s.rnd = 0
+                    s.ack(4, v[0])
+        else:
+            s.err(1, r[4] if r[3] == 1 else 0, 0)
+
+    def round(s, v):
+        rid = v[0]
+        if s.ft is None:
+            return s.err(9, 16, rid)
+        if v[2] or v[3] != 1:
+            return s.err(3, 16, rid)  # explicit seeds, several steps: not supported
+        if rid != s.rnd + 1:
+            return s.err(6, 16, rid)  # not at the model version of round rid - 1: host replays updates
+        s.st = 3
+        seed = struct.unpack_from('<I', s.p.rx, 24)[0]
+        xs, ys = s.data(rid, v[4])
+        g, loss, n = s.ft.probe(seed, v[1], v[5], xs, ys)
+        xs = ys = None
+        s.st = 1
+        p = s.p
+        i = p.put(3, '<BBIIf', 1, 17, rid, n, loss)
+        for j in range(v[1]):
+            i = p.put(i, '<f', g[j])
+        s.send(i)
+
+    def upd(s):
+        p = s.p
+        r = p.rx
+        k = (p.mlen - 14) >> 2
+        rid, seed, lr = struct.unpack_from('<IIf', r, 5)
+        if p.mlen & 3 != 2 or not 0 < k <= p.maxk or rid >> 30:
+            return s.err(1, T_UPD, 0)
+        if rid <= s.rnd:
+            return s.ack(T_UPD, rid)  # applied already (a repeat)
+        if s.ft is None or rid != s.rnd + 1:
+            return s.err(6, T_UPD, rid)
+        g = struct.unpack_from('<' + str(k) + 'f', r, 17)
+        ok = 0 <= lr <= 10
+        for x in g:
+            ok = ok and -1e30 < x < 1e30  # (NaN fails too)
+        if not ok:
+            return s.err(4, T_UPD, rid)
+        s.ft.update(seed, g, lr)
+        s.rnd = rid
+        s.ack(T_UPD, rid)
+
+
+def run(a, read):
+    # serial main loop: read() -> bytes or None (non-blocking)
+    while 1:
+        d = read()
+        if d:
+            a.feed(d)
+        a.tick()

@@ -1,0 +1,84 @@
+# Model transfer for app.py on ports with hashlib (docs/protocol.md section 5, docs/fleet.md):
+# MODEL_BEGIN / CHUNK / COMMIT -> a file, sha256 while receiving, HMAC-SHA256 tag over the bundle header
+# with the provisioned key; the previous model stays until a commit verifies. Not for the micro:bit
+# (no hashlib; the pure-Python SHA-256 does not fit its heap): flash its model instead.
+import os
+
+try:
+    import uhashlib as hashlib
+except ImportError:
+    import hashlib
+import hmac_sha256
+
+
+class MT:
+    def __init__(s, key, install, path='model.smf', maxsize=1 << 20):
+        # install(path) -> the new FineTuner (or raises); key: the device's HMAC key (bytes)
+        s.key = key
+        s.install = install
+        s.path = path
+        s.max = maxsize
+        s.f = None
+        s.b = None
+
+    def _drop(s):
+        if s.f:
+            s.f.close()
+        s.f = None
+        s.b = None
+
+    def handle(s, a, t, v):
+        # -> new FineTuner after a verified commit, else None (errors are sent here)
+        p = a.p
+        if t == 2:
+            mid, size, cs, fmt, auth = v
+            if s.b and s.b[0] == mid and s.b[1] == size:
+                return None  # a repeated MODEL_BEGIN (QoS 1): keep the transfer going
+            s._drop()
+            if fmt != 1:
+                return a.err(3, 2, mid)
+            if size > s.max:
+                return a.err(5, 2, mid)
+            s.f = open(s.path + '.tmp', 'wb')
+            s.b = [mid, size, cs, fmt, 0, 0]  # ..., next chunk, bytes received
+            s.h = hashlib.sha256()
+            return None
+        b = s.b
+        mid = v[0]
+        if b is None or b[0] != mid:
+            return a.err(6, t, mid)
+        if t == 3:
+            n = p.mlen - 8
+            if v[1] < b[4]:
+                return None  # repeat
+            if v[1] != b[4] or n > b[2] or b[5] + n > b[1]:
+                s._drop()
+                return a.err(6, 3, mid)
+            d = bytes(p.rx[11:3 + p.mlen])
+            s.f.write(d)
+            s.h.update(d)
+            b[4] += 1
+            b[5] += n
+            return None
+        if b[5] != b[1]:
+            s._drop()
+            return a.err(6, 4, mid)
+        dg = s.h.digest()
+        s.f.close()
+        s.f = None
+        s.b = None
+        if dg != v[1]:
+            return a.err(7, 4, mid)
+        if v[2] != 1 or not hmac_sha256.model_ok(s.key, mid, b[3], b[1], dg, p.rx, 42, hashlib.sha256):
+            return a.err(8, 4, mid)
+        try:
+            os.remove(s.path)
+        except OSError:
+            pass
+        os.rename(s.path + '.tmp', s.path)
+        try:
+            return s.install(s.path)
+        except MemoryError:
+            return a.err(5, 4, mid)
+        except Exception:  # not a model this fine-tuner can run
+            return a.err(11, 4, mid)

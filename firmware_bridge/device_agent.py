@@ -1,0 +1,172 @@
+"""A fleet device in Python (docs/fleet.md): an MQTT endpoint (paho-mqtt, QoS 1, last will) around a fine-tuner
+with the ``FineTuner`` API (``probe``, ``update``). Used by the Jetson agent (``device_runtime/jetson/agent.py``,
+``JetsonFineTuner``) and by the raw-REPL proxy for boards too small for the protocol stack (micro:bit v1).
+
+Same behaviour as the MicroPython app (``device_runtime/micropython/app.py``): HELLO with capabilities,
+ROUND_START -> ``probe`` -> ROUND_RESULT, ROUND_UPDATE -> ``update`` (in round order, acked), STATUS heartbeat,
+PING -> HELLO + STATUS, ERROR for what it rejects (out-of-range rounds, rounds at the wrong model version).
+Models arrive signed (``Verifier``: Ed25519 on Jetsons); unsigned ones are never accepted.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .fleet import T_ROUND_UPDATE, RoundUpdate, decode_any
+from .gateway import RawMqttDevice
+from .messages import (
+    E_BAD_MESSAGE,
+    E_INTERNAL,
+    E_NO_MODEL,
+    E_RANGE,
+    E_SEQUENCE,
+    E_UNSUPPORTED,
+    FMT_ONNX,
+    ST_IDLE,
+    ST_TRAINING,
+    Ack,
+    Error,
+    Hello,
+    Message,
+    ModelBegin,
+    ModelChunk,
+    ModelCommit,
+    Ping,
+    RoundResult,
+    RoundStart,
+    Status,
+)
+from .mqtt_link import MqttConfig
+from .security import ModelReceiver, RoundLimits, Verifier, check_round
+
+RUNTIME_VERSION = (0, 2, 0)
+
+
+class Agent:
+    """``tuner``: ``probe(seed, k, mu, xs, ys)`` / ``update(seed, gbar, lr)``; ``xs``/``ys``: the local data set."""
+
+    def __init__(self, cfg: MqttConfig, device_id: str, tuner: Any, xs: Sequence[Any], ys: Sequence[int], *,
+                 model_id: int = 1, caps: int = 0, board: str = "python", firmware: str = "",
+                 verifier: Verifier | None = None, heartbeat_s: float = 30.0, k_max: int = 128,
+                 load: Callable[[bytes], Any] | None = None, model_fmt: int = FMT_ONNX) -> None:
+        self.tuner, self.xs, self.ys = tuner, list(xs), list(ys)
+        self.model_id = model_id if tuner is not None else 0
+        self.applied = 0
+        self.state = ST_IDLE
+        self.caps = caps
+        self.heartbeat_s = heartbeat_s
+        self.board = board
+        self.firmware = firmware or f"python {sys.version.split()[0]}"
+        self.session = random.randrange(1 << 16)
+        self.t0 = time.monotonic()
+        self.limits = RoundLimits(max_k=k_max)
+        self.receiver = ModelReceiver(verifier or Verifier())
+        self.load, self.model_fmt = load, model_fmt
+        self.inbox: queue.Queue[bytes] = queue.Queue()
+        self.dev = RawMqttDevice(cfg, device_id, self.inbox.put)
+        self.device_id = device_id
+        self.rounds_done = 0
+        self.errors: list[str] = []
+
+    # -- sending
+    def send(self, msg: Message) -> None:
+        from firmware_bridge.messages import encode
+
+        self.dev.publish_up(encode(msg))
+
+    def hello(self) -> None:
+        self.send(Hello(self.device_id, self.board, self.firmware[:32], RUNTIME_VERSION, 0, 4096, self.caps,
+                        self.session))
+
+    def status(self) -> None:
+        self.send(Status(self.state, int(time.monotonic() - self.t0), 0, self.applied, self.model_id))
+
+    # -- receiving
+    def handle(self, raw: bytes) -> None:
+        try:
+            msg = decode_any(raw)
+        except Exception:  # noqa: BLE001 - ProtocolError and anything a hostile payload triggers
+            self.send(Error(E_BAD_MESSAGE, raw[1] if len(raw) > 1 else 0, 0, "malformed"))
+            return
+        if isinstance(msg, Ping):
+            self.hello()
+            self.status()
+        elif isinstance(msg, RoundStart):
+            self.round(msg)
+        elif isinstance(msg, RoundUpdate):
+            self.update(msg)
+        elif isinstance(msg, ModelBegin | ModelChunk | ModelCommit):
+            if self.load is None or isinstance(msg, ModelBegin) and msg.fmt != self.model_fmt:
+                self.send(Error(E_UNSUPPORTED, msg.TYPE, msg.model_id, "model format not supported"))
+                return
+            answer = self.receiver.handle(msg)
+            if isinstance(answer, Ack) and self.receiver.model is not None:
+                self.tuner = self.load(self.receiver.model)
+                self.model_id, self.applied = answer.ref_id, 0
+            if answer is not None:
+                self.send(answer)
+        else:
+            self.send(Error(E_BAD_MESSAGE, getattr(msg, "TYPE", 0), 0, "not a downlink message"))
+
+    def round(self, msg: RoundStart) -> None:
+        bad = check_round(msg, self.limits)
+        if bad is not None:
+            self.send(bad)
+        elif self.tuner is None:
+            self.send(Error(E_NO_MODEL, msg.TYPE, msg.round_id))
+        elif msg.round_seed is None or msg.steps != 1:
+            self.send(Error(E_UNSUPPORTED, msg.TYPE, msg.round_id, "explicit seeds / steps"))
+        elif msg.round_id != self.applied + 1:
+            self.send(Error(E_SEQUENCE, msg.TYPE, msg.round_id, f"at version {self.applied}"))
+        else:
+            self.state = ST_TRAINING
+            n = len(self.xs)
+            if msg.batch >= n:
+                xs, ys = self.xs, self.ys
+            else:
+                b = ((msg.round_id - 1) * msg.batch) % n
+                ix = [(b + i) % n for i in range(msg.batch)]
+                xs, ys = [self.xs[i] for i in ix], [self.ys[i] for i in ix]
+            g, loss, cnt = self.tuner.probe(msg.round_seed, msg.k, msg.mu, xs, ys)
+            self.state = ST_IDLE
+            self.rounds_done += 1
+            self.send(RoundResult(msg.round_id, tuple(g), float(loss), int(cnt)))
+
+    def update(self, u: RoundUpdate) -> None:
+        if u.round_id <= self.applied:
+            self.send(Ack(T_ROUND_UPDATE, u.round_id))
+        elif self.tuner is None or u.round_id != self.applied + 1:
+            self.send(Error(E_SEQUENCE, T_ROUND_UPDATE, u.round_id))
+        elif not 0 <= u.lr <= 10 or len(u.gbar) > self.limits.max_k:
+            self.send(Error(E_RANGE, T_ROUND_UPDATE, u.round_id))
+        else:
+            self.tuner.update(u.seed, list(u.gbar), u.lr)
+            self.applied = u.round_id
+            self.send(Ack(T_ROUND_UPDATE, u.round_id))
+
+    def run(self, stop: Any = None) -> None:
+        self.dev.start(timeout=30)
+        self.hello()
+        self.status()
+        last = time.monotonic()
+        while stop is None or not stop.is_set():
+            try:
+                raw = self.inbox.get(timeout=0.2)
+            except queue.Empty:
+                raw = None
+            if raw is not None:
+                try:
+                    self.handle(raw)
+                except Exception as exc:  # noqa: BLE001 - the device stays up and says what went wrong
+                    self.state = ST_IDLE
+                    self.errors.append(repr(exc))
+                    self.send(Error(E_INTERNAL, raw[1] if len(raw) > 1 else 0, 0, type(exc).__name__[:48]))
+            if time.monotonic() - last > self.heartbeat_s:
+                last = time.monotonic()
+                self.status()
+        self.dev.stop()

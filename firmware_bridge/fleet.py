@@ -1,0 +1,194 @@
+"""Fleet transports for the coordinator (docs/fleet.md): many devices behind one interface, plus ROUND_UPDATE.
+
+* :class:`RoundUpdate` (type 0x12, a fleet extension of protocol v1): the server's broadcast of docs/zo.md §6
+  step 4, ``round_id:u30, seed:u32, lr:f32, gbar[k]:f32`` (14 + 4k bytes with the 2-byte header). Devices apply
+  it in round order and answer ``ACK(0x12, round_id)``; a repeat is acknowledged again and not re-applied.
+* :class:`SerialFleet`: one :class:`SerialLink` per port; device ids come from HELLO (devices answer PING with
+  HELLO + STATUS, so a host that starts after the boards learns who is where).
+* :class:`MqttFleet`: an :class:`MqttHost`; raw message bytes on ``<prefix>/<fleet>/<device>/down``.
+
+Both deliver ``(device_id, message)`` from :meth:`recv` and take raw message bytes in :meth:`send` (never block).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .errors import LinkError, ProtocolError
+from .messages import VERSION, Hello, Message, Ping, decode, encode
+from .mqtt_link import DOWN, MqttConfig, MqttHost
+from .serial_link import SerialLink
+
+T_ROUND_UPDATE = 0x12
+MAX_K = 256
+U30 = 1 << 30
+
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    """Server -> every device: apply round ``round_id``'s update ``w -= lr/K sum_k gbar_k z_k`` (seed ``seed``)."""
+
+    round_id: int
+    seed: int
+    lr: float
+    gbar: tuple[float, ...]
+
+    def encode(self) -> bytes:
+        if not 0 <= self.round_id < U30 or not 0 <= self.seed < 1 << 32:
+            raise ProtocolError("round_id must be < 2**30 and seed a u32")
+        if not 1 <= len(self.gbar) <= MAX_K:
+            raise ProtocolError("1..256 scalars")
+        if not (math.isfinite(self.lr) and all(math.isfinite(g) for g in self.gbar)):
+            raise ProtocolError("lr and scalars must be finite")
+        return bytes((VERSION, T_ROUND_UPDATE)) + struct.pack(
+            f"<IIf{len(self.gbar)}f", self.round_id, self.seed, self.lr, *self.gbar)
+
+    @classmethod
+    def decode(cls, data: bytes) -> RoundUpdate:
+        if len(data) < 18 or (len(data) - 14) % 4 or data[0] != VERSION or data[1] != T_ROUND_UPDATE:
+            raise ProtocolError("not a ROUND_UPDATE")
+        rid, seed, lr = struct.unpack_from("<IIf", data, 2)
+        if rid >= U30:
+            raise ProtocolError("round_id out of range")
+        k = (len(data) - 14) // 4
+        if k > MAX_K:
+            raise ProtocolError("too many scalars")
+        return cls(rid, seed, lr, struct.unpack_from(f"<{k}f", data, 14))
+
+
+def decode_any(raw: bytes) -> Message | RoundUpdate:
+    if len(raw) > 1 and raw[1] == T_ROUND_UPDATE:
+        return RoundUpdate.decode(raw)
+    return decode(raw)
+
+
+@dataclass
+class FleetStats:
+    bytes_down: dict[str, int] = field(default_factory=dict)  # message bytes (without framing) per device
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    malformed: int = 0
+    send_failures: int = 0
+
+
+class SerialFleet:
+    """Devices on serial ports (real boards, emulators' ptys, the gateway's side of a relay)."""
+
+    def __init__(self, ports: list[str], *, baudrate: int = 115200, max_message: int = 600,
+                 ack_timeout: float = 0.5, retries: int = 10) -> None:
+        self.stats = FleetStats()
+        self._inbox: queue.Queue[tuple[str, Message | RoundUpdate]] = queue.Queue()
+        self._links: dict[str, SerialLink] = {}
+        self._queues: dict[str, queue.Queue[bytes | None]] = {}
+        self._ids: dict[str, str] = {}  # port -> device id (from HELLO)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        for port in ports:
+            link = SerialLink.open(port, baudrate, max_message=max_message, ack_timeout=ack_timeout, retries=retries)
+            self._links[port] = link
+            self._queues[port] = queue.Queue()
+            for target in (self._reader, self._sender):
+                t = threading.Thread(target=target, args=(port,), daemon=True, name=f"serial-fleet-{port}")
+                t.start()
+                self._threads.append(t)
+            self._queues[port].put(encode(Ping()))  # a board that booted before us answers with its HELLO
+
+    def _reader(self, port: str) -> None:
+        link = self._links[port]
+        while not self._stop.is_set():
+            raw = link.recv(0.2)
+            if raw is None:
+                continue
+            try:
+                msg = decode_any(raw)
+            except ProtocolError:
+                self.stats.malformed += 1
+                continue
+            if isinstance(msg, Hello):
+                self._ids[port] = msg.device_id
+            dev = self._ids.get(port)
+            if dev is None:
+                continue  # nothing before a HELLO says who this is
+            self.stats.bytes_up[dev] = self.stats.bytes_up.get(dev, 0) + len(raw)
+            self._inbox.put((dev, msg))
+
+    def _sender(self, port: str) -> None:
+        link, q = self._links[port], self._queues[port]
+        while not self._stop.is_set():
+            raw = q.get()
+            if raw is None:
+                return
+            try:
+                link.send(raw)
+            except (LinkError, ProtocolError):
+                self.stats.send_failures += 1  # the device is gone; the coordinator re-sends what matters
+
+    def send(self, device: str, raw: bytes) -> None:
+        for port, dev in self._ids.items():
+            if dev == device:
+                self.stats.bytes_down[device] = self.stats.bytes_down.get(device, 0) + len(raw)
+                self._queues[port].put(raw)
+                return
+
+    def devices(self) -> list[str]:
+        return sorted(set(self._ids.values()))
+
+    def recv(self, timeout: float) -> tuple[str, Message | RoundUpdate] | None:
+        try:
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def link_stats(self) -> dict[str, dict[str, int]]:
+        return {p: {"frames_bad": link.decoder.frames_bad, "retransmits": link.stats.retransmits,
+                    "duplicates": link.stats.duplicates, "bytes_out": link.stats.bytes_out,
+                    "bytes_in": link.decoder.bytes_in} for p, link in self._links.items()}
+
+    def close(self) -> None:
+        self._stop.set()
+        for q in self._queues.values():
+            q.put(None)
+        for link in self._links.values():
+            link.close()
+
+
+class MqttFleet:
+    """Devices behind an MQTT broker (Jetson agents, gateways for serial boards, boards with umqtt)."""
+
+    def __init__(self, cfg: MqttConfig, *, client_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.stats = FleetStats()
+        self.host = MqttHost(cfg, client_id=client_id)
+        self.host.start()
+
+    def send(self, device: str, raw: bytes) -> None:
+        self.stats.bytes_down[device] = self.stats.bytes_down.get(device, 0) + len(raw)
+        # raw bytes: a ROUND_UPDATE is not a protocol v1 message that MqttHost.send could encode
+        self.host._publish(self.cfg.topic(device, DOWN), raw)
+
+    def devices(self) -> list[str]:
+        return sorted(d for d, s in self.host.slots.items() if s.online)
+
+    def recv(self, timeout: float) -> tuple[str, Message | RoundUpdate] | None:
+        got = self.host.recv(timeout)
+        if got is not None:
+            dev, msg = got
+            self.stats.bytes_up[dev] = self.stats.bytes_up.get(dev, 0) + len(encode(msg))
+        return got
+
+    def close(self) -> None:
+        self.host.stop()
+
+
+def wait_for(pred: object, timeout: float, step: float = 0.05) -> bool:
+    """Poll ``pred()`` until true or ``timeout`` seconds pass (helpers and tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return True
+        time.sleep(step)
+    return bool(pred())  # type: ignore[operator]

@@ -1,0 +1,103 @@
+"""Serial boards onto an MQTT fleet (``toolchain gateway``, docs/fleet.md).
+
+Per serial port: a reliable :class:`SerialLink` to the board and, once the board's HELLO says who it is, an MQTT
+device endpoint ``<prefix>/<fleet>/<device>/...`` with its own last will. Message bytes are forwarded unchanged
+both ways (``up``; STATUS also retained on ``status``); the serial link adds framing, acks and retransmission.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+
+from .errors import LinkError, ProtocolError
+from .fleet import decode_any
+from .messages import Hello, Ping, Status, encode
+from .mqtt_link import STATUS, UP, MqttConfig, MqttDevice
+from .serial_link import SerialLink
+
+
+class RawMqttDevice(MqttDevice):
+    """An :class:`MqttDevice` that hands every fresh ``down`` payload over as bytes (ROUND_UPDATE included)."""
+
+    def __init__(self, cfg: MqttConfig, device_id: str, on_down: Callable[[bytes], None]) -> None:
+        super().__init__(cfg, device_id)
+        self.on_down = on_down
+
+    def _on_message(self, client: mqtt.Client, userdata: object, m: mqtt.MQTTMessage) -> None:
+        if self._fresh(m.topic, m.payload):
+            self.on_down(bytes(m.payload))
+
+    def publish_up(self, raw: bytes) -> None:
+        self._publish(self.cfg.topic(self.device_id, UP), raw)
+        if len(raw) > 1 and raw[1] == Status.TYPE:
+            self._publish(self.cfg.topic(self.device_id, STATUS), raw, retain=True)
+
+
+class Gateway:
+    def __init__(self, ports: list[str], cfg: MqttConfig, *, baudrate: int = 115200, max_message: int = 600,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.log = log or (lambda _m: None)
+        self.devices: dict[str, RawMqttDevice] = {}
+        self.forwarded_up = 0
+        self.forwarded_down = 0
+        self._stop = threading.Event()
+        self._links: dict[str, SerialLink] = {}
+        self._queues: dict[str, queue.Queue[bytes | None]] = {}
+        self._threads: list[threading.Thread] = []
+        for port in ports:
+            self._links[port] = SerialLink.open(port, baudrate, max_message=max_message, ack_timeout=0.5, retries=10)
+            self._queues[port] = queue.Queue()
+            for target in (self._up, self._down):
+                t = threading.Thread(target=target, args=(port,), daemon=True, name=f"gateway-{port}")
+                t.start()
+                self._threads.append(t)
+            self._queues[port].put(encode(Ping()))  # boards that booted earlier answer with HELLO
+
+    def _up(self, port: str) -> None:
+        link = self._links[port]
+        dev: RawMqttDevice | None = None
+        while not self._stop.is_set():
+            raw = link.recv(0.2)
+            if raw is None:
+                continue
+            try:
+                msg = decode_any(raw)
+            except ProtocolError:
+                continue
+            if isinstance(msg, Hello) and (dev is None or dev.device_id != msg.device_id):
+                dev = self.devices.get(msg.device_id)
+                if dev is None:
+                    q = self._queues[port]
+                    dev = RawMqttDevice(self.cfg, msg.device_id, q.put)
+                    dev.start()
+                    self.devices[msg.device_id] = dev
+                    self.log(f"{port}: {msg.device_id} ({msg.board}, {msg.firmware}) on MQTT")
+            if dev is not None:
+                dev.publish_up(raw)
+                self.forwarded_up += 1
+
+    def _down(self, port: str) -> None:
+        link, q = self._links[port], self._queues[port]
+        while not self._stop.is_set():
+            raw = q.get()
+            if raw is None:
+                return
+            try:
+                link.send(raw)
+                self.forwarded_down += 1
+            except (LinkError, ProtocolError) as exc:
+                self.log(f"{port}: {exc}")
+
+    def close(self) -> None:
+        self._stop.set()
+        for q in self._queues.values():
+            q.put(None)
+        for dev in self.devices.values():
+            dev.stop()
+        for link in self._links.values():
+            link.close()

@@ -1,0 +1,177 @@
+"""Fleet test/bench helpers: emulated boards running device_runtime/micropython/app.py, a fault-injecting bridge to
+an existing serial port, the Jetson agent as a process. Every process started here is stopped by ``close()``."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+import tty
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from fleet_model import FleetModel, local_files
+
+from firmware_bridge.mqtt_link import MqttConfig
+from hw.emulators.microbit import QemuMicrobit
+from hw.emulators.wasm_stream import WasmBoard, app_boot
+from hw.repl import RawRepl
+
+REPO = Path(__file__).resolve().parents[1]
+DEV = REPO / "device_runtime" / "micropython"
+class PortBridge:
+    """A fresh pty (``.port``) joined to an existing serial device (e.g. QEMU's pty) through fault filters."""
+
+    def __init__(self, target: str, *, rate: float | None = None, faults_to_board: Callable[[bytes], bytes] | None = None,
+                 faults_from_board: Callable[[bytes], bytes] | None = None) -> None:
+        self.rate = rate
+        self.faults_to_board, self.faults_from_board = faults_to_board, faults_from_board
+        self._target = os.open(target, os.O_RDWR | os.O_NOCTTY)
+        tty.setraw(self._target)
+        self._master, self._slave = os.openpty()
+        tty.setraw(self._slave)
+        self.port = os.ttyname(self._slave)
+        self.enabled = True
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._pump, args=(self._master, self._target, "to"), daemon=True),
+                         threading.Thread(target=self._pump, args=(self._target, self._master, "from"), daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _pump(self, src: int, dst: int, way: str) -> None:
+        t = time.monotonic()
+        while not self._stop.is_set():
+            ready, _, _ = select.select([src], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                data = os.read(src, 32)
+            except OSError:
+                return
+            f = self.faults_to_board if way == "to" else self.faults_from_board
+            if f is not None and self.enabled:
+                data = f(data)
+            if self.rate:
+                t = max(t, time.monotonic()) + len(data) / self.rate
+                time.sleep(max(0.0, t - time.monotonic()))
+            try:
+                os.write(dst, data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=2)
+        for fd in (self._target, self._master, self._slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def microbit_files(m: FleetModel, idx: np.ndarray) -> dict[str, bytes]:
+    """The micro:bit's flash: the bundle's minified zo.py + ft.py, spec.py, head.bin, its features shard + labels."""
+    from toolchain.ondevice.bundle import microbit_files as bundle_files
+
+    files = bundle_files(m.head, m.config(batch_max=len(idx)))
+    files["d.bin"] = np.ascontiguousarray(m.feats[idx], np.int8).tobytes()
+    files["y.bin"] = bytes(int(v) for v in m.y[idx])
+    return files
+
+
+class MicrobitDevice:
+    """QEMU micro:bit running ft.py + zo.py, on MQTT through the raw-REPL proxy (firmware_bridge.repl_proxy)."""
+
+    def __init__(self, m: FleetModel, device: str, idx: np.ndarray, cfg: MqttConfig, heartbeat_s: float = 30.0) -> None:
+        from test_zo_contract import soft_reset
+
+        from firmware_bridge.repl_proxy import repl_agent
+
+        self.qemu = QemuMicrobit()
+        self.repl: RawRepl | None = None
+        self._stop = threading.Event()
+        try:
+            time.sleep(0.5)
+            self.repl = RawRepl(self.qemu.port, timeout=60)
+            self.repl.enter_raw()
+            for name, data in microbit_files(m, idx).items():
+                self.repl.put_file(name, data)
+            soft_reset(self.repl)  # import on a fresh heap, as at boot
+            self.agent = repl_agent(cfg, device, self.repl, [int(v) for v in m.y[idx]], m.head.cols,
+                                    heartbeat_s=heartbeat_s)
+        except Exception:
+            self.close()
+            raise
+        self.free_heap = self.agent.tuner.free_heap
+        self.thread = threading.Thread(target=self.agent.run, args=(self._stop,), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if getattr(self, "thread", None) is not None:
+            self.thread.join(timeout=30)
+        if self.repl is not None:
+            self.repl.close()
+        self.qemu.stop()
+
+
+def wasm_board(m: FleetModel, device: str, idx: np.ndarray, key: bytes, heartbeat_ms: int = 30000,
+               **kw: object) -> WasmBoard:
+    """A WebAssembly board provisioned with config, head, data and key but no model (it arrives over the link)."""
+    lib = {f"/lib/{p.name}": p.read_bytes() for p in sorted(DEV.glob("*.py"))}
+    files = {**lib, **{"/" + k: v for k, v in local_files(m, device, idx, key).items()}}
+    return WasmBoard(files, app_boot(heartbeat_ms=heartbeat_ms), **kw)  # type: ignore[arg-type]
+
+
+class JetsonProcess:
+    """``python -m device_runtime.jetson.agent`` with a bundle (head ONNX + config) and its data shard."""
+
+    def __init__(self, m: FleetModel, device: str, idx: np.ndarray, workdir: Path, broker: str, fleet: str,
+                 heartbeat_s: float = 30.0) -> None:
+        import json
+
+        self.bundle = workdir / "bundle"
+        self.local = workdir / "local"
+        self.bundle.mkdir(parents=True, exist_ok=True)
+        self.local.mkdir(parents=True, exist_ok=True)
+        m.onnx(self.bundle / "model.onnx")
+        (self.bundle / "config.json").write_text(json.dumps(m.jetson_spec()))
+        feats = np.ascontiguousarray(m.feats[idx], np.int8)
+        (self.local / "data.bin").write_bytes(feats.tobytes())
+        (self.local / "local.json").write_text(json.dumps(
+            {"device": device, "n": len(idx), "size": int(feats.shape[1]), "labels": [int(v) for v in m.y[idx]],
+             "model_id": 1}))
+        self.args = [sys.executable, "-m", "device_runtime.jetson.agent", "--broker", broker, "--fleet", fleet,
+                     "--device", device, "--bundle", str(self.bundle), "--local", str(self.local),
+                     "--heartbeat", str(heartbeat_s)]
+        self.log_path = workdir / "agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

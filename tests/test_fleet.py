@@ -1,0 +1,143 @@
+"""Federated ZO rounds over a fleet of real parts (docs/fleet.md): mosquitto on loopback, the MicroPython 1.29
+WebAssembly board running device_runtime/micropython/app.py over a faulty throttled serial line bridged onto
+MQTT by the gateway, the Jetson agent (onnxruntime) as its own process, and (when QEMU is installed and the app
+fits) the micro:bit. Faults: corrupted/dropped bytes, a broker restart, a device power cut and a Jetson kill
+mid-round, a coordinator restart mid-round. Afterwards no result is lost or counted twice."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fleet_helpers import JetsonProcess, MicrobitDevice, wasm_board  # noqa: E402
+from fleet_model import make_model  # noqa: E402
+from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
+
+from firmware_bridge import MqttConfig, Signer  # noqa: E402
+from firmware_bridge.coordinator import Coordinator, RoundConfig, counted_results, read_rounds  # noqa: E402
+from firmware_bridge.fleet import MqttFleet, RoundUpdate, SerialFleet, decode_any  # noqa: E402
+from firmware_bridge.gateway import Gateway  # noqa: E402
+from firmware_bridge.pty_relay import LineFaults  # noqa: E402
+from hw.emulators import microbit, wasm  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(600),
+              pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")]
+KEY = b"fleet-test-hmac-key"
+
+
+def test_round_update_codec() -> None:
+    u = RoundUpdate(7, 0xDEADBEEF, 0.5, (1.5, -2.25, 0.0))
+    raw = u.encode()
+    assert len(raw) == 14 + 4 * 3 and raw[:2] == b"\x01\x12"
+    assert decode_any(raw) == u
+
+
+def test_wasm_app_over_serial_with_line_faults(tmp_path: Path) -> None:
+    """serve --transport serial path: coordinator <-> SerialFleet <-> noisy pty <-> app.py on WebAssembly."""
+    m = make_model()
+    idx = m.split(2)
+    boards = [wasm_board(m, f"wasm-{i}", idx[i], KEY, rate=11520,
+                         faults_in=LineFaults(corrupt=0.03, drop=0.03, seed=i),
+                         faults_out=LineFaults(corrupt=0.03, drop=0.03, seed=10 + i)) for i in range(2)]
+    fleet = None
+    coord = None
+    try:
+        fleet = SerialFleet([b.port for b in boards], max_message=600)
+        cfg = RoundConfig(rounds=3, k=8, lr=1.0, batch=32, min_devices=2, deadline_s=90, resend_s=4)
+        coord = Coordinator(fleet, cfg, tmp_path, model=m.smf, signer=Signer(hmac_key=KEY), progress=None)
+        assert coord.run(timeout=400), coord.summary()
+        rounds = read_rounds(tmp_path)
+        assert [r["round"] for r in rounds] == [1, 2, 3]
+        assert rounds[-1]["loss"] < rounds[0]["loss"]
+        pairs = counted_results(tmp_path)
+        assert len(pairs) == len(set(pairs))
+        stats = fleet.link_stats()
+        injected = sum(b.faults_in.injected + b.faults_out.injected for b in boards)  # type: ignore[union-attr]
+        assert injected > 0
+        assert sum(s["frames_bad"] + s["retransmits"] for s in stats.values()) > 0  # the faults were felt ...
+        assert all(coord.devices[f"wasm-{i}"].transfer >= 1 for i in range(2))  # ... and the model went over it
+    finally:
+        if coord is not None:
+            coord.close()
+        if fleet is not None:
+            fleet.close()
+        for b in boards:
+            b.close()
+
+
+def test_fleet_rounds_with_faults(tmp_path: Path, mosquitto_factory) -> None:  # noqa: ANN001, F811
+    broker = mosquitto_factory()
+    fleet_name = "t1"
+    mcfg = MqttConfig(port=broker.port, fleet=fleet_name)
+    m = make_model()
+    idx = m.split(3)
+    out = tmp_path / "coord"
+    board = wasm_board(m, "wasm-1", idx[0], KEY, rate=11520, faults_in=LineFaults(corrupt=0.02, drop=0.02, seed=1),
+                       faults_out=LineFaults(corrupt=0.02, drop=0.02, seed=2))
+    gateway = jetson = fleet = coord = mb = None
+    try:
+        gateway = Gateway([board.port], mcfg)
+        jetson = JetsonProcess(m, "jetson-1", idx[1], tmp_path / "jetson", f"127.0.0.1:{broker.port}", fleet_name)
+        n_dev = 2
+        if microbit.available():  # the micro:bit: ft.py + zo.py on the board, on MQTT through the raw-REPL proxy
+            mb = MicrobitDevice(m, "microbit-1", idx[2][:16], mcfg)
+            n_dev = 3
+        cfg = RoundConfig(rounds=6, k=8, lr=1.0, batch=32, min_devices=n_dev, min_results=2, deadline_s=90,
+                          resend_s=4, start_timeout_s=45)
+        signer = Signer(hmac_key=KEY)
+
+        def start() -> tuple[MqttFleet, Coordinator]:
+            f = MqttFleet(mcfg)
+            return f, Coordinator(f, cfg, out, model=m.smf, signer=signer, progress=sys.stderr)
+
+        fleet, coord = start()
+
+        def in_round(r: int, results: int = 0) -> bool:
+            c = coord
+            assert c is not None
+            return c.round > r or (c.round == r and c._open and len(c.results[r]) >= results)
+
+        # rounds 1..2 clean; broker restart while round 3 is open
+        assert not coord.run(until=lambda: in_round(3), timeout=400), "round 3 never opened"
+        broker.stop()
+        broker.start()
+        # power cut of the WebAssembly board while round 4 is open: it comes back without a model
+        assert not coord.run(until=lambda: in_round(4), timeout=400)
+        board.restart()
+        # Jetson killed and restarted while round 5 is open; then the coordinator itself dies mid-round
+        assert not coord.run(until=lambda: in_round(5), timeout=400)
+        jetson.restart()
+        assert not coord.run(until=lambda: in_round(5, 1), timeout=400)
+        counted_before = counted_results(out)
+        transfers = coord.devices["wasm-1"].transfer
+        coord.close()
+        fleet.close()
+        fleet, coord = start()  # a new host process: same out dir, same MQTT session
+        assert coord.round == 5 and coord.results[5], "the restarted coordinator lost the open round's results"
+        assert coord.run(timeout=500), coord.summary()
+
+        rounds = read_rounds(out)
+        assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+        losses = [r["loss"] for r in rounds]
+        assert losses[-1] < losses[0] - 0.1, losses
+        pairs = counted_results(out)
+        assert len(pairs) == len(set(pairs)), Counter(pairs).most_common(3)  # nothing counted twice
+        assert set(counted_before) <= set(pairs)  # nothing counted before the restart was lost
+        wal = [json.loads(line) for line in (out / "wal.jsonl").read_text().splitlines()]
+        for close in (w for w in wal if w["t"] == "close"):
+            assert sorted(close["devices"]) == sorted(d for r, d in pairs if r == close["round"])
+        assert all(len(r["devices"]) >= 2 for r in rounds)
+        assert len(rounds[0]["devices"]) == n_dev  # all of them at once
+        if mb is not None:
+            assert sum("microbit-1" in r["devices"] for r in rounds) >= 4
+        assert transfers >= 2  # at first contact and again after the power cut: the model went over, signed
+    finally:
+        for obj in (coord, fleet, gateway, jetson, mb):
+            if obj is not None:
+                obj.close()
+        board.close()

@@ -1,0 +1,157 @@
+"""``toolchain serve`` / ``toolchain gateway``: federated ZO rounds over real devices (docs/fleet.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from toolchain.errors import ToolchainError
+
+
+@dataclass
+class ServeOptions:
+    transport: str  # serial | mqtt
+    out: Path
+    ports: list[str] = field(default_factory=list)
+    broker: str = "127.0.0.1:1883"
+    fleet: str = "default"
+    prefix: str = "tinyml"
+    baud: int = 115200
+    rounds: int = 10
+    k: int = 8
+    mu: float = 1e-3
+    lr: float = 0.5
+    schedule: str = "constant"
+    batch: int = 32
+    per_round: float = 1.0
+    min_results: int = 1
+    min_devices: int = 1
+    deadline: float = 60.0
+    seed: int = 2024
+    model: Path | None = None  # model.smf sent (HMAC-signed) to devices that lack it
+    model_id: int = 1
+    hmac_key: Path | None = None
+    timeout: float | None = None
+
+
+def broker_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ToolchainError(f"--broker expects HOST:PORT, got '{text}'")
+    return host or "127.0.0.1", int(port)
+
+
+def serve(opts: ServeOptions) -> dict:
+    """Run the coordinator until every round is closed; resumes from ``opts.out`` (its write-ahead log)."""
+    from firmware_bridge import MqttConfig, Signer
+    from firmware_bridge.coordinator import Coordinator, RoundConfig, read_rounds
+    from firmware_bridge.fleet import MqttFleet, SerialFleet
+
+    if opts.transport == "serial":
+        if not opts.ports:
+            raise ToolchainError("--transport serial needs at least one --port")
+        fleet = SerialFleet(opts.ports, baudrate=opts.baud)
+    elif opts.transport == "mqtt":
+        host, port = broker_address(opts.broker)
+        try:
+            fleet = MqttFleet(MqttConfig(host, port, prefix=opts.prefix, fleet=opts.fleet))
+        except Exception as exc:  # noqa: BLE001 - LinkError, OSError: one line for the user
+            raise ToolchainError(f"cannot reach the MQTT broker at {opts.broker}: {exc}; start mosquitto or fix "
+                                 "--broker") from None
+    else:
+        raise ToolchainError(f"unknown transport '{opts.transport}'; use serial or mqtt")
+    model = opts.model.read_bytes() if opts.model else None
+    signer = Signer(hmac_key=opts.hmac_key.read_bytes().strip()) if opts.hmac_key else None
+    if model is not None and signer is None:
+        raise ToolchainError("--model needs --hmac-key (devices never accept an unsigned model)")
+    cfg = RoundConfig(rounds=opts.rounds, k=opts.k, mu=opts.mu, lr=opts.lr, schedule=opts.schedule, batch=opts.batch,
+                      master_seed=opts.seed, per_round=opts.per_round, min_results=opts.min_results,
+                      min_devices=opts.min_devices, deadline_s=opts.deadline, model_id=opts.model_id)
+    coord = Coordinator(fleet, cfg, opts.out, model=model, signer=signer, progress=sys.stderr)
+    t0 = time.monotonic()
+    try:
+        done = coord.run(timeout=opts.timeout)
+    finally:
+        coord.close()
+        fleet.close()
+    rounds = read_rounds(opts.out)
+    return {"done": done, "rounds": len(rounds), "loss": [r["loss"] for r in rounds],
+            "wall_s": round(time.monotonic() - t0, 1), "duplicates": coord.duplicates, "late": len(coord.late)}
+
+
+def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str = "tinyml", baud: int = 115200,
+            seconds: float | None = None) -> int:
+    """Bridge serial boards onto the MQTT fleet until interrupted (or ``seconds`` pass)."""
+    from firmware_bridge import MqttConfig
+    from firmware_bridge.gateway import Gateway
+
+    if not ports:
+        raise ToolchainError("gateway needs at least one --port")
+    host, port = broker_address(broker)
+    gw = Gateway(ports, MqttConfig(host, port, prefix=prefix, fleet=fleet), baudrate=baud,
+                 log=lambda m: print(f"[gateway] {m}", file=sys.stderr, flush=True))
+    t0 = time.monotonic()
+    try:
+        while seconds is None or time.monotonic() - t0 < seconds:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        gw.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    opts = ServeOptions(transport=args.transport, out=Path(args.out), ports=args.port or [], broker=args.broker,
+                        fleet=args.fleet, baud=args.baud, rounds=args.rounds, k=args.k, mu=args.mu, lr=args.lr,
+                        schedule=args.schedule, batch=args.batch, per_round=args.per_round,
+                        min_results=args.min_results, min_devices=args.min_devices, deadline=args.deadline,
+                        seed=args.seed, model=Path(args.model) if args.model else None, model_id=args.model_id,
+                        hmac_key=Path(args.hmac_key) if args.hmac_key else None, timeout=args.timeout)
+    result = serve(opts)
+    print(json.dumps(result))
+    return 0 if result["done"] else 1
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    return gateway(args.port or [], args.broker, args.fleet, baud=args.baud, seconds=args.seconds)
+
+
+def add_parsers(sub: argparse._SubParsersAction, fraction: Callable[[str], float]) -> None:
+    """``serve`` and ``gateway`` subcommands of ``toolchain`` (called from toolchain/cli.py)."""
+    p = sub.add_parser("serve", help="coordinate federated ZO rounds on real devices (docs/fleet.md)")
+    p.add_argument("--transport", choices=["serial", "mqtt"], required=True)
+    p.add_argument("--port", action="append", help="serial port of a board (repeatable; --transport serial)")
+    p.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker HOST:PORT (--transport mqtt)")
+    p.add_argument("--fleet", default="default", help="MQTT fleet name (topic level)")
+    p.add_argument("--baud", type=int, default=115200)
+    p.add_argument("--out", default="fleet-run", help="folder for rounds.jsonl and the write-ahead log (resumes)")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--k", type=int, default=8, help="perturbations per round")
+    p.add_argument("--mu", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--schedule", choices=["constant", "cosine", "exponential"], default="constant")
+    p.add_argument("--batch", type=int, default=32, help="samples per device and round")
+    p.add_argument("--per-round", type=fraction, default=1.0, help="fraction of ready devices asked per round")
+    p.add_argument("--min-results", type=int, default=1, help="results needed to close a round at its deadline")
+    p.add_argument("--min-devices", type=int, default=1, help="ready devices to wait for before a round")
+    p.add_argument("--deadline", type=float, default=60.0, help="seconds before stragglers are left out")
+    p.add_argument("--seed", type=int, default=2024, help="master seed of the round seeds")
+    p.add_argument("--model", default=None, help="model.smf to install on devices that lack it (HMAC-signed)")
+    p.add_argument("--model-id", type=int, default=1)
+    p.add_argument("--hmac-key", default=None, help="file with the devices' HMAC key")
+    p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds (resume later)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("gateway", help="bridge serial boards onto an MQTT fleet (docs/fleet.md)")
+    p.add_argument("--port", action="append", help="serial port of a board (repeatable)")
+    p.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker HOST:PORT")
+    p.add_argument("--fleet", default="default")
+    p.add_argument("--baud", type=int, default=115200)
+    p.add_argument("--seconds", type=float, default=None, help="run this long (default: until Ctrl-C)")
+    p.set_defaults(func=cmd_gateway)
