@@ -17,7 +17,7 @@ test: $(VENV)/.installed system
 # Exact pins: requirements.lock constrains every package (torch 2.13.0 CPU comes from the local wheel).
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test,flower]'
 	touch $@
 
 ## qemu-system-arm + micro:bit MicroPython firmware, mosquitto, and MicroPython WebAssembly (npm).

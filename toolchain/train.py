@@ -45,6 +45,8 @@ class TrainOptions:
     eval_samples: int | None = None
     threads: int = 1
     algo_options: dict[str, Any] = field(default_factory=dict)
+    engine: str = "inprocess"  # "inprocess", "flower-sim" or "flower" (docs/flower.md)
+    superlink: str | None = None  # --engine flower: the SuperLink's HOST:PORT
 
     def config(self) -> TrainConfig:
         return TrainConfig(rounds=self.rounds, clients=self.clients, per_round=self.per_round or self.clients,
@@ -63,6 +65,8 @@ def _validate(opts: TrainOptions) -> None:
         raise ToolchainError("--rounds and --clients must be at least 1")
     if opts.per_round is not None and not 1 <= opts.per_round <= opts.clients:
         raise ToolchainError(f"--per-round must be between 1 and --clients ({opts.clients}), got {opts.per_round}")
+    if opts.engine not in ("inprocess", "flower-sim", "flower"):
+        raise ToolchainError(f"unknown engine '{opts.engine}'; choose inprocess, flower-sim or flower")
 
 
 def summarize(history: list[RoundRecord], strategy) -> dict[str, Any]:
@@ -105,6 +109,10 @@ def plot_accuracy(history: list[RoundRecord], path: Path, title: str) -> None:
 
 def train(opts: TrainOptions) -> dict[str, Any]:
     _validate(opts)
+    if opts.engine != "inprocess":  # same strategy objects and outputs, Flower as the transport
+        from toolchain.flower import train_flower
+
+        return train_flower(opts)
     data = load_dataset(opts.dataset, opts.data)
     cfg = opts.config()
     seed_everything(opts.seed)  # the initial weights are part of the run

@@ -1,0 +1,287 @@
+"""The Flower-independent half of the adapter: the run spec, the server's round loop, the client step.
+
+Nothing here imports ``flwr``. The server loop mirrors :func:`toolchain.fl.simulate` step for step
+(same RNG draws in the same order, same generator seeds, same encode/decode of every payload, same
+aggregation order), but hands each round's payloads to an ``exchange`` callable instead of calling
+``client_train`` itself; :mod:`toolchain.flower.apps` implements ``exchange`` with Flower messages.
+Keeping the loop here means the Flower engines and the in-process engine can only differ in transport.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import json
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.datasets import Dataset, load_dataset
+from models.zoo import build_model
+from toolchain.errors import ToolchainError
+from toolchain.fl.config import TrainConfig
+from toolchain.fl.masks import density
+from toolchain.fl.messages import TrainIns, TrainRes
+from toolchain.fl.simulator import Federation, RoundRecord, fewshot_set, seed_everything
+from toolchain.fl.strategy import ClientData, ServerContext, Strategy
+from toolchain.pruning import make_strategy
+
+TRAIN, SETUP = "train", "setup"
+
+
+def client_seed(cfg: TrainConfig, rnd: int, cid: int, setup_step: int | None = None) -> int:
+    """The per-client torch generator seed of the in-process engine (``simulate``)."""
+    base = cfg.seed * 1_000_003 + rnd * 1009 + cid
+    return base if setup_step is None else base + 7 * (setup_step + 1)
+
+
+@dataclass
+class RunSpec:
+    """Everything a ServerApp or ClientApp needs to rebuild a run; travels as JSON (run config / closure).
+
+    ``options`` is ``dataclasses.asdict(TrainOptions)``. ``train_limit``/``test_limit`` keep the first N
+    samples of each split (toy-scale tests and benchmarks). ``out`` is written by the ServerApp.
+    """
+
+    options: dict[str, Any]
+    out: str
+    train_limit: int | None = None
+    test_limit: int | None = None
+    node_timeout: float = 300.0  # seconds the server waits for all SuperNodes to connect
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        return cls(**json.loads(text))
+
+    def config(self) -> TrainConfig:
+        o = self.options
+        return TrainConfig(rounds=o["rounds"], clients=o["clients"], per_round=o["per_round"] or o["clients"],
+                           local_epochs=o["local_epochs"], batch_size=o["batch_size"], lr=o["lr"],
+                           optimizer=o["optimizer"], partition=o["partition"], alpha=o["alpha"],
+                           density=o["density"], seed=o["seed"], eval_samples=o["eval_samples"],
+                           threads=o["threads"], algo_options=dict(o["algo_options"]))
+
+    def dataset(self, data_dir: str | None = None) -> Dataset:
+        """The run's dataset; ``data_dir`` (a SuperNode's ``data-dir`` node config) overrides ``--data``."""
+        data = load_dataset(self.options["dataset"], data_dir if data_dir is not None else self.options["data"])
+        if self.train_limit or self.test_limit:
+            n, m = self.train_limit or len(data.y_train), self.test_limit or len(data.y_test)
+            data = dataclasses.replace(data, x_train=data.x_train[:n], y_train=data.y_train[:n],
+                                       x_test=data.x_test[:m], y_test=data.y_test[:m])
+        return data
+
+
+# ---- payload classes travel by name -----------------------------------------------------------------
+def type_name(obj: object) -> str:
+    return f"{type(obj).__module__}:{type(obj).__qualname__}"
+
+
+def resolve_type(name: str) -> type:
+    """Import a message class named by the peer: only classes from ``toolchain``/``models`` with a
+    ``from_bytes``, so a message cannot make the receiver import arbitrary modules."""
+    module, _, qual = name.partition(":")
+    if module.split(".")[0] not in ("toolchain", "models") or not qual:
+        raise ToolchainError(f"refusing message class '{name}'; only toolchain classes may travel")
+    obj: Any = importlib.import_module(module)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and callable(getattr(obj, "from_bytes", None))):
+        raise ToolchainError(f"message class '{name}' has no from_bytes")
+    return obj
+
+
+@dataclass
+class Outgoing:
+    """One instruction for one client: encoded payload + the class to decode it with + its seed."""
+
+    cid: int
+    kind: str  # TRAIN or SETUP
+    rnd: int
+    step: int
+    payload: bytes
+    ins_type: str
+    seed: int
+    mask_travels: bool
+
+
+@dataclass
+class Incoming:
+    cid: int
+    payload: bytes
+    res_type: str
+    resent_bytes: int = 0  # instruction bytes sent a second time (a client that had lost its masks)
+
+
+# exchange(outgoing in sampled order) -> replies by cid; it may resend (see apps.py) but must not reorder
+Exchange = Callable[[list[Outgoing], Callable[[Outgoing], Outgoing]], dict[int, Incoming]]
+
+
+def build_server(spec: RunSpec) -> tuple[Strategy, nn.Module, Federation, TrainConfig]:
+    """Data, initial model and strategy exactly as ``toolchain.train.train`` builds them."""
+    opts = spec.options
+    data = spec.dataset()
+    cfg = spec.config()
+    seed_everything(opts["seed"])  # the initial weights are part of the run
+    model = build_model(opts["model"], data.input_shape, data.num_classes)
+    fed = Federation.from_dataset(data, cfg)
+    return make_strategy(opts["algo"], cfg), model, fed, cfg
+
+
+def setup_strategy(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainConfig) -> np.random.Generator:
+    """``simulate``'s preamble: seeds, the server context, ``strategy.setup``; returns the sampling RNG."""
+    seed_everything(cfg.seed)
+    torch.set_num_threads(max(1, cfg.threads))
+    rng = np.random.default_rng(cfg.seed)
+    server_sel = rng.permutation(len(fed.clients[0].y))[: min(256, len(fed.clients[0].y))]
+    ctx = ServerContext(cfg, [len(c.y) for c in fed.clients], rng,
+                        fed.clients[0].x[torch.from_numpy(server_sel)], fed.clients[0].y[torch.from_numpy(server_sel)])
+    ctx.extra["fewshot"] = fewshot_set(fed, int(cfg.algo_options.get("n_shots", 5)), cfg.seed)
+    strategy.setup(model, ctx)
+    return rng
+
+
+def server_loop(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainConfig, exchange: Exchange,
+                on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
+    """``simulate`` with the client calls replaced by ``exchange``; keep in step with simulator.py."""
+    rng = setup_strategy(strategy, model, fed, cfg)
+    probe_model = copy.deepcopy(model)  # the server's copy for device-memory accounting only
+    history: list[RoundRecord] = []
+    per_round = min(cfg.per_round, cfg.clients)
+    for rnd in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        sampled = sorted(int(c) for c in rng.choice(cfg.clients, per_round, replace=False))
+        down = up = 0
+        setup_metrics: dict[str, float] = {}
+        for step in range(strategy.setup_steps(rnd)):
+            setup_ins = strategy.configure_setup(rnd, step, sampled)
+            out = [Outgoing(cid, SETUP, rnd, step, setup_ins[cid].to_bytes(), type_name(setup_ins[cid]),
+                            client_seed(cfg, rnd, cid, step), False) for cid in sampled]
+            down += sum(len(o.payload) for o in out)
+            replies = exchange(out, lambda o: o)  # setup payloads carry no masks: nothing to resend
+            up += sum(len(replies[cid].payload) for cid in sampled)
+            setup_res = [resolve_type(replies[cid].res_type).from_bytes(replies[cid].payload, {})
+                         for cid in sampled]
+            setup_metrics.update(strategy.aggregate_setup(rnd, step, setup_res) or {})
+        instructions = strategy.configure_train(rnd, sampled)
+
+        def with_masks(o: Outgoing, _ins: dict[int, TrainIns] = instructions) -> Outgoing:
+            # a SuperNode that lost its state (restart) asks again; it gets the masks this time
+            blob = dataclasses.replace(_ins[o.cid], mask_travels=True).to_bytes()
+            return dataclasses.replace(o, payload=blob, mask_travels=True)
+
+        out = [Outgoing(cid, TRAIN, rnd, 0, instructions[cid].to_bytes(), type_name(instructions[cid]),
+                        client_seed(cfg, rnd, cid), bool(getattr(instructions[cid], "mask_travels", True)))
+               for cid in sampled]
+        down += sum(len(o.payload) for o in out)
+        replies = exchange(out, with_masks)
+        down += sum(replies[cid].resent_bytes for cid in sampled)
+        results: list[TrainRes] = []
+        for cid in sampled:  # aggregation order = sampled order, as in simulate
+            up += len(replies[cid].payload)
+            results.append(resolve_type(replies[cid].res_type).from_bytes(replies[cid].payload,
+                                                                                    strategy.masks))
+        metrics = strategy.aggregate_train(rnd, results)
+        metrics.update(setup_metrics)
+        probe = fed.clients[sampled[0]]
+        bs = min(cfg.batch_size, len(probe.y))
+        probe_model.load_state_dict(strategy.model.state_dict())
+        mem = strategy.device_memory(rnd, probe_model, probe.x[:bs], probe.y[:bs])
+        if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+            ev = strategy.evaluate(fed.eval_x, fed.eval_y)
+        else:
+            ev = {"accuracy": float("nan"), "loss": float("nan")}
+        train_loss = metrics.pop("train_loss", float("nan"))
+        rec = RoundRecord(rnd, ev["accuracy"], ev["loss"], train_loss, density(strategy.masks), sampled, up, down,
+                          up / len(sampled), down / len(sampled), mem.as_dict(), time.perf_counter() - t0, metrics)
+        history.append(rec)
+        if on_round:
+            on_round(rec)
+    return history
+
+
+# ---- client side ----------------------------------------------------------------------------------
+class NeedMasks(Exception):
+    """The instruction assumes masks this client does not hold (its state was lost)."""
+
+
+@dataclass
+class ClientRuntime:
+    """What one client process keeps between messages: its data shard and the post-setup strategy + model.
+
+    The client replays the server's preamble (same data, seeds and ``strategy.setup``) so that its
+    strategy object and model have exactly the structure the in-process engine's clients get (a strategy's
+    ``setup`` may change the model, e.g. FedMef's NSConv/SAP layers), without anything pickled travelling.
+    """
+
+    spec: RunSpec
+    data: ClientData
+    cfg: TrainConfig
+    model: nn.Module  # the post-setup model; every message trains a fresh copy
+    pristine: bytes  # the post-setup client strategy, pickled: the state of a node that has none yet
+
+
+_RUNTIMES: dict[tuple[str, int, str | None], ClientRuntime] = {}
+
+
+def client_runtime(spec_json: str, partition_id: int, num_partitions: int, data_dir: str | None) -> ClientRuntime:
+    """Build (once per process: Ray actors live across messages) this node's shard and strategy."""
+    key = (spec_json, partition_id, data_dir)
+    if key not in _RUNTIMES:
+        spec = RunSpec.from_json(spec_json)
+        cfg = spec.config()
+        if num_partitions != cfg.clients:
+            raise ToolchainError(f"this SuperNode has num-partitions={num_partitions} but the run has --clients "
+                                 f"{cfg.clients}; start the SuperNodes with num-partitions={cfg.clients}")
+        if not 0 <= partition_id < cfg.clients:
+            raise ToolchainError(f"partition-id={partition_id} is outside 0..{cfg.clients - 1}")
+        if data_dir is not None:
+            spec = dataclasses.replace(spec, options={**spec.options, "data": data_dir})
+        strategy, model, fed, cfg = build_server(spec)
+        setup_strategy(strategy, model, fed, cfg)
+        _RUNTIMES.clear()  # one run per process at a time
+        _RUNTIMES[key] = ClientRuntime(spec, fed.clients[partition_id], cfg, copy.deepcopy(model),
+                                       pickle.dumps(strategy))
+    return _RUNTIMES[key]
+
+
+def client_step(rt: ClientRuntime, o: Outgoing, known_masks: dict[str, torch.Tensor] | None,
+                state: bytes | None) -> tuple[Incoming, dict[str, torch.Tensor] | None, bytes]:
+    """Decode one instruction, run the strategy's client side, encode the result.
+
+    ``state`` is this node's client-side strategy object as left by its previous message (pickled; it
+    never leaves the node: Flower keeps it in the node's ``context.state``), or None for a new node; it
+    holds per-device state such as FedTiny's candidate masks between its two setup messages. Returns the
+    reply, the masks the node holds afterwards, and the new state.
+    """
+    torch.set_num_threads(max(1, rt.cfg.threads))
+    strategy: Strategy = pickle.loads(state if state is not None else rt.pristine)
+    model = copy.deepcopy(rt.model)
+    gen = torch.Generator().manual_seed(o.seed)
+    ins_cls = resolve_type(o.ins_type)
+    if o.kind == SETUP:
+        ins = ins_cls.from_bytes(o.payload, {})
+        res = strategy.client_setup(ins, rt.data, model, gen)
+        return Incoming(o.cid, res.to_bytes({}), type_name(res)), known_masks, pickle.dumps(strategy)
+    if not o.mask_travels and known_masks is None:
+        raise NeedMasks()
+    ins = ins_cls.from_bytes(o.payload, known_masks or {})
+    res = strategy.client_train(ins, rt.data, model, gen)
+    return Incoming(o.cid, res.to_bytes(ins.masks), type_name(res)), ins.masks, pickle.dumps(strategy)
+
+def run_inprocess(spec: RunSpec) -> tuple[list[RoundRecord], Strategy]:
+    """The same run on the in-process engine (``simulate``), for comparisons and benchmarks."""
+    from toolchain.fl.simulator import simulate
+
+    strategy, model, fed, cfg = build_server(spec)
+    return simulate(strategy, model, fed, cfg, progress=False), strategy
