@@ -109,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                         partition=scheme,
                         alpha=alpha, seed=args.seed, out=args.out, quiet=args.quiet, threads=args.threads,
-                        eval_samples=args.eval_samples, algo_options=_algo_options(args.algo_opt))
+                        eval_samples=args.eval_samples, algo_options=_algo_options(args.algo_opt),
+                        engine=args.engine, superlink=args.superlink)
     summary = train(opts)
     print(f"{opts.algo} {opts.model} on {opts.dataset}: accuracy {summary['accuracy'] * 100:.2f} % at density "
           f"{summary['density']:.4f}; device memory {summary['device_memory_bytes']['total']} B; "
@@ -141,8 +142,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", required=True, help=f"one of: {', '.join(ALGORITHMS)}")
     p.add_argument("--out", required=True, help="output folder for metrics.jsonl, summary.json, model.pt, plot")
     p.add_argument("--eval-samples", type=int, default=None, help="test samples for per-round evaluation")
+    p.add_argument("--engine", choices=["inprocess", "flower-sim", "flower"], default="inprocess",
+                   help="inprocess (default), flower-sim (Flower simulation, Ray) or flower (SuperLink; docs/flower.md)")
+    p.add_argument("--superlink", metavar="HOST:PORT", default=None, help="--engine flower: the SuperLink address")
     _add_fl_options(p, rounds=20, clients=10, batch=64, lr=0.05, optimizer="sgd")
     p.set_defaults(func=cmd_train)
+
+    from hw import emulate, flash
+    from hw.hil import cli as hil_cli
+
+    flash.add_parser(sub)
+    emulate.add_parser(sub)
+    hil_cli.add_parser(sub)
+    from toolchain import serve as fleet
+
+    fleet.add_parsers(sub, _fraction)
     return parser
 
 

@@ -1,0 +1,513 @@
+"""``toolchain flash``: put a build's on-device bundle on a board and verify it.
+
+* MicroPython boards (ESP32, RP2040, the emulated WebAssembly board): ``mpremote`` copies the bundle;
+  ``.mpy`` files are used only when their version/arch match the board's ``sys.implementation._mpy``,
+  else the ``.py`` next to them (with a warning).
+* micro:bit v1: ``microfs`` over the serial port (works on the QEMU micro:bit); the ``.hex`` in the
+  bundle can instead be copied to the MICROBIT USB drive (docs/boards/microbit.md).
+* Jetson: a ``.tar.gz`` with an ``install.sh`` (copy it to the Jetson and run it).
+* ``--firmware IMAGE`` first writes a MicroPython firmware to an ESP32 with ``esptool`` (v5, subprocess).
+
+Every check (port, board identity, firmware version, ``.mpy`` compatibility, size) runs before the first
+byte is written, so a failing flash leaves the board as it was. After copying, every file is verified by
+sha256 (computed on the board when it has ``hashlib``, else read back and hashed here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hw.flash_board import EMULATED_PLATFORMS, PLATFORMS, BoardInfo, board_sha256, connect, identify, list_files
+from hw.profiles import BoardProfile, UnknownBoard, get_profile
+from hw.repl import RawRepl, ReplError
+from toolchain.errors import BudgetError, ToolchainError
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINE_DIR = REPO / "device_runtime" / "micropython"
+JETSON_DIR = REPO / "device_runtime" / "jetson"
+ESP_FIRMWARE_OFFSET = {"esp32": "0x1000", "esp32s3": "0x0"}
+# modules of the sparse engine every model needs (docs/sparse-model-format.md, "Modules")
+_ENGINE_CORE = ("smf", "smf_u", "smf_chk", "smf_ld", "smf_wl", "smf_w", "smf_k", "smf_q")
+_KERNELS = {1: "smf_conv", 2: "smf_conv", 3: "smf_fc", 4: "smf_maxpool", 5: "smf_avgpool", 6: "smf_mean",
+            7: "smf_ew", 8: "smf_ew", 10: "smf_ew"}
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Bundle:
+    """Files to put on the board: name on the board -> bytes. ``.mpy`` alternatives are resolved per board."""
+
+    files: dict[str, bytes]
+    source: str  # where the files came from (for messages)
+    notes: list[str] = field(default_factory=list)
+
+    def total(self) -> int:
+        return sum(len(b) for b in self.files.values())
+
+    def sha256(self) -> dict[str, str]:
+        return {n: hashlib.sha256(b).hexdigest() for n, b in self.files.items()}
+
+
+def resolve_build(target: str | None, build: str | None) -> tuple[Path, dict, BoardProfile]:
+    """(build folder, manifest, board profile) for ``--target``/``--build``, with one-line errors."""
+    if target is None and build is None:
+        raise ToolchainError("give --target T (uses build/T) or --build DIR; run `toolchain build --target T` first")
+    build_dir = Path(build) if build else Path("build") / str(target)
+    manifest_path = build_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise ToolchainError(f"no manifest.json in {build_dir}; run `toolchain build --target {target or 'T'}` "
+                             "(or pass the build folder with --build)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ToolchainError(f"{manifest_path} is not valid JSON ({exc.msg}); rebuild with `toolchain build`") from None
+    name = target or manifest.get("target")
+    if target and manifest.get("target") not in (None, target):
+        raise ToolchainError(f"{build_dir} was built for {manifest.get('target')}, not {target}; "
+                             f"pass --build build/{target} or rebuild")
+    try:
+        profile = get_profile(str(name))
+    except UnknownBoard:
+        raise ToolchainError(f"unknown target '{name}'; see `toolchain targets`") from None
+    return build_dir, manifest, profile
+
+
+def _config(manifest: dict) -> bytes:
+    keys = ("target", "input", "output", "toolchain_version", "manifest_version")
+    return json.dumps({k: manifest[k] for k in keys if k in manifest}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def engine_modules(smf: bytes) -> list[str]:
+    """The engine modules a model needs (core loaders, its weight decoders and kernels)."""
+    from toolchain.export.sparse_format import SmfError, read_smf
+
+    try:
+        model = read_smf(smf)
+    except SmfError as exc:
+        raise ToolchainError(f"model.smf is invalid ({exc}); rebuild with `toolchain build`") from None
+    mods = list(_ENGINE_CORE)
+    for op in model.ops:
+        if op.encoding is not None:
+            mods.append(f"smf_e{op.encoding}")
+        if op.opcode in (1, 2):
+            mods.append("smf_thr")
+        if op.opcode in _KERNELS:
+            mods.append(_KERNELS[op.opcode])
+    return list(dict.fromkeys(mods))
+
+
+def load_bundle(build_dir: Path, manifest: dict, profile: BoardProfile, log: Log = _stderr) -> Bundle:
+    """The bundle in ``build_dir/bundle`` (toolchain.ondevice.bundle), else the default set from the build."""
+    bundle_dir = build_dir / "bundle"
+    if bundle_dir.is_dir():
+        files = {p.relative_to(bundle_dir).as_posix(): p.read_bytes() for p in sorted(bundle_dir.rglob("*"))
+                 if p.is_file() and p.suffix not in (".hex", ".md")}
+        if not files:
+            raise ToolchainError(f"{bundle_dir} is empty; rebuild the bundle with `toolchain build`")
+        return Bundle(files, str(bundle_dir))
+    smf_path = build_dir / "model.smf"
+    if not smf_path.is_file():
+        raise ToolchainError(f"{build_dir} has no model.smf (nor bundle/); rebuild with `toolchain build --target "
+                             f"{profile.name}` (MicroPython targets export model.smf)")
+    smf = smf_path.read_bytes()
+    files: dict[str, bytes] = {}
+    minify = profile.name == "microbit"
+    for mod in engine_modules(smf):
+        src = (ENGINE_DIR / f"{mod}.py").read_text()
+        if minify:
+            from hw.emulators.microbit import minify_source
+
+            src = minify_source(src)
+        files[f"{mod}.py"] = src.encode()
+    files["model.smf"] = smf
+    files["config.json"] = _config(manifest)
+    return Bundle(files, f"{build_dir} (default set: {build_dir}/bundle not found)",
+                  notes=[f"{bundle_dir} not found: flashing the engine modules the model needs, model.smf, config.json"])
+
+
+# --- .mpy compatibility ------------------------------------------------------------------------------
+
+def mpy_header(data: bytes) -> tuple[int, int, int] | None:
+    """(version, sub-version, arch) of a ``.mpy`` file, or None if it is not one."""
+    if len(data) < 4 or data[0] != ord("M"):
+        return None
+    return data[1], data[2] & 3, data[2] >> 2
+
+
+def mpy_compatible(data: bytes, board_mpy: int) -> bool:
+    """Whether a board with ``sys.implementation._mpy == board_mpy`` imports this ``.mpy``.
+
+    MicroPython's loader (py/persistentcode.c) requires the same bytecode version, and the same sub-version
+    when the file names an architecture; the architecture itself only matters for native code, which the
+    toolchain's bundles do not contain (plain ``mpy-cross -march=...`` of bytecode modules).
+    """
+    head = mpy_header(data)
+    if head is None or not board_mpy:
+        return False
+    version, sub, arch = head
+    if version != board_mpy & 0xFF:
+        return False
+    return arch == 0 or sub == (board_mpy >> 8) & 3
+
+
+def select_for_board(bundle: Bundle, info: BoardInfo, log: Log = _stderr) -> dict[str, bytes]:
+    """Pick ``.mpy`` or ``.py`` per module for this board.
+
+    A ``.mpy`` the board cannot import is replaced by its ``.py`` (from the bundle, else the runtime source in
+    ``device_runtime/micropython``), with a warning: the board then compiles it (more heap, slower import).
+    """
+    out: dict[str, bytes] = {}
+    fallback = []
+    for name, data in bundle.files.items():
+        if not name.endswith(".mpy"):
+            if not (name.endswith(".py") and name[:-3] + ".mpy" in bundle.files
+                    and mpy_compatible(bundle.files[name[:-3] + ".mpy"], info.mpy)):
+                out[name] = data
+            continue
+        if mpy_compatible(data, info.mpy):
+            out[name] = data
+            continue
+        py = name[:-4] + ".py"
+        if py in bundle.files:
+            pass  # already taken above
+        elif (ENGINE_DIR / py).is_file():
+            out[py] = (ENGINE_DIR / py).read_bytes()
+        else:
+            head = mpy_header(data)
+            raise ToolchainError(
+                f"{name} is .mpy version {head[0] if head else '?'} but the board ({info.describe()}) cannot "
+                "import it and there is no .py for it; rebuild the bundle for this firmware")
+        fallback.append(name)
+    if fallback:
+        head = mpy_header(bundle.files[fallback[0]])
+        have = f"mpy {info.mpy & 0xFF}.{(info.mpy >> 8) & 3}" if info.mpy else "no .mpy support"
+        log(f"warning: the board's MicroPython {info.version_text} ({have}) cannot import the bundle's .mpy files "
+            f"(version {head[0] if head else '?'}.{head[1] if head else '?'}); copying the .py sources instead "
+            f"({len(fallback)} modules, compiled on the board: more heap, slower start)")
+    return out
+
+
+# --- checks before writing ---------------------------------------------------------------------------
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(".")[:3] if x.isdigit())
+
+
+def check_board(info: BoardInfo, profile: BoardProfile) -> list[str]:
+    """Raise if the board runs the wrong firmware for ``profile``; return notes."""
+    want = PLATFORMS.get(profile.name, profile.name)
+    notes = []
+    if profile.runtime != "micropython":
+        raise ToolchainError(f"target {profile.name} does not run MicroPython; `toolchain flash --target "
+                             f"{profile.name}` writes an install archive instead (omit --port)")
+    need = _version(profile.micropython)
+    if info.platform == want:
+        if profile.name == "microbit" and info.version[:2] != need[:2]:
+            raise ToolchainError(f"the board on {info.port} runs MicroPython {info.version_text}, the microbit target "
+                                 f"expects {profile.micropython} (micro:bit v1); flash the v1 firmware "
+                                 "(docs/boards/microbit.md) or use a profile for this board")
+        elif profile.name != "microbit" and info.version < (1, 12, 0):
+            raise ToolchainError(f"the board on {info.port} runs MicroPython {info.version_text}, too old for the "
+                                 f"{profile.name} runtime; flash MicroPython >= {profile.micropython} "
+                                 f"(`toolchain flash --firmware IMAGE`, docs/boards/{profile.name}.md)")
+    elif info.platform in EMULATED_PLATFORMS and profile.name != "microbit" and info.version[:2] >= need[:2]:
+        notes.append(f"emulated board ({info.platform}, MicroPython {info.version_text}) stands in for {profile.name}")
+    else:
+        raise ToolchainError(f"the board on {info.port} is {info.platform} with MicroPython {info.version_text}, "
+                             f"not the firmware target {profile.name} expects ({want}, MicroPython {profile.micropython}); "
+                             f"pass the right --target or flash {profile.name}'s firmware (docs/boards/{profile.name}.md)")
+    return notes
+
+
+def check_size(files: dict[str, bytes], info: BoardInfo, profile: BoardProfile, existing: dict[str, int]) -> None:
+    total = sum(len(b) for b in files.values())
+    budget = profile.flash_bytes
+    if total > budget:
+        raise BudgetError(f"the bundle is {total} B, more than the {budget} B {profile.name} has for model files; "
+                          f"prune harder (--density) or pick a smaller --model, then rebuild")
+    if info.fs_free >= 0:
+        reclaimed = sum(existing.get(n, 0) for n in files)
+        if total > info.fs_free + reclaimed:
+            raise BudgetError(f"the bundle is {total} B but the board's file system has {info.fs_free} B free; "
+                              "delete files on the board (mpremote fs rm) or shrink the model")
+
+
+# --- copying -----------------------------------------------------------------------------------------
+
+def _copy_mpremote(port: str, files: dict[str, bytes], log: Log, timeout: float) -> None:
+    mpremote = shutil.which("mpremote") or str(Path(sys.executable).with_name("mpremote"))
+    if not Path(mpremote).exists() and shutil.which("mpremote") is None:
+        raise ToolchainError("mpremote is not installed; `pip install mpremote`")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [mpremote, "connect", port]
+        dirs = sorted({str(Path(n).parent) for n in files if "/" in n})
+        for d in dirs:
+            cmd += ["exec", f"import os\ntry:\n os.mkdir({d!r})\nexcept OSError:\n pass", "+"]
+        for name, data in files.items():
+            local = Path(tmp) / name.replace("/", "__")
+            local.write_bytes(data)
+            cmd += ["fs", "cp", str(local), f":{name}", "+"]
+        cmd = cmd[:-1]
+        log(f"mpremote: copying {len(files)} files ({sum(map(len, files.values()))} B)")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        tail: list[str] = []
+        start = time.monotonic()
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                tail = (tail + [line])[-5:]
+                if line.startswith("cp "):
+                    log(f"  {line}")
+            if time.monotonic() - start > timeout:
+                proc.kill()
+                break
+        rc = proc.wait()
+        if rc != 0:
+            last = next((t for t in reversed(tail) if t.strip()), "no output")
+            raise ToolchainError(f"mpremote failed to copy the bundle to {port} ({last[:160]}); reset the board and "
+                                 "retry (if it keeps failing: docs/boards/, 'could not enter raw repl')")
+
+
+def _copy_microfs(repl: RawRepl, files: dict[str, bytes], log: Log) -> None:
+    import microfs
+    import serial
+
+    port = repl.serial.port
+    repl.close()
+    failed: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp, serial.Serial(port, 115200, timeout=10, parity="N") as ser:
+        for i, (name, data) in enumerate(files.items(), 1):
+            if "/" in name:
+                raise ToolchainError(f"the micro:bit file system is flat; bundle file {name} is in a folder")
+            local = Path(tmp) / name
+            local.write_bytes(data)
+            log(f"  [{i}/{len(files)}] {name} ({len(data)} B)")
+            try:
+                microfs.put(str(local), target=name, serial=ser)
+            except Exception as exc:  # noqa: BLE001 - microfs raises bare IOError/ValueError on a bad copy
+                log(f"    microfs: {str(exc).strip()[:80]}; will copy it through the raw REPL")
+                failed.append(name)
+    for name in failed:
+        _put_repl(repl, name, files[name])
+
+
+def _reopen(repl: RawRepl) -> None:
+    if not repl.serial.is_open:
+        repl.serial.open()
+        repl.in_raw = False
+    if not repl.in_raw:
+        try:
+            repl.enter_raw()
+        except ReplError:
+            raise ToolchainError(f"the board on {repl.serial.port} stopped answering after the copy; reset it and "
+                                 "run the flash again") from None
+
+
+def _put_repl(repl: RawRepl, name: str, data: bytes) -> None:
+    _reopen(repl)
+    try:
+        repl.put_file(name, data)
+    except ReplError as exc:
+        raise ToolchainError(f"copying {name} failed ({str(exc).splitlines()[0][:120]}); reset the board and retry") from None
+
+
+def verify(repl: RawRepl, info: BoardInfo, files: dict[str, bytes], log: Log) -> dict[str, str]:
+    """sha256 of each file on the board; raise if any differs."""
+    got = {}
+    where = "on the board" if info.has_sha256 else "read back, hashed on the host"
+    for name, data in files.items():
+        want = hashlib.sha256(data).hexdigest()
+        have = board_sha256(repl, name, info)
+        got[name] = have
+        if have != want:
+            raise ToolchainError(f"verification failed: {name} on the board has sha256 {have[:12]}, expected "
+                                 f"{want[:12]}; flash again (a noisy cable or a full file system)")
+    log(f"verified {len(files)} files by sha256 ({where})")
+    return got
+
+
+# --- esptool -----------------------------------------------------------------------------------------
+
+def write_firmware(port: str, image: Path, profile: BoardProfile, log: Log = _stderr, timeout: float = 300) -> None:
+    """Write a MicroPython firmware image to an ESP32 with esptool v5 (subprocess)."""
+    if profile.name not in ESP_FIRMWARE_OFFSET:
+        raise ToolchainError(f"--firmware writes ESP32 firmware with esptool; for {profile.name} see "
+                             f"docs/boards/{profile.name}.md")
+    if not image.is_file():
+        raise ToolchainError(f"firmware image {image} not found; download it from micropython.org/download")
+    esptool = shutil.which("esptool") or str(Path(sys.executable).with_name("esptool"))
+    if not Path(esptool).exists():
+        raise ToolchainError("esptool is not installed; `pip install esptool` (v5)")
+    cmd = [esptool, "--port", port, "--baud", "460800", "--before", "default-reset", "--after", "hard-reset",
+           "write-flash", "-z", ESP_FIRMWARE_OFFSET[profile.name], str(image)]
+    log("esptool: " + " ".join(cmd[1:]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            lines.append(line)
+            if "Writing at" in line or "Wrote" in line or "Hash of data verified" in line or "Chip is" in line:
+                log(f"  {line.strip()}")
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise ToolchainError(f"esptool did not finish within {timeout:.0f} s on {port}; reset the board and retry") from None
+    if rc != 0:
+        text = "\n".join(lines)
+        if "Wrong boot mode" in text or "boot mode" in text.lower():
+            raise ToolchainError(f"the ESP32 on {port} is not in download mode (wrong boot mode); hold BOOT, press "
+                                 "RESET, release BOOT and retry (docs/boards/esp32.md)")
+        if "could not open port" in text.lower() or "No such file" in text:
+            raise ToolchainError(f"esptool cannot open {port}; check the port and the udev rules in docs/boards/esp32.md")
+        last = next((t for t in reversed(lines) if t.strip()), "no output").strip()
+        raise ToolchainError(f"esptool failed on {port} ({last[:140]}); see docs/boards/esp32.md")
+    log("firmware written; waiting for MicroPython to boot")
+    time.sleep(3.0)
+
+
+# --- Jetson ------------------------------------------------------------------------------------------
+
+_INSTALL_SH = """#!/bin/sh
+# Install the TinyML bundle on a Jetson (JetPack 6: Python 3.10, onnxruntime-gpu from the Jetson AI Lab index).
+set -eu
+DEST="${1:-/opt/tinyml/%(target)s}"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+cd "$HERE"
+sha256sum -c SHA256SUMS
+mkdir -p "$DEST"
+cp -r . "$DEST"/
+python3 -m venv "$DEST/.venv"
+"$DEST/.venv/bin/pip" install --upgrade pip >/dev/null
+"$DEST/.venv/bin/pip" install numpy onnxruntime-gpu || "$DEST/.venv/bin/pip" install numpy onnxruntime
+echo "installed in $DEST; run: $DEST/.venv/bin/python -c 'import onnxruntime as o; print(o.get_device())'"
+"""
+
+
+def jetson_archive(build_dir: Path, manifest: dict, profile: BoardProfile, out: Path | None, log: Log) -> Path:
+    names = [n for n in ("model.onnx", "model_int8.onnx", "manifest.json") if (build_dir / n).is_file()]
+    if "model.onnx" not in names:
+        raise ToolchainError(f"{build_dir} has no model.onnx; rebuild with `toolchain build --target {profile.name}`")
+    files = {n: (build_dir / n).read_bytes() for n in names}
+    files["config.json"] = _config(manifest)
+    for p in sorted(JETSON_DIR.glob("*.py")):
+        files[f"runtime/{p.name}"] = p.read_bytes()
+    files["install.sh"] = (_INSTALL_SH % {"target": profile.name}).encode()
+    files["SHA256SUMS"] = "".join(f"{hashlib.sha256(b).hexdigest()}  {n}\n" for n, b in files.items()).encode()
+    out = out or build_dir / f"{profile.name}-bundle.tar.gz"
+    tmp = out.with_suffix(".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"tinyml-{profile.name}/{name}")
+            info.size = len(data)
+            info.mode = 0o755 if name == "install.sh" else 0o644
+            tar.addfile(info, io.BytesIO(data))
+    tmp.replace(out)
+    log(f"wrote {out} ({out.stat().st_size} B, {len(files)} files)")
+    return out
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+@dataclass
+class FlashResult:
+    board: BoardInfo | None
+    files: dict[str, str]  # name -> sha256 verified on the board
+    method: str
+    notes: list[str]
+    archive: Path | None = None
+
+
+def flash(target: str | None, port: str | None, build: str | None = None, firmware: str | None = None,
+          method: str = "auto", log: Log = _stderr, timeout: float = 600.0) -> FlashResult:
+    build_dir, manifest, profile = resolve_build(target, build)
+    if profile.runtime != "micropython":
+        return FlashResult(None, {}, "archive", [], jetson_archive(build_dir, manifest, profile, None, log))
+    if port is None:
+        raise ToolchainError(f"--port is required for {profile.name}; pass the board's serial port "
+                             "(e.g. /dev/ttyUSB0; `toolchain emulate` prints emulated ones)")
+    bundle = load_bundle(build_dir, manifest, profile, log)
+    for note in bundle.notes:
+        log(f"note: {note}")
+    if firmware:
+        write_firmware(port, Path(firmware), profile, log)
+    repl = connect(port)
+    try:
+        info = identify(repl)
+        log(f"board on {port}: {info.describe()}")
+        notes = check_board(info, profile)
+        for note in notes:
+            log(f"note: {note}")
+        files = select_for_board(bundle, info, log)
+        existing = list_files(repl)
+        check_size(files, info, profile, existing)
+        if method == "auto":
+            method = "microfs" if info.platform == "microbit" else "mpremote"
+        log(f"flashing {len(files)} files, {sum(map(len, files.values()))} B from {bundle.source} ({method})")
+        if method == "mpremote":
+            repl.close()
+            _copy_mpremote(port, files, log, timeout)
+            _reopen(repl)
+        elif method == "microfs":
+            _copy_microfs(repl, files, log)
+            _reopen(repl)
+        elif method == "repl":
+            for i, (name, data) in enumerate(files.items(), 1):
+                log(f"  [{i}/{len(files)}] {name} ({len(data)} B)")
+                _put_repl(repl, name, data)
+        else:
+            raise ToolchainError(f"unknown --method {method}; use auto, mpremote, microfs or repl")
+        try:
+            hashes = verify(repl, info, files, log)
+        except ToolchainError:
+            if method == "repl":
+                raise
+            log("verification failed after the copy; copying the differing files again through the raw REPL")
+            for name, data in files.items():
+                if board_sha256(repl, name, info) != hashlib.sha256(data).hexdigest():
+                    _put_repl(repl, name, data)
+            hashes = verify(repl, info, files, log)
+        return FlashResult(info, hashes, method, notes)
+    finally:
+        repl.close()
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("flash", help="copy a build's bundle to a board (or write a Jetson archive) and verify it")
+    p.add_argument("--target", help="board name (`toolchain targets`); default: the build's target")
+    p.add_argument("--port", help="serial port of the board (e.g. /dev/ttyUSB0; `toolchain emulate` prints emulated ones)")
+    p.add_argument("--build", metavar="DIR", help="build folder (default: build/<target>)")
+    p.add_argument("--firmware", metavar="IMAGE", help="ESP32: write this MicroPython firmware with esptool first")
+    p.add_argument("--method", choices=["auto", "mpremote", "microfs", "repl"], default="auto",
+                   help="copy tool (default: microfs for micro:bit, mpremote otherwise)")
+    p.set_defaults(func=cmd_flash)
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    result = flash(args.target, args.port, args.build, args.firmware, args.method)
+    if result.archive is not None:
+        print(f"bundle archive {result.archive}; copy it to the Jetson, `tar xzf` it and run install.sh")
+        return 0
+    assert result.board is not None
+    print(f"flashed {len(result.files)} files to {result.board.port} ({result.board.platform}, MicroPython "
+          f"{result.board.version_text}) with {result.method}; sha256 verified")
+    return 0
