@@ -89,6 +89,26 @@ def fewshot_set(fed: Federation, per_class: int, seed: int) -> tuple[torch.Tenso
     return xs, torch.from_numpy(y[sel].astype(np.int64))
 
 
+def close_round(strategy: Strategy, fed: Federation, cfg: TrainConfig, rnd: int, sampled: list[int],
+                results: list[TrainRes], setup_metrics: dict, up: int, down: int, t0: float,
+                probe_model: nn.Module) -> RoundRecord:
+    """Server side of a round once every result is in: aggregate, measure device memory on one batch,
+    evaluate, and make the round's record (shared by this simulator and the Flower driver)."""
+    metrics = strategy.aggregate_train(rnd, results)
+    metrics.update(setup_metrics)
+    probe = fed.clients[sampled[0]]
+    bs = min(cfg.batch_size, len(probe.y))
+    probe_model.load_state_dict(strategy.model.state_dict())
+    mem = strategy.device_memory(rnd, probe_model, probe.x[:bs], probe.y[:bs])
+    if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+        ev = strategy.evaluate(fed.eval_x, fed.eval_y)
+    else:
+        ev = {"accuracy": float("nan"), "loss": float("nan")}
+    train_loss = metrics.pop("train_loss", float("nan"))
+    return RoundRecord(rnd, ev["accuracy"], ev["loss"], train_loss, density(strategy.masks), sampled, up, down,
+                       up / len(sampled), down / len(sampled), mem.as_dict(), time.perf_counter() - t0, metrics)
+
+
 def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainConfig,
              on_round: Callable[[RoundRecord], None] | None = None, progress: bool = True) -> list[RoundRecord]:
     """Run ``cfg.rounds`` rounds of ``strategy`` over ``fed``; returns one record per round."""
@@ -141,21 +161,9 @@ def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainCo
             blob = res.to_bytes(ins.masks)
             up += len(blob)
             results.append(type(res).from_bytes(blob, strategy.masks))
-        metrics = strategy.aggregate_train(rnd, results)
-        metrics.update(setup_metrics)
-        probe = fed.clients[sampled[0]]
-        bs = min(cfg.batch_size, len(probe.y))
-        client_model.load_state_dict(strategy.model.state_dict())
-        mem = strategy.device_memory(rnd, client_model, probe.x[:bs], probe.y[:bs])
-        if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-            ev = strategy.evaluate(fed.eval_x, fed.eval_y)
-        else:
-            ev = {"accuracy": float("nan"), "loss": float("nan")}
-        train_loss = metrics.pop("train_loss", float("nan"))
-        rec = RoundRecord(rnd, ev["accuracy"], ev["loss"], train_loss, density(strategy.masks), sampled, up, down,
-                          up / len(sampled), down / len(sampled), mem.as_dict(), time.perf_counter() - t0, metrics)
+        rec = close_round(strategy, fed, cfg, rnd, sampled, results, setup_metrics, up, down, t0, client_model)
         history.append(rec)
-        bar.set_postfix(acc=f"{ev['accuracy']:.4f}", density=f"{rec.density:.3f}")
+        bar.set_postfix(acc=f"{rec.accuracy:.4f}", density=f"{rec.density:.3f}")
         if on_round:
             on_round(rec)
     return history

@@ -27,9 +27,8 @@ from models.datasets import Dataset, load_dataset
 from models.zoo import build_model
 from toolchain.errors import ToolchainError
 from toolchain.fl.config import TrainConfig
-from toolchain.fl.masks import density
 from toolchain.fl.messages import TrainIns, TrainRes
-from toolchain.fl.simulator import Federation, RoundRecord, fewshot_set, seed_everything
+from toolchain.fl.simulator import Federation, RoundRecord, close_round, fewshot_set, seed_everything
 from toolchain.fl.strategy import ClientData, ServerContext, Strategy
 from toolchain.pruning import make_strategy
 
@@ -191,19 +190,7 @@ def server_loop(strategy: Strategy, model: nn.Module, fed: Federation, cfg: Trai
             up += len(replies[cid].payload)
             results.append(resolve_type(replies[cid].res_type).from_bytes(replies[cid].payload,
                                                                                     strategy.masks))
-        metrics = strategy.aggregate_train(rnd, results)
-        metrics.update(setup_metrics)
-        probe = fed.clients[sampled[0]]
-        bs = min(cfg.batch_size, len(probe.y))
-        probe_model.load_state_dict(strategy.model.state_dict())
-        mem = strategy.device_memory(rnd, probe_model, probe.x[:bs], probe.y[:bs])
-        if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-            ev = strategy.evaluate(fed.eval_x, fed.eval_y)
-        else:
-            ev = {"accuracy": float("nan"), "loss": float("nan")}
-        train_loss = metrics.pop("train_loss", float("nan"))
-        rec = RoundRecord(rnd, ev["accuracy"], ev["loss"], train_loss, density(strategy.masks), sampled, up, down,
-                          up / len(sampled), down / len(sampled), mem.as_dict(), time.perf_counter() - t0, metrics)
+        rec = close_round(strategy, fed, cfg, rnd, sampled, results, setup_metrics, up, down, t0, probe_model)
         history.append(rec)
         if on_round:
             on_round(rec)
