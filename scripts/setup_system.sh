@@ -23,3 +23,7 @@ if [ ! -f node_modules/@micropython/micropython-webassembly-pyscript/micropython
   echo "installing MicroPython WebAssembly (npm ci)"
   npm ci --no-audit --no-fund --loglevel=error
 fi
+
+# umqtt.simple (micropython-lib) for the device MQTT tests: the sha256-pinned sdist from PyPI, unpacked into
+# .cache/umqtt/ (git-ignored; not vendored). A network failure only warns (those tests skip); a hash mismatch fails.
+python3 hw/emulators/wasm_net.py || [ $? -eq 2 ]

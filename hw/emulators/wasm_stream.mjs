@@ -1,5 +1,6 @@
 // A MicroPython (WebAssembly) board whose UART is this process's stdin/stdout (hw/emulators/wasm_stream.py).
-// argv[2]: a JSON job file {"heap_bytes": N, "files": {"/path": "<base64>"}, "boot": "<python>", "tick_ms": 10}.
+// argv[2]: a JSON job file {"heap_bytes": N, "files": {"/path": "<base64>"}, "boot": "<python>", "tick_ms": 10,
+// "net": false}; with "net" the board also has a TCP network (JS module `_net`, see wasm_net.mjs).
 // The boot code defines _feed(hex_str) and _tick(); it writes link bytes by printing "@<hex>" lines, which
 // become raw bytes on stdout; any other printed line goes to stderr (the board's log).
 import { readFileSync } from "fs";
@@ -15,6 +16,10 @@ for (const [path, b64] of Object.entries(job.files || {})) {
   const dir = path.substring(0, path.lastIndexOf("/"));
   if (dir) { try { mp.FS.mkdirTree(dir); } catch (e) { /* exists */ } }
   mp.FS.writeFile(path, Buffer.from(b64, "base64"));
+}
+if (job.net) {  // a network interface: real TCP from Node.js (wasm_net.mjs), the board's socket module on top
+  const { netModule } = await import("./wasm_net.mjs");
+  mp.registerJsModule("_net", await netModule(mp));
 }
 const run = (code) => {
   try { mp.runPython(code); } catch (e) {

@@ -5,6 +5,8 @@ the board's serial bytes, and a relay thread joins them to a fresh pty (``.port`
 like any serial port (pyserial). Optional :class:`firmware_bridge.pty_relay.LineFaults` corrupt/drop bytes in
 either direction and ``rate`` throttles to a baud rate (11520 B/s = 115200 baud 8N1). ``restart()`` kills the
 Node process (a power cut: RAM and the in-memory file system are lost) and boots it again on the same pty.
+``net=True`` gives the board a network: ``socket``/``usocket`` (``wasm_socket.py``) on real TCP sockets that
+Node.js opens (``wasm_net.mjs``), so network clients such as ``umqtt.simple`` run unmodified on the board.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ RUNNER = Path(__file__).with_name("wasm_stream.mjs")
 class WasmBoard:
     def __init__(self, files: dict[str, bytes], boot: str, *, heap_bytes: int = 256 * 1024, rate: float | None = None,
                  faults_in: Callable[[bytes], bytes] | None = None, faults_out: Callable[[bytes], bytes] | None = None,
-                 tick_ms: int = 10) -> None:
+                 tick_ms: int = 10, net: bool = False) -> None:
         nm = node_modules_dir()
         if nm is None or shutil.which("node") is None:
             raise RuntimeError("MicroPython WebAssembly is not installed: run `npm ci` in the repository root")
         self._nm = nm
         self._tmp = tempfile.TemporaryDirectory(prefix="wasmboard-")
         self.job = Path(self._tmp.name) / "job.json"
-        self._job = {"heap_bytes": int(heap_bytes), "tick_ms": tick_ms, "boot": boot,
+        if net:  # the board's network: socket/usocket on real TCP from Node.js (wasm_net.mjs)
+            shim = Path(__file__).with_name("wasm_socket.py").read_bytes()
+            files = {"/lib/socket.py": shim, "/lib/usocket.py": shim, **files}
+        self._job = {"heap_bytes": int(heap_bytes), "tick_ms": tick_ms, "boot": boot, "net": bool(net),
                      "files": {p: base64.b64encode(b).decode() for p, b in files.items()}}
         self.rate, self.faults_in, self.faults_out = rate, faults_in, faults_out
         self._master, slave = os.openpty()
