@@ -167,3 +167,15 @@ def app_boot(board: str = "wasm", firmware: str = "micropython 1.29 wasm", root:
         "def _feed(h):\n    _a.feed(binascii.unhexlify(h))\n"
         "def _tick():\n    _a.tick()\n"
     )
+
+
+def mqtt_boot(board: str = "wasm", firmware: str = "micropython 1.29 wasm", root: str = "/",
+              heartbeat_ms: int = 30000) -> str:
+    """Boot code for a ``WasmBoard(net=True)``: ``app.py`` on MQTT through ``link_mqtt.start`` (umqtt.simple);
+    ``mqtt.json`` + ``local.json`` under ``root`` say which broker, fleet and device id. The UART is unused."""
+    return (
+        "import sys\nsys.path.append('/lib')\nimport proto\nimport gc\nimport link_mqtt\n"
+        f"_l = link_mqtt.start({board!r}, {firmware!r}, {root!r}, gc.mem_free, _R0, {heartbeat_ms})\n"
+        "def _feed(h):\n    pass\n"
+        "def _tick():\n    _l.poll()\n"
+    )
