@@ -16,18 +16,28 @@ from .messages import (
     Ping,
     RoundResult,
     RoundStart,
+    RoundUpdate,
     Status,
     decode,
     encode,
 )
 from .mqtt_link import DeviceSlot, MqttConfig, MqttDevice, MqttHost, TlsOptions
-from .security import ModelReceiver, RoundLimits, Signer, Verifier, bundle_header, check_round, model_transfer
+from .security import (
+    ModelReceiver,
+    RoundLimits,
+    Signer,
+    Verifier,
+    bundle_header,
+    check_round,
+    check_update,
+    model_transfer,
+)
 from .serial_link import LinkStats, SerialLink
 
 __all__ = [
     "VERSION", "Ack", "DeviceSlot", "Error", "Frame", "FrameDecoder", "Hello", "LinkError", "LinkStats", "Message",
     "ModelBegin", "ModelChunk", "ModelCommit", "ModelReceiver", "MqttConfig", "MqttDevice", "MqttHost", "Ping",
-    "ProtocolError", "RoundLimits", "RoundResult", "RoundStart", "SerialLink", "Signer", "Status", "TlsOptions",
-    "Verifier", "bundle_header", "check_round", "cobs_decode", "cobs_encode", "crc32", "decode", "encode",
-    "encode_frame", "model_transfer",
+    "ProtocolError", "RoundLimits", "RoundResult", "RoundStart", "RoundUpdate", "SerialLink", "Signer", "Status",
+    "TlsOptions", "Verifier", "bundle_header", "check_round", "check_update", "cobs_decode", "cobs_encode", "crc32",
+    "decode", "encode", "encode_frame", "model_transfer",
 ]

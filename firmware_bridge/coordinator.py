@@ -31,13 +31,14 @@ import numpy as np
 from toolchain.zo import ClientReply, aggregate, derive, learning_rate
 
 from .errors import ProtocolError
-from .fleet import T_ROUND_UPDATE, RoundUpdate
 from .messages import (
     CAP_HMAC,
+    E_BAD_MESSAGE,
     E_NO_MODEL,
     E_SEQUENCE,
     FMT_SMF,
     T_MODEL_COMMIT,
+    T_ROUND_UPDATE,
     Ack,
     Error,
     Hello,
@@ -45,6 +46,7 @@ from .messages import (
     Ping,
     RoundResult,
     RoundStart,
+    RoundUpdate,
     Status,
     encode,
 )
@@ -89,6 +91,7 @@ class DeviceState:
     asked: float = 0.0  # when we last PINGed / sent a round
     transfer: int = 0  # model transfers sent
     synced: float = -1e9  # when we last sent it a model or updates
+    no_update: bool = False  # answered ROUND_UPDATE with BAD_MESSAGE: a protocol 1.0 device, never ready again
     info: dict = field(default_factory=dict)
 
 
@@ -181,11 +184,12 @@ class Coordinator:
         return self.devices[d]
 
     def _send(self, d: str, msg: Message | RoundUpdate) -> None:
-        self.fleet.send(d, msg.encode() if isinstance(msg, RoundUpdate) else encode(msg))
+        self.fleet.send(d, encode(msg))
 
     def ready(self, d: str) -> bool:
         s = self.devices.get(d)
-        return s is not None and s.model_id == self.cfg.model_id and s.applied == self.round - 1
+        return (s is not None and s.model_id == self.cfg.model_id and s.applied == self.round - 1
+                and not s.no_update)
 
     # -- device sync ------------------------------------------------------------------------------------------
     def _sync(self, s: DeviceState, force: bool = False) -> None:
@@ -231,6 +235,7 @@ class Coordinator:
                     self._log(f"{d}: rebooted (session {s.session} -> {msg.session})")
                 s.session, s.caps, s.max_message = msg.session, msg.caps, msg.max_message
                 s.model_id = s.applied = None
+                s.no_update = False  # (new firmware, perhaps: a replayed update tells again)
                 self._ping(d)
         elif isinstance(msg, Status):
             if msg.state == 0:
@@ -257,7 +262,10 @@ class Coordinator:
             self._result(d, msg)
         elif isinstance(msg, Error):
             self.errors.append((d, msg))
-            if msg.code in (E_SEQUENCE, E_NO_MODEL):
+            if msg.code == E_BAD_MESSAGE and msg.ref_type == T_ROUND_UPDATE and not s.no_update:
+                s.no_update = True  # we never send a malformed one: its decoder lacks 0x12 (docs/protocol.md)
+                self._log(f"{d}: does not know ROUND_UPDATE (protocol 1.0); left out of further rounds")
+            elif msg.code in (E_SEQUENCE, E_NO_MODEL):
                 self._ping(d)  # out of step: its STATUS tells what to replay or send
             else:
                 self._log(f"{d}: ERROR {msg.code} about 0x{msg.ref_type:02x} {msg.ref_id} {msg.text!r}")

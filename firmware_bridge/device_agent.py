@@ -17,18 +17,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .fleet import T_ROUND_UPDATE, RoundUpdate, decode_any
-from .gateway import RawMqttDevice
 from .messages import (
     E_BAD_MESSAGE,
     E_INTERNAL,
     E_NO_MODEL,
-    E_RANGE,
     E_SEQUENCE,
     E_UNSUPPORTED,
     FMT_ONNX,
     ST_IDLE,
     ST_TRAINING,
+    T_ROUND_UPDATE,
     Ack,
     Error,
     Hello,
@@ -39,10 +37,13 @@ from .messages import (
     Ping,
     RoundResult,
     RoundStart,
+    RoundUpdate,
     Status,
+    decode,
+    encode,
 )
-from .mqtt_link import MqttConfig
-from .security import ModelReceiver, RoundLimits, Verifier, check_round
+from .mqtt_link import MqttConfig, RawMqttDevice
+from .security import ModelReceiver, RoundLimits, Verifier, check_round, check_update
 
 RUNTIME_VERSION = (0, 2, 0)
 
@@ -75,8 +76,6 @@ class Agent:
 
     # -- sending
     def send(self, msg: Message) -> None:
-        from firmware_bridge.messages import encode
-
         self.dev.publish_up(encode(msg))
 
     def hello(self) -> None:
@@ -89,7 +88,7 @@ class Agent:
     # -- receiving
     def handle(self, raw: bytes) -> None:
         try:
-            msg = decode_any(raw)
+            msg = decode(raw)
         except Exception:  # noqa: BLE001 - ProtocolError and anything a hostile payload triggers
             self.send(Error(E_BAD_MESSAGE, raw[1] if len(raw) > 1 else 0, 0, "malformed"))
             return
@@ -138,12 +137,14 @@ class Agent:
             self.send(RoundResult(msg.round_id, tuple(g), float(loss), int(cnt)))
 
     def update(self, u: RoundUpdate) -> None:
-        if u.round_id <= self.applied:
+        # docs/protocol.md ROUND_UPDATE: RANGE, then a repeat is acked, then SEQUENCE (gap or no model), then apply
+        bad = check_update(u, self.limits)
+        if bad is not None:
+            self.send(bad)
+        elif u.round_id <= self.applied:
             self.send(Ack(T_ROUND_UPDATE, u.round_id))
         elif self.tuner is None or u.round_id != self.applied + 1:
             self.send(Error(E_SEQUENCE, T_ROUND_UPDATE, u.round_id))
-        elif not 0 <= u.lr <= 10 or len(u.gbar) > self.limits.max_k:
-            self.send(Error(E_RANGE, T_ROUND_UPDATE, u.round_id))
         else:
             self.tuner.update(u.seed, list(u.gbar), u.lr)
             self.applied = u.round_id

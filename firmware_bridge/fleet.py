@@ -1,8 +1,8 @@
-"""Fleet transports for the coordinator (docs/fleet.md): many devices behind one interface, plus ROUND_UPDATE.
+"""Fleet transports for the coordinator (docs/fleet.md): many devices behind one interface.
 
-* :class:`RoundUpdate` (type 0x12, a fleet extension of protocol v1): the server's broadcast of docs/zo.md §6
-  step 4, ``round_id:u30, seed:u32, lr:f32, gbar[k]:f32`` (14 + 4k bytes with the 2-byte header). Devices apply
-  it in round order and answer ``ACK(0x12, round_id)``; a repeat is acknowledged again and not re-applied.
+* ROUND_UPDATE (type 0x12, the server's broadcast of docs/zo.md §6 step 4) is a protocol 1.1 message now:
+  :class:`firmware_bridge.messages.RoundUpdate`, re-exported here with ``T_ROUND_UPDATE`` and ``decode_any``
+  (= :func:`firmware_bridge.messages.decode`) for existing imports.
 * :class:`SerialFleet`: one :class:`SerialLink` per port; device ids come from HELLO (devices answer PING with
   HELLO + STATUS, so a host that starts after the boards learns who is where).
 * :class:`MqttFleet`: an :class:`MqttHost`; raw message bytes on ``<prefix>/<fleet>/<device>/down``.
@@ -12,59 +12,19 @@ Both deliver ``(device_id, message)`` from :meth:`recv` and take raw message byt
 
 from __future__ import annotations
 
-import math
 import queue
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
 
 from .errors import LinkError, ProtocolError
-from .messages import VERSION, Hello, Message, Ping, decode, encode
+from .messages import MAX_K, T_ROUND_UPDATE, U30, Hello, Message, Ping, RoundUpdate, encode
+from .messages import decode as decode_any
 from .mqtt_link import DOWN, MqttConfig, MqttHost
 from .serial_link import SerialLink
 
-T_ROUND_UPDATE = 0x12
-MAX_K = 256
-U30 = 1 << 30
-
-
-@dataclass(frozen=True)
-class RoundUpdate:
-    """Server -> every device: apply round ``round_id``'s update ``w -= lr/K sum_k gbar_k z_k`` (seed ``seed``)."""
-
-    round_id: int
-    seed: int
-    lr: float
-    gbar: tuple[float, ...]
-
-    def encode(self) -> bytes:
-        if not 0 <= self.round_id < U30 or not 0 <= self.seed < 1 << 32:
-            raise ProtocolError("round_id must be < 2**30 and seed a u32")
-        if not 1 <= len(self.gbar) <= MAX_K:
-            raise ProtocolError("1..256 scalars")
-        if not (math.isfinite(self.lr) and all(math.isfinite(g) for g in self.gbar)):
-            raise ProtocolError("lr and scalars must be finite")
-        return bytes((VERSION, T_ROUND_UPDATE)) + struct.pack(
-            f"<IIf{len(self.gbar)}f", self.round_id, self.seed, self.lr, *self.gbar)
-
-    @classmethod
-    def decode(cls, data: bytes) -> RoundUpdate:
-        if len(data) < 18 or (len(data) - 14) % 4 or data[0] != VERSION or data[1] != T_ROUND_UPDATE:
-            raise ProtocolError("not a ROUND_UPDATE")
-        rid, seed, lr = struct.unpack_from("<IIf", data, 2)
-        if rid >= U30:
-            raise ProtocolError("round_id out of range")
-        k = (len(data) - 14) // 4
-        if k > MAX_K:
-            raise ProtocolError("too many scalars")
-        return cls(rid, seed, lr, struct.unpack_from(f"<{k}f", data, 14))
-
-
-def decode_any(raw: bytes) -> Message | RoundUpdate:
-    if len(raw) > 1 and raw[1] == T_ROUND_UPDATE:
-        return RoundUpdate.decode(raw)
-    return decode(raw)
+__all__ = ["MAX_K", "T_ROUND_UPDATE", "U30", "FleetStats", "MqttFleet", "RoundUpdate", "SerialFleet", "decode_any",
+           "wait_for"]
 
 
 @dataclass
@@ -167,7 +127,7 @@ class MqttFleet:
 
     def send(self, device: str, raw: bytes) -> None:
         self.stats.bytes_down[device] = self.stats.bytes_down.get(device, 0) + len(raw)
-        # raw bytes: a ROUND_UPDATE is not a protocol v1 message that MqttHost.send could encode
+        # raw bytes (already encoded by the coordinator), not re-decoded
         self.host._publish(self.cfg.topic(device, DOWN), raw)
 
     def devices(self) -> list[str]:

@@ -11,30 +11,12 @@ import queue
 import threading
 from collections.abc import Callable
 
-import paho.mqtt.client as mqtt
-
 from .errors import LinkError, ProtocolError
-from .fleet import decode_any
-from .messages import Hello, Ping, Status, encode
-from .mqtt_link import STATUS, UP, MqttConfig, MqttDevice
+from .messages import Hello, Ping, decode, encode
+from .mqtt_link import MqttConfig, RawMqttDevice
 from .serial_link import SerialLink
 
-
-class RawMqttDevice(MqttDevice):
-    """An :class:`MqttDevice` that hands every fresh ``down`` payload over as bytes (ROUND_UPDATE included)."""
-
-    def __init__(self, cfg: MqttConfig, device_id: str, on_down: Callable[[bytes], None]) -> None:
-        super().__init__(cfg, device_id)
-        self.on_down = on_down
-
-    def _on_message(self, client: mqtt.Client, userdata: object, m: mqtt.MQTTMessage) -> None:
-        if self._fresh(m.topic, m.payload):
-            self.on_down(bytes(m.payload))
-
-    def publish_up(self, raw: bytes) -> None:
-        self._publish(self.cfg.topic(self.device_id, UP), raw)
-        if len(raw) > 1 and raw[1] == Status.TYPE:
-            self._publish(self.cfg.topic(self.device_id, STATUS), raw, retain=True)
+__all__ = ["Gateway", "RawMqttDevice"]  # RawMqttDevice lives in mqtt_link (the Jetson bundle has no serial_link)
 
 
 class Gateway:
@@ -66,7 +48,7 @@ class Gateway:
             if raw is None:
                 continue
             try:
-                msg = decode_any(raw)
+                msg = decode(raw)
             except ProtocolError:
                 continue
             if isinstance(msg, Hello) and (dev is None or dev.device_id != msg.device_id):

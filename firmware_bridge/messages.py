@@ -2,6 +2,7 @@
 
 A message is ``version u8 | type u8 | payload``; all integers little-endian, floats IEEE float32.
 The same bytes travel on every transport. ``decode`` raises only :class:`ProtocolError`.
+Protocol 1.1: version byte 1 (``VERSION``); 1.1 adds ROUND_UPDATE (0x12) to 1.0 (docs/protocol.md "Versions").
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import ClassVar
 
 from .errors import ProtocolError
 
-VERSION = 1
+VERSION = 1  # the version byte: changes only with an incompatible layout (docs/protocol.md "Versions")
+MINOR = 1  # protocol 1.1: 1.0 + ROUND_UPDATE; a 1.0 decoder rejects 0x12 as an unknown type
 U30 = 1 << 30  # ids, counts and sizes stay below 2**30 so MicroPython keeps them as small ints
 MAX_K = 256
 MAX_NAME = 32
@@ -26,6 +28,7 @@ T_MODEL_CHUNK = 0x03
 T_MODEL_COMMIT = 0x04
 T_ROUND_START = 0x10
 T_ROUND_RESULT = 0x11
+T_ROUND_UPDATE = 0x12  # protocol 1.1
 T_STATUS = 0x20
 T_PING = 0x21
 T_ACK = 0x30
@@ -366,6 +369,51 @@ class RoundResult:
 
 
 @dataclass(frozen=True)
+class RoundUpdate:
+    """Host -> every device (protocol 1.1): round ``round_id`` closed; apply ``w -= lr/K sum_k gbar_k z_k``.
+
+    ``seed`` is the round seed the K perturbations derive from (docs/zo.md §6 step 4), ``gbar`` the aggregated
+    scalars (``K = len(gbar)``). Devices apply updates in round order and answer ``ACK(0x12, round_id)``; a repeat
+    is acknowledged again and not re-applied (docs/protocol.md). Range checks (``lr``, finite scalars, K) are the
+    device's (:func:`firmware_bridge.security.check_update`), as for ROUND_START.
+    """
+
+    TYPE: ClassVar[int] = T_ROUND_UPDATE
+    round_id: int
+    seed: int
+    lr: float
+    gbar: tuple[float, ...]
+
+    def payload(self) -> bytes:
+        _u30("round_id", self.round_id)
+        _uint("seed", self.seed, 32)
+        if not 1 <= len(self.gbar) <= MAX_K:
+            raise ProtocolError(f"1..{MAX_K} scalars")
+        vals = [_f32(v) for v in self.gbar]
+        return struct.pack(f"<IIf{len(vals)}f", self.round_id, self.seed, _f32(self.lr), *vals)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> RoundUpdate:
+        round_id, seed, lr = r.take("<IIf")
+        _u30("round_id", round_id)
+        rest = r.rest()
+        if len(rest) % 4 or not 1 <= len(rest) // 4 <= MAX_K:
+            raise ProtocolError("ROUND_UPDATE needs 1..256 float32 scalars")
+        return cls(round_id, seed, lr, struct.unpack(f"<{len(rest) // 4}f", rest))
+
+    # Kept from when ROUND_UPDATE was a fleet extension (firmware_bridge.fleet): same as encode(msg) / decode(raw).
+    def encode(self) -> bytes:
+        return encode(self)
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview) -> RoundUpdate:
+        msg = decode(data)
+        if not isinstance(msg, cls):
+            raise ProtocolError("not a ROUND_UPDATE")
+        return msg
+
+
+@dataclass(frozen=True)
 class Status:
     """Device -> host heartbeat (and the retained MQTT status; the last will is ``Status(ST_OFFLINE)``)."""
 
@@ -456,9 +504,11 @@ class Error:
             raise ProtocolError("error text is not ASCII") from None
 
 
-Message = Hello | ModelBegin | ModelChunk | ModelCommit | RoundStart | RoundResult | Status | Ping | Ack | Error
+Message = (Hello | ModelBegin | ModelChunk | ModelCommit | RoundStart | RoundResult | RoundUpdate | Status | Ping | Ack
+           | Error)
 MESSAGE_TYPES: dict[int, type] = {
-    cls.TYPE: cls for cls in (Hello, ModelBegin, ModelChunk, ModelCommit, RoundStart, RoundResult, Status, Ping, Ack, Error)
+    cls.TYPE: cls
+    for cls in (Hello, ModelBegin, ModelChunk, ModelCommit, RoundStart, RoundResult, RoundUpdate, Status, Ping, Ack, Error)
 }
 
 

@@ -218,6 +218,23 @@ class MqttDevice(_Endpoint):
         super().stop()
 
 
+class RawMqttDevice(MqttDevice):
+    """An :class:`MqttDevice` that hands every fresh ``down`` payload over as bytes, undecoded (gateways, agents)."""
+
+    def __init__(self, cfg: MqttConfig, device_id: str, on_down: Callable[[bytes], None]) -> None:
+        super().__init__(cfg, device_id)
+        self.on_down = on_down
+
+    def _on_message(self, client: mqtt.Client, userdata: object, m: mqtt.MQTTMessage) -> None:
+        if self._fresh(m.topic, m.payload):
+            self.on_down(bytes(m.payload))
+
+    def publish_up(self, raw: bytes) -> None:
+        self._publish(self.cfg.topic(self.device_id, UP), raw)
+        if len(raw) > 1 and raw[1] == Status.TYPE:
+            self._publish(self.cfg.topic(self.device_id, STATUS), raw, retain=True)
+
+
 @dataclass
 class DeviceSlot:
     """Everything the host knows about one device, keyed by the device id in the topic."""

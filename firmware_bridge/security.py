@@ -36,6 +36,7 @@ from .messages import (
     ModelChunk,
     ModelCommit,
     RoundStart,
+    RoundUpdate,
 )
 
 BUNDLE_MAGIC = b"TMB1"
@@ -177,6 +178,20 @@ def check_round(msg: RoundStart, limits: RoundLimits = RoundLimits()) -> Error |
         problems.append("steps")
     if not 1 <= msg.batch <= limits.max_batch:
         problems.append("batch")
+    if not problems:
+        return None
+    return Error(E_RANGE, msg.TYPE, msg.round_id, "out of range: " + ",".join(problems))
+
+
+def check_update(msg: RoundUpdate, limits: RoundLimits = RoundLimits()) -> Error | None:  # noqa: B008 - frozen
+    """None if ROUND_UPDATE ``msg`` is within ``limits`` (K, ``0 <= lr <= lr_max``, finite scalars), else ERROR(RANGE)."""
+    problems = []
+    if not 1 <= len(msg.gbar) <= limits.max_k:
+        problems.append("k")
+    if not (math.isfinite(msg.lr) and 0.0 <= msg.lr <= limits.lr_max):
+        problems.append("lr")
+    if not all(math.isfinite(g) for g in msg.gbar):
+        problems.append("gbar")
     if not problems:
         return None
     return Error(E_RANGE, msg.TYPE, msg.round_id, "out of range: " + ",".join(problems))

@@ -18,7 +18,7 @@ from fleet_helpers import JetsonProcess, MicrobitDevice, wasm_board  # noqa: E40
 from fleet_model import make_model  # noqa: E402
 from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
 
-from firmware_bridge import MqttConfig, Signer  # noqa: E402
+from firmware_bridge import MqttConfig, Signer, messages  # noqa: E402
 from firmware_bridge.coordinator import Coordinator, RoundConfig, counted_results, read_rounds  # noqa: E402
 from firmware_bridge.fleet import MqttFleet, RoundUpdate, SerialFleet, decode_any  # noqa: E402
 from firmware_bridge.gateway import Gateway  # noqa: E402
@@ -35,6 +35,40 @@ def test_round_update_codec() -> None:
     raw = u.encode()
     assert len(raw) == 14 + 4 * 3 and raw[:2] == b"\x01\x12"
     assert decode_any(raw) == u
+    assert RoundUpdate is messages.RoundUpdate  # protocol 1.1 message; the fleet module re-exports it
+
+
+class _FakeFleet:
+    def __init__(self) -> None:
+        self.inbox: list[tuple[str, object]] = []
+        self.sent: list[tuple[str, bytes]] = []
+
+    def send(self, device: str, raw: bytes) -> None:
+        self.sent.append((device, raw))
+
+    def devices(self) -> list[str]:
+        return sorted({d for d, _ in self.inbox})
+
+    def recv(self, timeout: float) -> tuple[str, object] | None:
+        return self.inbox.pop(0) if self.inbox else None
+
+
+def test_protocol_1_0_device_is_left_out_after_rejecting_round_update(tmp_path: Path) -> None:
+    fleet = _FakeFleet()
+    coord = Coordinator(fleet, RoundConfig(rounds=3, k=2), tmp_path, progress=None)  # type: ignore[arg-type]
+    try:
+        hello = messages.Hello("old-1", "esp32", "mpy", (0, 1, 0), 0, 160, 0, 5)
+        for msg in (hello, messages.Status(1, round_id=0, model_id=1)):
+            coord.handle("old-1", msg)
+        assert coord.ready("old-1")
+        coord.round = 2  # round 1 closed: its update went out; a 1.0 decoder answers it as an unknown type
+        coord.handle("old-1", messages.Error(messages.E_BAD_MESSAGE, messages.T_ROUND_UPDATE, 0))
+        coord.handle("old-1", messages.Status(1, round_id=1, model_id=1))  # 1.0: "last finished round"
+        assert not coord.ready("old-1") and coord.devices["old-1"].no_update
+        coord.handle("old-1", messages.Hello("old-1", "esp32", "mpy", (0, 1, 0), 0, 160, 0, 6))  # reboot: ask again
+        assert not coord.devices["old-1"].no_update
+    finally:
+        coord.close()
 
 
 def test_wasm_app_over_serial_with_line_faults(tmp_path: Path) -> None:

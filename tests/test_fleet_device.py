@@ -98,6 +98,16 @@ def test_app_rules(tmp_path: Path) -> None:
         upd = RoundUpdate(1, seed, 0.5, tuple(float(v) for v in ref.scalars))
         link.send(RoundUpdate(2, seed, 0.5, upd.gbar).encode())
         assert _expect(link, Error).code == 6
+        # ... out of range (lr, a non-finite scalar, k above k_max) or malformed (no scalars): refused, not applied
+        for bad, code, ref in ((RoundUpdate(1, seed, 11.0, upd.gbar), 4, 1),
+                               (RoundUpdate(1, seed, 0.5, (float("nan"),) + upd.gbar[1:]), 4, 1),
+                               (RoundUpdate(1, seed, 0.5, (0.0,) * 17), 4, 1)):
+            link.send(encode(bad))
+            err = _expect(link, Error)
+            assert (err.code, err.ref_type, err.ref_id) == (code, 0x12, ref), bad
+        link.send(encode(upd)[:14])
+        err = _expect(link, Error)
+        assert (err.code, err.ref_type, err.ref_id) == (1, 0x12, 0)
         link.send(upd.encode())
         assert _expect(link, Ack) == Ack(0x12, 1)
         link.send(upd.encode())

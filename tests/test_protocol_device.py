@@ -26,9 +26,11 @@ from firmware_bridge import (
     RoundLimits,
     RoundResult,
     RoundStart,
+    RoundUpdate,
     Signer,
     Status,
     check_round,
+    check_update,
     decode,
     encode,
     encode_frame,
@@ -75,9 +77,11 @@ def host_verdict(raw: bytes, maxk: int = MAXK) -> int:
         msg = decode(raw)
     except ProtocolError:
         return -1
-    if msg.TYPE not in (M.T_MODEL_BEGIN, M.T_MODEL_CHUNK, M.T_MODEL_COMMIT, M.T_ROUND_START, M.T_PING):
+    if msg.TYPE not in (M.T_MODEL_BEGIN, M.T_MODEL_CHUNK, M.T_MODEL_COMMIT, M.T_ROUND_START, M.T_ROUND_UPDATE, M.T_PING):
         return -1
     if isinstance(msg, RoundStart) and check_round(msg, RoundLimits(maxk, max_steps=65535, max_batch=65535)):
+        return -4
+    if isinstance(msg, RoundUpdate) and check_update(msg, RoundLimits(maxk)):
         return -4
     return msg.TYPE
 
@@ -90,6 +94,7 @@ DOWNLINK = [
     RoundStart(3, 4, 1e-3, 0.01, 2, 8, round_seed=0xDEADBEEF),
     RoundStart(9, 3, 0.5, 0.25, 1, 1, seeds=(1, 0xFFFFFFFF, 0x12345678)),
     Ping(),
+    RoundUpdate(7, 0xDEADBEEF, 0.5, (1.5, -2.25, 0.0)),
 ]
 
 
@@ -106,6 +111,7 @@ def test_host_frames_decode_on_device_through_garbage() -> None:
     assert data[2] == "1 4 (5, " + repr(bytes(range(32))).replace("'", "'") + ", 1)"
     assert data[4].startswith("1 16 (3, 4, 0, 2, 8, 0.0010000000474974") and data[4].endswith(", 0.009999999776482582)")
     assert data[6] == "1 33 ()"
+    assert data[7] == "1 18 (7, 3, 0.5)"
     # seeds as 16-bit halves, and chunk data location
     seeds = run(
         f"p = proto.Proto(600)\nd = {encode_frame(Frame(1, encode(DOWNLINK[5])))!r}\np.feed(d)\n"
@@ -114,6 +120,12 @@ def test_host_frames_decode_on_device_through_garbage() -> None:
         "print(p.msg()[0], bytes(p.rx[11:3 + p.mlen]) == bytes(range(256)) * 2)\n"
     )
     assert seeds == ["16 [(1, 0), (65535, 65535), (22136, 4660)]", "3 True"]
+    # ROUND_UPDATE: seed halves at rx[9:13], the k scalars from rx[17]
+    upd = run(
+        f"p = proto.Proto(600)\np.feed({encode_frame(Frame(3, encode(DOWNLINK[7])))!r})\nt, v = p.msg()\n"
+        "print(t, struct.unpack_from('<HH', p.rx, 9), struct.unpack_from('<' + str(v[1]) + 'f', p.rx, 17))\n"
+    )
+    assert upd == ["18 (48879, 57005) (1.5, -2.25, 0.0)"]
 
 
 @needs_wasm
@@ -159,6 +171,9 @@ def _mutants(seed: int, n: int) -> list[bytes]:
         encode(RoundStart(1, 2, float("nan"), 0.1, round_seed=1)),
         encode(RoundStart(1, 2, 1e-3, 11.0, round_seed=1)),
         encode(RoundStart(1, 2, 1e-3, 0.1, 0, 1, round_seed=1)),
+        encode(RoundUpdate(2, 9, 0.5, (1.0,) * (MAXK + 1))), encode(RoundUpdate(2, 9, float("nan"), (1.0, 2.0))),
+        encode(RoundUpdate(2, 9, 10.5, (1.0,))), encode(RoundUpdate(2, 9, 0.5, (1.0, float("-inf"), 3.0))),
+        encode(RoundUpdate(2, 9, 0.5, (float("nan"),))), encode(RoundUpdate(2, 9, 0.0, (-3.4e38, 0.0))),
         encode(Hello("x", "y", "z", (0, 0, 0), 1, 1)), encode(Status(1)), encode(Ack(1, 1)),
     ]
     out = list(base)
@@ -190,7 +205,9 @@ def test_device_accepts_and_rejects_exactly_what_the_host_does() -> None:
     assert len(got) == len(raws)
     mismatch = [(r.hex(), g, w) for r, g, w in zip(raws, got, want, strict=True) if g != w]
     assert not mismatch, mismatch[:5]
-    assert {-1, -4, 2, 3, 4, 16, 33} <= set(want)  # the sample covers every verdict
+    assert {-1, -4, 2, 3, 4, 16, 18, 33} <= set(want)  # the sample covers every verdict
+    upd = [(r, w) for r, w in zip(raws, want, strict=True) if len(r) > 1 and r[1] == M.T_ROUND_UPDATE]
+    assert {w for _, w in upd} == {-1, -4, 18} and len(upd) > 60  # ROUND_UPDATE: malformed, out of range, good
 
 
 @needs_wasm
@@ -307,15 +324,17 @@ def test_codec_fits_and_matches_on_microbit_micropython_1_9_2(tmp_path: Path) ->
         microfs.put(str(DEV / "proto.py"), "proto.py", serial=port)
         hello = encode_frame(Frame(7, encode(Hello("mb-1", "microbit", "mpy", (0, 1, 0), 9000, 160, 0, 5))))
         rs = encode_frame(Frame(3, encode(RoundStart(4, 8, 1e-3, 0.01, 1, 8, round_seed=0xDEADBEEF))))
+        ru = encode_frame(Frame(4, encode(RoundUpdate(4, 0xDEADBEEF, 0.01, (0.5, -1.25, 3.0, 0.0)))))
         junk = b"\x05\x01\x00" + rs[:4] + bytes([rs[4] ^ 1]) + rs[5:] + bytes(range(1, 250)) + b"\x00"
         script = tmp_path / "t.py"
         script.write_text(
             "import gc\nimport proto\np=proto.Proto(160,7,8)\n"
             "i=p.put(3,'<BBHBBBIHH',1,1,5,0,1,0,9000,160,0)\n"
             "for s in (b'mb-1',b'microbit',b'mpy'):\n i=p.put(i,'<B'+str(len(s))+'s',len(s),s)\n"
-            f"n=p.frame(i)\nprint(bytes(p.tx[:n])=={hello!r})\ng={rs!r}\nd={junk!r}\np.feed(g)\n"
-            "print(p.kind,p.msg()[0])\n"
+            f"n=p.frame(i)\nprint(bytes(p.tx[:n])=={hello!r})\ng={rs!r}\nu={ru!r}\nd={junk!r}\np.feed(g)\n"
+            "print(p.kind,p.msg()[0])\np.feed(u)\nprint(p.kind,p.msg()[0])\n"
             "def spin(n):\n for _ in range(n):\n  i=0\n  while i<len(d):\n   i=p.feed(d,i)\n  p.last=-1\n  p.feed(g)\n  p.msg()\n"
+            "  p.feed(u)\n  p.msg()\n"
             "spin(2)\ngc.collect()\nc=gc.mem_free()\nspin(30)\ngc.collect()\nprint(c,gc.mem_free(),p.bad)\n"
         )
         microfs.put(str(script), "t.py", serial=port)
@@ -334,15 +353,15 @@ def test_codec_fits_and_matches_on_microbit_micropython_1_9_2(tmp_path: Path) ->
         text = out.decode(errors="replace")
         assert "Error" not in text, text
         lines = text.split("OK", 1)[1].split("\x04")[0].split()
-        assert lines[2:5] == ["True", "1", "16"], text
+        assert lines[2:7] == ["True", "1", "16", "1", "18"], text
         free_before, free_after_import = map(int, lines[:2])
-        free_warm, free_end, bad = map(int, lines[5:8])
+        free_warm, free_end, bad = map(int, lines[7:10])
         print(f"micro:bit heap: {free_before} free, {free_after_import} after import, {free_warm} running the test")
         host = FrameDecoder(max_message=160)
         assert not host.feed(junk) and bad == 32 * host.frames_bad  # every junk frame rejected, as on the host
         # A leak of even one 16-byte block per round would show as >= 480 bytes; allow a couple of blocks
         # that the conservative collector may still see referenced from the stack.
-        assert free_end >= free_warm - 48, "decoding good and malformed frames leaked heap"
+        assert free_end >= free_warm - 48, "decoding good (ROUND_START, ROUND_UPDATE) and malformed frames leaked heap"
         assert free_after_import > 6000  # room left for the model and the ZO step
     finally:
         proc.kill()

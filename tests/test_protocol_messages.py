@@ -22,10 +22,12 @@ from firmware_bridge import (
     RoundLimits,
     RoundResult,
     RoundStart,
+    RoundUpdate,
     Signer,
     Status,
     Verifier,
     check_round,
+    check_update,
     decode,
     encode,
     model_transfer,
@@ -52,6 +54,7 @@ MESSAGES = st.one_of(
         st.lists(st.integers(0, 0xFFFFFFFF), min_size=k, max_size=k).map(tuple))),
     st.builds(RoundStart, u30, st.integers(1, M.MAX_K), f32, f32, u16, u16, st.integers(0, 0xFFFFFFFF)),
     st.builds(RoundResult, u30, st.lists(f32, min_size=1, max_size=M.MAX_K).map(tuple), f32, u30),
+    st.builds(RoundUpdate, u30, st.integers(0, 0xFFFFFFFF), f32, st.lists(f32, min_size=1, max_size=M.MAX_K).map(tuple)),
     st.builds(Status, st.sampled_from(M.STATES), u30, u30, u30, u30),
     st.just(Ping()),
     st.builds(Ack, st.integers(0, 255), u30),
@@ -73,7 +76,7 @@ def test_every_message_round_trips(msg: M.Message) -> None:
 def test_truncated_or_extended_messages_raise_protocol_error(msg: M.Message, data: st.DataObject) -> None:
     raw = encode(msg)
     cut = data.draw(st.integers(0, len(raw) - 1))
-    variable = isinstance(msg, ModelChunk | RoundResult | Error | ModelCommit)
+    variable = isinstance(msg, ModelChunk | RoundResult | RoundUpdate | Error | ModelCommit)
     try:
         decode(raw[:cut])
     except ProtocolError:
@@ -98,6 +101,11 @@ def test_golden_layouts() -> None:
     assert encode(h) == (b"\x01\x01" + struct.pack("<HBBBIHH", 0x1234, 0, 1, 0, 9500, 160, 0x0A)
                          + b"\x04mb-1\x08microbit\x09mpy 1.9.2")
     assert encode(Error(4, 0x10, 9, "k")) == b"\x01\x3f\x04\x10\x09\x00\x00\x00k"
+    ru = RoundUpdate(9, 0xDEADBEEF, 0.5, (1.5, -2.25, 0.0))
+    assert encode(ru) == b"\x01\x12" + struct.pack("<IIffff", 9, 0xDEADBEEF, 0.5, 1.5, -2.25, 0.0)
+    assert encode(ru).hex() == "011209000000efbeadde0000003f0000c03f000010c000000000"  # docs/protocol.md example
+    assert len(encode(ru)) == 14 + 4 * 3 and decode(encode(ru)) == ru
+    assert ru.encode() == encode(ru) and RoundUpdate.decode(encode(ru)) == ru  # the fleet-era methods still work
 
 
 @pytest.mark.parametrize("k", [1, 4, 16, 64, 256])
@@ -121,6 +129,12 @@ def test_round_result_payload_is_within_8k_plus_16(k: int) -> None:
     b"\x01\x01" + struct.pack("<HBBBIHH", 1, 0, 0, 0, 1, 1, 0) + b"\x00\x00\x00",  # empty device id
     b"\x01\x01" + struct.pack("<HBBBIHH", 1, 0, 0, 0, 1, 1, 0) + b"\x02\xff\xfe\x00\x00",  # non-ASCII id
     b"\x01\x3f\x01\x00" + bytes(4) + b"x" * 49,  # error text too long
+    b"\x01\x12" + struct.pack("<IIf", 1, 5, 0.5),  # ROUND_UPDATE without scalars
+    b"\x01\x12" + struct.pack("<IIff", 1, 5, 0.5, 1.0) + b"\x00",  # ... with a partial scalar
+    b"\x01\x12" + struct.pack("<IIf", 1, 5, 0.5) + bytes(4 * 257),  # ... with 257 scalars
+    b"\x01\x12" + struct.pack("<IIff", 1 << 30, 5, 0.5, 1.0),  # ... round_id >= 2**30
+    b"\x01\x12" + struct.pack("<II", 1, 5) + b"\x00\x00",  # ... cut inside lr
+    b"\x02\x12" + struct.pack("<IIff", 1, 5, 0.5, 1.0),  # ... unknown version byte
 ])
 def test_malformed_messages_raise_only_protocol_error(raw: bytes) -> None:
     with pytest.raises(ProtocolError):
@@ -206,3 +220,18 @@ def test_round_parameter_limits() -> None:
                 RoundStart(1, 1, 1e-3, 0.01, 0, 1, round_seed=1), RoundStart(1, 1, 1e-3, 0.01, 1, 0, round_seed=1)):
         err = check_round(decode(encode(bad)))
         assert err is not None and err.code == M.E_RANGE and err.ref_id == 1
+
+
+def test_round_update_limits() -> None:
+    ok = RoundUpdate(3, 0xFFFFFFFF, 10.0, (0.0, -1e38, 3.4e38))
+    assert check_update(ok) is None and check_update(RoundUpdate(3, 1, -0.0, (1.0,))) is None
+    assert check_update(ok, RoundLimits(max_k=2)).text == "out of range: k"
+    for bad, what in ((RoundUpdate(3, 1, float("nan"), (1.0,)), "lr"), (RoundUpdate(3, 1, 10.5, (1.0,)), "lr"),
+                      (RoundUpdate(3, 1, -1.0, (1.0,)), "lr"), (RoundUpdate(3, 1, 0.5, (1.0, float("inf"))), "gbar"),
+                      (RoundUpdate(3, 1, 0.5, (float("nan"),)), "gbar")):
+        err = check_update(decode(encode(bad)))  # the codec carries any float32; the device range-checks
+        assert err == Error(M.E_RANGE, 0x12, 3, f"out of range: {what}"), bad
+    for bad in (RoundUpdate(1, 1 << 32, 0.5, (1.0,)), RoundUpdate(1 << 30, 1, 0.5, (1.0,)), RoundUpdate(1, 1, 0.5, ()),
+                RoundUpdate(1, 1, 0.5, (0.0,) * 257), RoundUpdate(1, 1, 0.5, (1e39,))):
+        with pytest.raises(ProtocolError):
+            encode(bad)

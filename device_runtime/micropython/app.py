@@ -11,7 +11,7 @@ try:
 except ImportError:
     import time
 
-T_UPD = 18  # ROUND_UPDATE (fleet extension): round u32, seed u32, lr f32, g[k] f32
+T_UPD = 18  # ROUND_UPDATE (protocol 1.1): round u32, seed u32, lr f32, g[k] f32
 
 
 class App:
@@ -125,16 +125,16 @@ class App:
     def handle(s):
         p = s.p
         r = p.rx
-        if r[3] == 1 and r[4] == T_UPD:
-            return s.upd()
         t, v = p.msg()
         if t == 33:  # PING: HELLO (a new host learns who we are) + STATUS
             s.hello()
             s.status()
         elif t == 16:
             s.round(v)
-        elif t == -4:
-            s.err(4, 16, v[0])
+        elif t == T_UPD:
+            s.upd(v)
+        elif t == -4:  # out of range (ROUND_START, ROUND_UPDATE)
+            s.err(4, r[4], v[0])
         elif 1 < t < 5:
             if s.mt is None:
                 s.err(3, t, v[0])  # this port cannot verify a model (micro:bit): flash it instead
@@ -170,24 +170,15 @@ class App:
             i = p.put(i, '<f', g[j])
         s.send(i)
 
-    def upd(s):
-        p = s.p
-        r = p.rx
-        k = (p.mlen - 14) >> 2
-        rid, seed, lr = struct.unpack_from('<IIf', r, 5)
-        if p.mlen & 3 != 2 or not 0 < k <= p.maxk or rid >> 30:
-            return s.err(1, T_UPD, 0)
+    def upd(s, v):
+        # v = (round, k, lr), checked by proto (malformed, k, lr, finite scalars)
+        rid = v[0]
         if rid <= s.rnd:
             return s.ack(T_UPD, rid)  # applied already (a repeat)
         if s.ft is None or rid != s.rnd + 1:
             return s.err(6, T_UPD, rid)
-        g = struct.unpack_from('<' + str(k) + 'f', r, 17)
-        ok = 0 <= lr <= 10
-        for x in g:
-            ok = ok and -1e30 < x < 1e30  # (NaN fails too)
-        if not ok:
-            return s.err(4, T_UPD, rid)
-        s.ft.update(seed, g, lr)
+        r = s.p.rx
+        s.ft.update(struct.unpack_from('<I', r, 9)[0], struct.unpack_from('<' + str(v[1]) + 'f', r, 17), v[2])
         s.rnd = rid
         s.ack(T_UPD, rid)
 

@@ -5,7 +5,7 @@ from array import array
 
 # CRC-32 4-bit table: u16 pairs (low, high), little-endian raw bytes
 _T = array('H', bytearray(b'\x00\x00\x00\x00d\x10\xb7\x1d\xc8 n;\xac0\xd9&\x90A\xdcv\xf4QkkXa\xb2M<q\x05P \x83\xb8\xedD\x93\x0f\xf0\xe8\xa3\xd6\xd6\x8c\xb3a\xcb\xb0\xc2d\x9b\xd4\xd2\xd3\x86x\xe2\n\xa0\x1c\xf2\xbd\xbd'))
-_F = {2: '<IIHBB', 3: '<IH', 4: '<I32sB', 16: '<IHBHHff', 33: '<'}
+_F = {2: '<IIHBB', 3: '<IH', 4: '<I32sB', 16: '<IHBHHff', 18: '<IHHf', 33: '<'}
 
 
 def crc(b, n, c):
@@ -100,7 +100,7 @@ class Proto:
         return 1
 
     def msg(s):
-        # -> (type, fields): -1 malformed/unknown, -4 ROUND_START out of range
+        # -> (type, fields): -1 malformed/unknown, -4 ROUND_START/UPDATE out of range
         r = s.rx
         t = r[4]
         f = _F.get(t)
@@ -112,11 +112,23 @@ class Proto:
             n -= (0, 32, 64)[v[2]] if v[2] < 3 else 999
         if t == 16:
             n -= 4 * (v[1] if v[2] else 1)
+        if t == 18:  # ROUND_UPDATE: (round, k, lr); seed halves at rx[9:13], scalars at rx[17:]
+            k = n >> 2
+            n = n & 3 or not 0 < k < 257
+            v = (v[0], k, v[3])
         if ((n < 1 if t == 3 else n) or v and v[0] >> 30 or t == 16 and (v[2] > 1 or not 0 < v[1] < 257)
                 or t == 2 and not (v[1] and not v[1] >> 30 and v[2] and 0 < v[3] < 4 and v[4] < 3)):
             return -1, v
         if t == 16 and not (v[1] <= s.maxk and 1e-7 <= v[5] <= 1 and 0 <= v[6] <= 10 and v[3] and v[4]):
             return -4, v
+        if t == 18:
+            # a float32 is inf/nan when its 8 exponent bits are all ones (no float made)
+            i = 20
+            k = 20 + 4 * v[1]
+            while i < k and not (r[i] & 127 == 127 and r[i - 1] & 128):
+                i += 4
+            if i < k or not (v[1] <= s.maxk and 0 <= v[2] <= 10):
+                return -4, v
         return t, v
 
     def put(s, i, fmt, *a):
