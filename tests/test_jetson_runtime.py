@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparse_models as sm  # noqa: E402
+from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
 
 from device_runtime.jetson.runtime import JetsonFineTuner  # noqa: E402
 from hw.profiles import get_profile  # noqa: E402
@@ -111,3 +113,127 @@ def test_bundle_lists_files_and_code_is_python38(bundle: Path) -> None:
     for seed, k in ((0, 0), (2024, 3), (0xDEADBEEF, 1)):
         assert zo_np.derive(seed, k) == derive(seed, k)
         np.testing.assert_array_equal(zo_np.signs(derive(seed, k), 1000), signs(derive(seed, k), 1000))
+
+
+def _clean_python(tmp: Path) -> str:
+    """An interpreter that has this environment's packages (numpy, onnxruntime, paho-mqtt, ...) but not the repository:
+    a fresh venv whose site-packages points at ours through a plain path line, so our editable install's finder
+    (a .pth import hook) never runs in it."""
+    import subprocess
+    import sysconfig
+
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return str(venv / "bin" / "python")
+
+
+def test_jetson_bundle_runs_the_agent_without_the_repository(tmp_path: Path, mosquitto) -> None:  # noqa: ANN001, F811
+    """write_bundle's Jetson bundle, copied elsewhere, runs the fleet agent with only the bundle on PYTHONPATH."""
+    import shutil
+    import subprocess
+
+    from fleet_model import make_model
+
+    from firmware_bridge import MqttConfig, MqttHost, Ping, RoundResult, RoundStart, RoundUpdate, Status
+    from firmware_bridge.messages import Ack, Error, Hello
+    from toolchain.ondevice.jetson_bundle import AGENT_PACKAGES, import_closure
+
+    m = make_model()
+    idx = m.split(3)[1]
+    build = tmp_path / "build"
+    build.mkdir()
+    m.onnx(build / "model.onnx")
+    written = write_bundle(build, get_profile("jetson-orin-nano"), spec=m.jetson_spec())
+    cfg = json.loads((build / "bundle" / "config.json").read_text())
+    assert cfg["agent"]["firmware_bridge"] == ["device_agent", "errors", "messages", "mqtt_link", "security"]
+    assert {"bundle/run_agent.sh", "bundle/firmware_bridge/__init__.py", "bundle/firmware_bridge/messages.py"} <= set(
+        written) and "firmware_bridge/messages.py" in cfg["files"]
+    needed, external = import_closure()
+    assert external == set(AGENT_PACKAGES) and not any(n.startswith(("toolchain", "hw")) for n in needed)
+    # "copied to the Jetson": another folder, the device's data next to it
+    dev = tmp_path / "jetson" / "bundle"
+    shutil.copytree(build / "bundle", dev)
+    shutil.rmtree(build)
+    for src in dev.rglob("*.py"):
+        ast.parse(src.read_text(), feature_version=(3, 10))  # the agent's minimum (JetPack 6); runtime.py: 3.8
+    local = tmp_path / "jetson" / "local"
+    local.mkdir()
+    feats = np.ascontiguousarray(m.feats[idx], np.int8)
+    (local / "data.bin").write_bytes(feats.tobytes())
+    (local / "local.json").write_text(json.dumps({"device": "jetson-b", "n": len(idx), "size": int(feats.shape[1]),
+                                                  "labels": [int(v) for v in m.y[idx]], "model_id": 1}))
+    py = _clean_python(tmp_path)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(dev), "PYTHON": py}
+    probe = subprocess.run(
+        [py, "-c", "import sys, agent, runtime\nprint(sys.modules['firmware_bridge'].__file__)\n"
+                   "print(sorted({n.split('.')[0] for n in sys.modules} & {'toolchain', 'hw', 'device_runtime', 'serial', "
+                   "'torch'}))\ntry:\n    import toolchain\nexcept ImportError as e:\n    print(e)\n"],
+        cwd=dev, env=env, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.splitlines() == [str(dev / "firmware_bridge" / "__init__.py"), "[]",
+                                         "No module named 'toolchain'"]
+    helped = subprocess.run(["./run_agent.sh", "--help"], cwd=dev, env=env, capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "--broker" in helped.stdout and "--local" in helped.stdout, helped.stderr
+    # a real run against mosquitto: HELLO, a round equal to the runtime's own probe, an update, STATUS
+    log = open(tmp_path / "agent.log", "wb")  # noqa: SIM115 - owned by the child
+    proc = subprocess.Popen(["./run_agent.sh", "--broker", f"127.0.0.1:{mosquitto.port}", "--fleet", "jb",
+                             "--device", "jetson-b", "--local", str(local)], cwd=dev, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    log.close()
+    host = MqttHost(MqttConfig(port=mosquitto.port, fleet="jb"))
+    try:
+        host.start()
+
+        def expect(kind: type, timeout: float = 60.0) -> object:
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                got = host.recv(0.5)
+                if got is not None and isinstance(got[1], kind):
+                    assert got[0] == "jetson-b"
+                    return got[1]
+                assert proc.poll() is None, (tmp_path / "agent.log").read_text()
+            raise AssertionError(f"no {kind.__name__}: {(tmp_path / 'agent.log').read_text()}")
+
+        hello = expect(Hello)
+        assert hello.board == "jetson-orin-nano" and hello.firmware.startswith("onnxruntime")
+        seed = 0xDEADBEEF
+        host.send("jetson-b", RoundStart(1, 8, 1e-3, 0.5, 1, 64, round_seed=seed))
+        res = expect(RoundResult)
+        ref = JetsonFineTuner(str(dev / "model.onnx"), m.jetson_spec())
+        g, loss, n = ref.probe(seed, 8, 1e-3, [feats[i].tobytes() for i in range(len(idx))], m.y[idx].tolist())
+        assert res.n_samples == n == len(idx) and res.loss == pytest.approx(loss, abs=1e-6)
+        assert max(abs(a - b) for a, b in zip(res.scalars, g, strict=True)) < 1e-6
+        host.send("jetson-b", RoundUpdate(1, seed, 11.0, res.scalars))
+        assert expect(Error) == Error(4, 0x12, 1, "out of range: lr")
+        host.send("jetson-b", RoundUpdate(1, seed, 0.5, res.scalars))
+        assert expect(Ack) == Ack(0x12, 1)
+        host.send("jetson-b", Ping())
+        assert expect(Status).round_id == 1
+    finally:
+        host.stop()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_jetson_bundle_refuses_imports_it_cannot_carry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import toolchain.ondevice.jetson_bundle as jb
+    from toolchain.errors import ToolchainError
+
+    cases = {"serial": "import serial\n", "toolchain.zo": "from toolchain.zo import derive\n",
+             "torch": "def f():\n    import torch\n",  # lazy imports count too
+             "firmware_bridge.serial_link": "from firmware_bridge.serial_link import SerialLink\n"}  # needs pyserial
+    for what, body in cases.items():
+        d = tmp_path / what
+        d.mkdir()
+        (d / "agent.py").write_text("from .runtime import JetsonFineTuner\n" + body)
+        (d / "runtime.py").write_text("import numpy\nfrom . import zo_np\n")
+        (d / "zo_np.py").write_text("import numpy\n")
+        monkeypatch.setattr(jb, "JETSON_DIR", d)
+        with pytest.raises(ToolchainError, match="imports 'serial'" if what.endswith("serial_link") else what):
+            jb.import_closure()

@@ -1,10 +1,13 @@
 """Jetson fleet agent (docs/fleet.md): ``JetsonFineTuner`` as an MQTT fleet device (``firmware_bridge.device_agent``).
 
     python -m device_runtime.jetson.agent --broker 127.0.0.1:1883 --device jetson-1 --bundle DIR --local DIR
+    ./run_agent.sh --broker 127.0.0.1:1883 --device jetson-1 --local DIR     # from a Jetson bundle folder
 
-``--bundle``: ``model.onnx`` + ``config.json`` (the on-device bundle); ``--local``: the device's own data,
+``--bundle``: ``model.onnx`` + ``config.json`` (the on-device bundle; default: the folder of this file when it is
+a bundle); ``--local``: the device's own data,
 ``local.json`` (``{"device", "n", "size", "labels", "model_id"}``) + ``data.bin`` (n x size int8 inputs).
 New models arrive as ONNX with an Ed25519 signature (``--ed25519-public``); unsigned ones are rejected.
+The bundle carries the ``firmware_bridge`` modules imported here (docs/jetson.md "Running the agent from the bundle").
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from firmware_bridge.security import Verifier
 
 def make_agent(cfg: MqttConfig, device: str, bundle: Path, local: Path, *, verifier: Verifier | None = None,
                heartbeat_s: float = 30.0) -> Agent:
-    from device_runtime.jetson.runtime import JetsonFineTuner
+    try:
+        from .runtime import JetsonFineTuner
+    except ImportError:  # run from the bundle folder (flat files)
+        from runtime import JetsonFineTuner  # type: ignore[no-redef]
 
     spec: dict[str, Any] = json.loads((bundle / "config.json").read_text())
     loc = json.loads((local / "local.json").read_text())
@@ -52,11 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fleet", default="default")
     ap.add_argument("--prefix", default="tinyml")
     ap.add_argument("--device", required=True)
-    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--bundle", default=None, help="bundle folder (default: this file's folder, if a bundle)")
     ap.add_argument("--local", required=True)
     ap.add_argument("--heartbeat", type=float, default=30.0)
     ap.add_argument("--ed25519-public", default=None, help="PEM file of the fleet's model-signing public key")
     a = ap.parse_args(argv)
+    if a.bundle is None:
+        here = Path(__file__).resolve().parent
+        if not (here / "config.json").is_file():
+            ap.error("--bundle is required (this agent.py is not inside a bundle folder)")
+        a.bundle = str(here)
     host, _, port = a.broker.rpartition(":")
     verifier = Verifier()
     if a.ed25519_public:

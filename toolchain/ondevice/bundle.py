@@ -194,8 +194,15 @@ def write_bundle(out_dir: Path, profile: BoardProfile, calibration: np.ndarray |
 
             quantize_qdq(onnx_path, bundle / "model_int8.onnx", np.transpose(calibration, (0, 3, 1, 2)))
             written["model_int8.onnx"] = bundle / "model_int8.onnx"
-        for src in sorted(JETSON_DIR.glob("*.py")):
-            put(src.name, src.read_bytes())
+        from toolchain.ondevice.jetson_bundle import agent_info, jetson_code
+
+        # runtime + agent, the firmware_bridge modules the agent imports (import closure checked), scripts
+        for name, data in jetson_code().items():
+            (bundle / name).parent.mkdir(parents=True, exist_ok=True)
+            put(name, data)
+            if name.endswith(".sh"):
+                (bundle / name).chmod(0o755)
+        cfg["agent"] = agent_info()
     else:
         raise ToolchainError(f"board {profile.name} has runtime {profile.runtime!r}; on-device bundles exist for "
                              "'micropython' and 'onnxruntime'")
