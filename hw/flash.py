@@ -236,8 +236,18 @@ def check_board(info: BoardInfo, profile: BoardProfile) -> list[str]:
     return notes
 
 
+MICROBIT_CHUNK = 126  # data bytes per 128-byte chunk of the micro:bit file system; a file's first chunk holds its name
+
+
+def stored_size(name: str, data: bytes, profile: BoardProfile) -> int:
+    """Bytes a file takes on the board: on the micro:bit whole chunks (2 + len(name) header bytes first)."""
+    if profile.name != "microbit":
+        return len(data)
+    return -(-(len(data) + 2 + len(name)) // MICROBIT_CHUNK) * MICROBIT_CHUNK
+
+
 def check_size(files: dict[str, bytes], info: BoardInfo, profile: BoardProfile, existing: dict[str, int]) -> None:
-    total = sum(len(b) for b in files.values())
+    total = sum(stored_size(n, b, profile) for n, b in files.items())
     budget = profile.flash_bytes
     if total > budget:
         raise BudgetError(f"the bundle is {total} B, more than the {budget} B {profile.name} has for model files; "

@@ -138,11 +138,9 @@ def test_flash_then_hil_pass_on_the_qemu_microbit(qemu: mb.QemuMicrobit, builds:
     print(out)
     assert rc == 0, out + err
     results = {r["name"]: r for r in json.loads(report.read_text())}
-    # The micro:bit bundle ships no sparse engine (it does not fit the 1.9.2 heap yet): that check skips with
-    # the reason, everything else runs on the board.
-    assert results["inference"]["status"] == "skip" and "does not fit" in results["inference"]["detail"]
-    assert {n: r["status"] for n, r in results.items() if n != "inference"} == {
-        "identity": "pass", "bundle": "pass", "zo_round": "pass", "heap": "pass", "protocol": "pass"}
+    # the micro:bit engine (smf_mb, two boots: convert, then load) on the 1.9.2 firmware, bit-exact
+    assert [r["status"] for r in results.values()] == ["pass"] * len(CHECKS), out
+    assert "bit-exact with TFLite Micro" in results["inference"]["detail"]
 
 
 @needs_qemu
@@ -193,11 +191,11 @@ def test_bundle_too_big_is_refused_and_the_board_is_unchanged(qemu: mb.QemuMicro
                                                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     big = tmp_path / "microbit"
     shutil.copytree(builds["microbit"], big)
-    (big / "bundle" / "extra.bin").write_bytes(os.urandom(30000))  # the micro:bit has 24 KB for model files
+    (big / "bundle" / "extra.bin").write_bytes(os.urandom(6000))  # the micro:bit's file system holds ~15 KB
     before = snapshot(qemu.port)
     rc, _, err = cli(["flash", "--build", str(big), "--port", qemu.port], capsys)
     line = one_line_error(err)
-    assert rc == 3 and "more than the 24576 B microbit has" in line, line
+    assert rc == 3 and "more than the 15120 B microbit has" in line, line
     assert snapshot(qemu.port) == before
 
 

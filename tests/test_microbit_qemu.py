@@ -179,6 +179,12 @@ def _boot_with_model(repl: RawRepl, smf: bytes) -> tuple[int, int, int, int, int
     used, _ = _ints(repl.exec("import gc\nimport smf_mbc\nsmf_mbc.convert('model.smf', 'model.smc')\n" + MEM,
                               timeout=120))
     _soft_reset(repl)
+    from hw.flash_board import read_file
+    from toolchain.ondevice.bundle import smc_from_smf
+
+    # the board's conversion writes what the bundle ships (the same converter, run on the host under CPython)
+    assert read_file(repl, "model.smc") == smc_from_smf(smf)
+    _soft_reset(repl)
     a0, _ = _ints(repl.exec("import gc\n" + MEM))
     a1, _ = _ints(repl.exec("import smf_mbk\nimport smf_mb\n" + MEM, timeout=120))
     a2, free = _ints(repl.exec("m = smf_mb.Model('model.smc')\n" + MEM, timeout=120))

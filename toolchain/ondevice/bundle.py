@@ -3,11 +3,14 @@
 * MicroPython boards that import ``.mpy`` (profile ``mpy_march`` set): every runtime module compiled by
   ``mpy-cross -march=<mpy_march>`` (bytecode version checked against the profile's ``mpy_abi``), ``model.smf``,
   ``head.bin`` (the float32 trainable head, see :mod:`toolchain.ondevice.reference`), ``config.json``.
-* micro:bit (1.9.2, no ``.mpy``): minified ``zo.py`` + ``ft.py`` (``hw.emulators.microbit.minify_source``),
-  ``head.bin``, ``config.json``, ``spec.py`` (the same spec as a Python literal: the firmware has no ``json``),
-  ``model.smf``, and ``microbit.hex`` = the Debian firmware + a ``main.py`` (uflash 1.3.0) that boots the runtime
-  from the flash file system. The sparse engine does not fit the micro:bit heap yet, so there the fine-tuner takes
-  the head's int8 inputs (features) directly (``FineTuner(None, spec)``).
+* micro:bit (1.9.2, no ``.mpy``): minified sources (``hw.emulators.microbit.minify_source``) of the micro:bit
+  engine's runtime (``smf_mbk`` + ``smf_mb``) and of ``zo.py`` + ``ft.py``; ``model.smc``, the engine's decoded model,
+  written here by the device's own converter (``smf_mbc.convert``, the same code, run under CPython: the converter
+  does not fit the micro:bit's ~15 KB file system next to the rest, docs/sparse-model-format.md); ``head.bin``,
+  ``config.json``, ``spec.py`` (the same spec as a Python literal: the firmware has no ``json``), ``model.smf``, and
+  ``microbit.hex`` = the Debian firmware + a ``main.py`` (uflash 1.3.0). The engine and the fine-tuner do not fit one
+  9 KB heap, so they run in separate boots (docs/ondevice.md); the fine-tuner takes the head's int8 inputs
+  (``feats.bin``, written by an engine boot) (``FineTuner(None, spec)``).
 * Jetson (``runtime = "onnxruntime"``): ``device_runtime/jetson/*.py``, ``model.onnx`` (float), ``model_int8.onnx``
   (QDQ, per-channel; only if calibration inputs are given) and ``config.json``.
 
@@ -36,8 +39,9 @@ MPY_DIR = REPO / "device_runtime" / "micropython"
 JETSON_DIR = REPO / "device_runtime" / "jetson"
 BUNDLE_FORMAT = 1
 # Runtime modules shipped to .mpy boards: the sparse engine (smf*.py without the micro:bit-only smf_mb*), zo, ft,
-# and the device app + protocol modules (app*.py, proto, hmac_sha256: another package's) when present.
-MPY_RUNTIME = ("zo", "ft", "proto", "hmac_sha256")
+# and the device app + protocol modules (app*.py, proto, hmac_sha256, link_mqtt: another package's) when present.
+# link_mqtt needs umqtt.simple on the board (`mpremote mip install umqtt.simple`, docs/fleet.md).
+MPY_RUNTIME = ("zo", "ft", "proto", "hmac_sha256", "link_mqtt")
 
 
 def mpy_modules() -> list[str]:
@@ -45,6 +49,7 @@ def mpy_modules() -> list[str]:
     apps = [p.stem for p in MPY_DIR.glob("app*.py")]
     return sorted(engine + apps + [m for m in MPY_RUNTIME if (MPY_DIR / f"{m}.py").is_file()])
 MICROBIT_RUNTIME = ("zo", "ft")
+MICROBIT_ENGINE = ("smf_mbk", "smf_mb")  # the micro:bit engine's runtime (docs/sparse-model-format.md)
 MICROBIT_SPEC_KEYS = ("head", "estimator", "copy_restore", "batch_max")
 # Boot of the fine-tuner, once feats.bin (the local data's head inputs: computed by the micro:bit engine smf_mb* in an
 # earlier boot, or sent by the host) is on the flash file system; otherwise the heap is left to that engine boot.
@@ -126,11 +131,35 @@ def input_spec(out_dir: Path) -> dict[str, Any] | None:
     return {"shape": [int(d) for d in detail["shape"]], "layout": "NHWC", "scale": float(scale), "zero_point": int(zp)}
 
 
-def microbit_files(head: Head, spec: dict[str, Any]) -> dict[str, bytes]:
-    """The micro:bit's files: minified runtime, spec.py, head.bin."""
+def smc_from_smf(smf: bytes) -> bytes:
+    """``model.smc`` for the micro:bit engine: the device's converter ``smf_mbc.convert`` run under CPython (the same
+    code the board would run; tests/test_microbit_qemu.py checks the board writes the same bytes)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(MPY_DIR))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "model.smf", Path(tmp) / "model.smc"
+            src.write_bytes(smf)
+            try:
+                importlib.import_module("smf_mbc").convert(str(src), str(dst))
+            except ValueError as exc:  # the converter's checks (docs/sparse-model-format.md)
+                raise ToolchainError(f"the micro:bit engine cannot take this model.smf ({exc}); rebuild with "
+                                     "`toolchain build --target microbit`") from None
+            return dst.read_bytes()
+    finally:
+        sys.path.remove(str(MPY_DIR))
+
+
+def microbit_files(head: Head, spec: dict[str, Any], smf: bytes | None = None) -> dict[str, bytes]:
+    """The micro:bit's files: minified fine-tuner, spec.py, head.bin (+ the engine and ``model.smc`` for ``smf``)."""
     from hw.emulators.microbit import minify_source
 
-    files = {f"{m}.py": minify_source((MPY_DIR / f"{m}.py").read_text()).encode() for m in MICROBIT_RUNTIME}
+    mods = [*(MICROBIT_ENGINE if smf is not None else ()), *MICROBIT_RUNTIME]
+    files = {f"{m}.py": minify_source((MPY_DIR / f"{m}.py").read_text()).encode() for m in mods}
+    if smf is not None:
+        files["model.smc"] = smc_from_smf(smf)
     small = {k: spec[k] for k in MICROBIT_SPEC_KEYS if k in spec}  # only what ft.py reads: every key is heap
     files["spec.py"] = f"SPEC = {small!r}\n".encode()
     files["head.bin"] = head.to_bytes()
@@ -173,8 +202,8 @@ def write_bundle(out_dir: Path, profile: BoardProfile, calibration: np.ndarray |
                 written[f"{m}.mpy"] = bundle / f"{m}.mpy"
         else:  # MicroPython 1.9.2 cannot import .mpy: minified sources + a bootable hex
             cfg["code"] = "py"
-            cfg["features_from_host"] = True  # the sparse engine does not fit the micro:bit heap yet
-            for name, data in microbit_files(head, cfg).items():
+            cfg["engine"] = "smf_mb"  # smf_mb.Model('model.smc') (docs/sparse-model-format.md)
+            for name, data in microbit_files(head, cfg, smf_path.read_bytes()).items():
                 put(name, data)
             from hw.emulators.microbit import DEFAULT_FIRMWARE, build_hex_with_script
 
