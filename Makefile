@@ -10,9 +10,10 @@ TARGET ?= esp32
 build: $(VENV)/.installed
 	$(BIN)/toolchain build --target $(TARGET)
 
-## Set up the environment, the system packages the tests use, and run the whole test suite.
+## Set up the environment, the system packages the tests use, and run the whole test suite (the hardware-in-the-loop
+## conformance suite included, on the emulated boards: QEMU micro:bit + MicroPython WebAssembly).
 test: $(VENV)/.installed system
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --board emulated
 
 # Exact pins: requirements.lock constrains every package (torch 2.13.0 CPU comes from the local wheel).
 $(VENV)/.installed: requirements.lock pyproject.toml
