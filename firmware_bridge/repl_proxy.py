@@ -8,16 +8,22 @@ of the link speaks the fleet protocol for it: :class:`ReplTuner` calls ``tuner.p
 board over the raw REPL (the ZO arithmetic runs on the board, only seeds and scalars cross the UART as text) and
 :class:`firmware_bridge.device_agent.Agent` puts it on MQTT like any device. The board's files: the bundle's
 ``zo.py``, ``ft.py``, ``spec.py``, ``head.bin``, plus its data set ``d.bin`` (n x cols int8) and ``y.bin`` (labels).
+:class:`MicrobitProxy` does all of it for a board on a serial port (``toolchain gateway --microbit PORT``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ast
+import threading
+from collections.abc import Callable, Sequence
 
-from hw.repl import DeviceError, RawRepl
+from hw.repl import DeviceError, RawRepl, ReplError
 
 from .device_agent import Agent
-from .mqtt_link import MqttConfig
+from .errors import ProtocolError
+from .mqtt_link import MqttConfig, check_device_id
+
+BOARD_FILES = ("zo.py", "ft.py", "spec.py", "head.bin", "d.bin", "y.bin")
 
 # separate exec()s: the code of each one is compiled on the board too, and ft.py needs the heap in one piece
 IMPORTS = ("import gc\nimport zo\ngc.collect()", "import ft\ngc.collect()")
@@ -102,3 +108,79 @@ def repl_agent(cfg: MqttConfig, device_id: str, repl: RawRepl, labels: Sequence[
     tuner.boot(cols)
     return Agent(cfg, device_id, tuner, list(range(len(labels))), list(labels), model_id=model_id, caps=0,
                  board=board, firmware=firmware + " (raw REPL)", heartbeat_s=heartbeat_s, k_max=k_max)
+
+
+_SIZES = "import os\nL=os.listdir()\nfor n in {names!r}:\n print(n,os.size(n) if n in L else -1)\ndel L\n"
+
+
+class MicrobitProxy:
+    """A micro:bit v1 on serial ``port`` as an MQTT fleet device, served by a thread until :meth:`close`.
+
+    The board must hold :data:`BOARD_FILES` (the bundle's ``zo.py``, ``ft.py``, ``spec.py``, ``head.bin`` and its
+    data set ``d.bin`` + ``y.bin``); its ``main.py`` must not import the fine-tuner (the heap is needed here).
+    ``device_id`` defaults to ``microbit-<machine.unique_id() in hex>``. Every problem before the board is on MQTT
+    (port, not a micro:bit, missing files, no heap) is a one-line :class:`toolchain.errors.ToolchainError`.
+    """
+
+    def __init__(self, cfg: MqttConfig, port: str, device_id: str | None = None, *, model_id: int = 1,
+                 heartbeat_s: float = 30.0, log: Callable[[str], None] | None = None) -> None:
+        from hw.flash_board import connect, identify, read_file, run, soft_reset
+        from toolchain.errors import ToolchainError
+
+        log = log or (lambda _m: None)
+        self.port = port
+        self.repl = connect(port)
+        self._stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        try:
+            info = identify(self.repl)
+            if info.platform != "microbit":
+                raise ToolchainError(f"the board on {port} is {info.describe()}, not a micro:bit v1; --microbit is for "
+                                     "micro:bits (boards that run app.py go with --port)")
+            sizes = {}
+            for line in run(self.repl, _SIZES.format(names=BOARD_FILES), "listing the micro:bit's files").splitlines():
+                name, _, size = line.rpartition(" ")
+                sizes[name] = int(size)
+            missing = [n for n in BOARD_FILES if sizes.get(n, -1) < 0]
+            if missing:
+                raise ToolchainError(f"the micro:bit on {port} lacks {', '.join(missing)}; copy the bundle's zo.py, "
+                                     "ft.py, spec.py, head.bin and its data set d.bin + y.bin onto it (docs/fleet.md)")
+            n, cols = sizes["y.bin"], sizes["d.bin"] // max(1, sizes["y.bin"])
+            if n < 1 or cols * n != sizes["d.bin"]:
+                raise ToolchainError(f"the micro:bit on {port} has d.bin of {sizes['d.bin']} B for {n} labels in y.bin; "
+                                     "d.bin must be n rows of the head's int8 inputs (docs/fleet.md)")
+            if device_id is None:
+                uid = ast.literal_eval(run(self.repl, "import machine\nprint(repr(machine.unique_id()))",
+                                           "reading the board's id").strip())
+                device_id = f"microbit-{bytes(uid).hex()}"[:32]
+            try:
+                check_device_id(device_id)
+            except ProtocolError as exc:
+                raise ToolchainError(f"--microbit {port}={device_id}: {exc}") from None
+            labels = list(read_file(self.repl, "y.bin"))
+            soft_reset(self.repl)  # a fresh heap for compiling zo.py and ft.py
+            try:
+                self.agent = repl_agent(cfg, device_id, self.repl, labels, cols, model_id=model_id,
+                                        heartbeat_s=heartbeat_s)
+            except DeviceError as exc:
+                last = exc.traceback.strip().splitlines()[-1] if exc.traceback.strip() else "error"
+                raise ToolchainError(f"the micro:bit on {port} could not load its fine-tuner ({last}); reset it, "
+                                     "check that main.py does not import it, and retry") from None
+            except ReplError as exc:
+                raise ToolchainError(f"the micro:bit on {port} stopped answering ({str(exc).splitlines()[0][:120]}); "
+                                     "reset it and retry") from None
+        except BaseException:
+            self.repl.close()
+            raise
+        self.device_id = device_id
+        log(f"{port}: {device_id} (micro:bit, {n} samples, {self.agent.tuner.free_heap} B heap free) on MQTT "
+            "through the raw-REPL proxy")
+        self.thread = threading.Thread(target=self.agent.run, args=(self._stop,), daemon=True,
+                                       name=f"microbit-{port}")
+        self.thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        self.repl.close()

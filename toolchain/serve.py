@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -84,25 +85,63 @@ def serve(opts: ServeOptions) -> dict:
             "wall_s": round(time.monotonic() - t0, 1), "duplicates": coord.duplicates, "late": len(coord.late)}
 
 
-def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str = "tinyml", baud: int = 115200,
-            seconds: float | None = None) -> int:
-    """Bridge serial boards onto the MQTT fleet until interrupted (or ``seconds`` pass)."""
-    from firmware_bridge import MqttConfig
-    from firmware_bridge.gateway import Gateway
+def microbit_arg(text: str) -> tuple[str, str | None]:
+    """``--microbit PORT[=DEVICE]`` -> (port, device id or None)."""
+    port, sep, dev = text.partition("=")
+    if not port or (sep and not dev):
+        raise ToolchainError(f"--microbit expects PORT or PORT=DEVICE_ID, got '{text}'")
+    return port, dev or None
 
-    if not ports:
-        raise ToolchainError("gateway needs at least one --port")
+
+def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str = "tinyml", baud: int = 115200,
+            seconds: float | None = None, microbits: list[tuple[str, str | None]] | None = None, model_id: int = 1,
+            heartbeat: float = 30.0) -> int:
+    """Bridge serial boards (app.py) and micro:bits (raw-REPL proxy) onto the MQTT fleet until interrupted."""
+    from firmware_bridge import LinkError, MqttConfig
+    from firmware_bridge.gateway import Gateway
+    from firmware_bridge.repl_proxy import MicrobitProxy
+    from hw.flash_board import check_port
+
+    microbits = microbits or []
+    if not ports and not microbits:
+        raise ToolchainError("gateway needs at least one --port (a board running app.py) or --microbit PORT")
     host, port = broker_address(broker)
-    gw = Gateway(ports, MqttConfig(host, port, prefix=prefix, fleet=fleet), baudrate=baud,
-                 log=lambda m: print(f"[gateway] {m}", file=sys.stderr, flush=True))
-    t0 = time.monotonic()
+    every = [*ports, *(p for p, _ in microbits)]
+    for p in every:
+        check_port(p)
+    if len(set(every)) != len(every):
+        raise ToolchainError("a serial port is given twice; each board goes with one --port or --microbit")
     try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        raise ToolchainError(f"cannot reach the MQTT broker at {broker}: {exc}; start mosquitto or fix --broker") from None
+
+    def log(m: str) -> None:
+        print(f"[gateway] {m}", file=sys.stderr, flush=True)
+
+    cfg = MqttConfig(host, port, prefix=prefix, fleet=fleet)
+    gw: Gateway | None = None
+    proxies: list[MicrobitProxy] = []
+    try:
+        if ports:
+            try:
+                gw = Gateway(ports, cfg, baudrate=baud, log=log)
+            except (LinkError, OSError) as exc:
+                raise ToolchainError(f"cannot open {', '.join(ports)}: {str(exc).splitlines()[0]}; close other "
+                                     "programs using the port") from None
+        for p, dev in microbits:
+            log(f"{p}: starting the micro:bit proxy (identify, files, fine-tuner import)")
+            proxies.append(MicrobitProxy(cfg, p, dev, model_id=model_id, heartbeat_s=heartbeat, log=log))
+        t0 = time.monotonic()
         while seconds is None or time.monotonic() - t0 < seconds:
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
-        gw.close()
+        for proxy in proxies:
+            proxy.close()
+        if gw is not None:
+            gw.close()
     return 0
 
 
@@ -119,7 +158,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    return gateway(args.port or [], args.broker, args.fleet, baud=args.baud, seconds=args.seconds)
+    return gateway(args.port or [], args.broker, args.fleet, baud=args.baud, seconds=args.seconds,
+                   microbits=[microbit_arg(m) for m in args.microbit or []], model_id=args.model_id,
+                   heartbeat=args.heartbeat)
 
 
 def add_parsers(sub: argparse._SubParsersAction, fraction: Callable[[str], float]) -> None:
@@ -148,10 +189,15 @@ def add_parsers(sub: argparse._SubParsersAction, fraction: Callable[[str], float
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds (resume later)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("gateway", help="bridge serial boards onto an MQTT fleet (docs/fleet.md)")
-    p.add_argument("--port", action="append", help="serial port of a board (repeatable)")
+    p = sub.add_parser("gateway", help="bridge serial boards and micro:bits onto an MQTT fleet (docs/fleet.md)")
+    p.add_argument("--port", action="append", help="serial port of a board running app.py (repeatable)")
+    p.add_argument("--microbit", action="append", metavar="PORT[=DEVICE]",
+                   help="serial port of a micro:bit v1 holding the fine-tuner files, served through the raw-REPL "
+                        "proxy (repeatable; device id default: microbit-<its unique id>)")
     p.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker HOST:PORT")
     p.add_argument("--fleet", default="default")
     p.add_argument("--baud", type=int, default=115200)
+    p.add_argument("--model-id", type=int, default=1, help="id of the model flashed on the micro:bits")
+    p.add_argument("--heartbeat", type=float, default=30.0, help="micro:bit STATUS heartbeat, seconds")
     p.add_argument("--seconds", type=float, default=None, help="run this long (default: until Ctrl-C)")
     p.set_defaults(func=cmd_gateway)
