@@ -150,6 +150,23 @@ def test_nsconv_standardises_each_filter(stats):
         assert float(sel.var()) == pytest.approx(1.0 / sel.numel(), rel=1e-4)  # fan-in-scaled variance
 
 
+def test_nsconv_single_entry_filter_stays_alive():
+    """A filter with one active entry is scaled, not centred (centring would zero it for good): g * sign(w)."""
+    conv = NSConv(2, 3, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.weight[0, 0, 0, 0] = -0.7
+        conv.gain.copy_(torch.tensor([2.0, 1.0, 1.0]).reshape(3, 1, 1, 1))
+    mask = torch.zeros_like(conv.weight, dtype=torch.bool)
+    mask[0, 0, 0, 0] = True
+    mask[1, :, 1, 1] = True  # two entries: standardised as usual
+    apply_masks(nn.Sequential(conv), {"0.weight": mask})
+    w = conv.effective_weight().detach()
+    assert float(w[0, 0, 0, 0]) == pytest.approx(-2.0)
+    assert torch.count_nonzero(w[0]) == 1 and torch.count_nonzero(w[2]) == 0
+    assert float(w[1][mask[1]].abs().sum()) > 0
+
+
 @pytest.mark.parametrize("active", [True, False])
 def test_nsconv_backward_matches_autograd(active):
     torch.manual_seed(2)
@@ -157,7 +174,7 @@ def test_nsconv_backward_matches_autograd(active):
     g = torch.rand(4, 1, 1, 1, dtype=torch.float64, requires_grad=True)
     m = torch.rand(4, 3, 3, 3) < 0.5
     m[1] = False
-    m[1, 0, 0, 0] = True  # one active entry: variance 0, clamped by eps
+    m[1, 0, 0, 0] = True  # one active entry: scaled by its magnitude, not centred
     assert torch.autograd.gradcheck(lambda w, g: _Standardize.apply(w, g, m, active), (w, g))
 
 
