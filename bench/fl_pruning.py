@@ -10,6 +10,8 @@ Configurations (all methods share rounds, seeds, partition and training settings
   clients, rounds and images; densities 1 % and 5 %. Labelled reduced everywhere it is written.
 - ``cifar-reduced-10r``: the same, with twice the rounds (10) and data (3200 images, 10 clients, 5 per
   round); also reduced.
+- ``cifar-reduced-fed100``: the paper's federation (100 clients, 10 per round, Dirichlet 0.5) over a 10k-image
+  subset (100 images per client on average), 30 rounds, adjustments every 3 rounds until round 24; reduced.
 - ``cifar-paper``: the paper-scale grid (100 clients, 10 per round, densities 1/5/10 %); defined so it
   can be run on a bigger machine, not run here.
 
@@ -78,6 +80,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
                   "optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4, "partition": "dirichlet", "alpha": 0.5,
                   "eval_every": 5},
         "algo_options": {"delta": 2, "t_end": 8},
+        "per_method": {"feddst": {"alpha": 0.5}, "synflow": {"synflow_iterations": 20}},
+    },
+    "cifar-reduced-fed100": {  # the paper's federation (100 clients, 10 per round, Dir 0.5) on fewer rounds and images
+        "dataset": "cifar10", "model": "resnet8", "train_subset": 10000, "eval_samples": 1000,
+        "densities": [0.01, 0.05], "seeds": [0],
+        "train": {"rounds": 30, "clients": 100, "per_round": 10, "local_epochs": 1, "batch_size": 32,
+                  "optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4, "partition": "dirichlet", "alpha": 0.5,
+                  "eval_every": 5},
+        "algo_options": {"delta": 3, "t_end": 24},
         "per_method": {"feddst": {"alpha": 0.5}, "synflow": {"synflow_iterations": 20}},
     },
     "cifar-paper": {

@@ -36,7 +36,6 @@ from toolchain.errors import BudgetError, ToolchainError
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE_DIR = REPO / "device_runtime" / "micropython"
-JETSON_DIR = REPO / "device_runtime" / "jetson"
 ESP_FIRMWARE_OFFSET = {"esp32": "0x1000", "esp32s3": "0x0"}
 # modules of the sparse engine every model needs (docs/sparse-model-format.md, "Modules")
 _ENGINE_CORE = ("smf", "smf_u", "smf_chk", "smf_ld", "smf_wl", "smf_w", "smf_k", "smf_q")
@@ -398,7 +397,7 @@ def write_firmware(port: str, image: Path, profile: BoardProfile, log: Log = _st
 # --- Jetson ------------------------------------------------------------------------------------------
 
 _INSTALL_SH = """#!/bin/sh
-# Install the TinyML bundle on a Jetson (JetPack 6: Python 3.10, onnxruntime-gpu from the Jetson AI Lab index).
+# Install the TinyML bundle on a Jetson (JetPack 6: Python 3.10, onnxruntime-gpu from NVIDIA's Jetson wheels).
 set -eu
 DEST="${1:-/opt/tinyml/%(target)s}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -408,20 +407,31 @@ mkdir -p "$DEST"
 cp -r . "$DEST"/
 python3 -m venv "$DEST/.venv"
 "$DEST/.venv/bin/pip" install --upgrade pip >/dev/null
-"$DEST/.venv/bin/pip" install numpy onnxruntime-gpu || "$DEST/.venv/bin/pip" install numpy onnxruntime
-echo "installed in $DEST; run: $DEST/.venv/bin/python -c 'import onnxruntime as o; print(o.get_device())'"
+sed 's/^onnxruntime$/onnxruntime-gpu/' requirements.txt > "$DEST/requirements-gpu.txt"
+"$DEST/.venv/bin/pip" install -r "$DEST/requirements-gpu.txt" || "$DEST/.venv/bin/pip" install -r requirements.txt
+cd "$DEST" && PYTHONPATH="$DEST" "$DEST/.venv/bin/python" -c 'import agent, runtime; print("jetson bundle ok")'
+echo "installed in $DEST; run: PYTHON=$DEST/.venv/bin/python $DEST/run_agent.sh --help"
 """
 
 
 def jetson_archive(build_dir: Path, manifest: dict, profile: BoardProfile, out: Path | None, log: Log) -> Path:
-    names = [n for n in ("model.onnx", "model_int8.onnx", "manifest.json") if (build_dir / n).is_file()]
-    if "model.onnx" not in names:
+    """``<target>-bundle.tar.gz``: the build's on-device bundle (model, config, the agent with the firmware_bridge
+    part it imports: toolchain.ondevice.jetson_bundle) + manifest.json, install.sh and SHA256SUMS."""
+    from toolchain.ondevice.jetson_bundle import jetson_code
+
+    bundle = build_dir / "bundle"
+    if (bundle / "config.json").is_file():  # written by `toolchain build` (toolchain.ondevice.bundle)
+        files = {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted(bundle.rglob("*")) if p.is_file()}
+    else:
+        files = {n: (build_dir / n).read_bytes() for n in ("model.onnx", "model_int8.onnx") if (build_dir / n).is_file()}
+        files["config.json"] = _config(manifest)
+        files.update(jetson_code())
+    if "model.onnx" not in files:
         raise ToolchainError(f"{build_dir} has no model.onnx; rebuild with `toolchain build --target {profile.name}`")
-    files = {n: (build_dir / n).read_bytes() for n in names}
-    files["config.json"] = _config(manifest)
-    for p in sorted(JETSON_DIR.glob("*.py")):
-        files[f"runtime/{p.name}"] = p.read_bytes()
+    if (build_dir / "manifest.json").is_file():
+        files["manifest.json"] = (build_dir / "manifest.json").read_bytes()
     files["install.sh"] = (_INSTALL_SH % {"target": profile.name}).encode()
+    files.pop("SHA256SUMS", None)
     files["SHA256SUMS"] = "".join(f"{hashlib.sha256(b).hexdigest()}  {n}\n" for n, b in files.items()).encode()
     out = out or build_dir / f"{profile.name}-bundle.tar.gz"
     tmp = out.with_suffix(".tmp")
@@ -429,7 +439,7 @@ def jetson_archive(build_dir: Path, manifest: dict, profile: BoardProfile, out: 
         for name, data in files.items():
             info = tarfile.TarInfo(f"tinyml-{profile.name}/{name}")
             info.size = len(data)
-            info.mode = 0o755 if name == "install.sh" else 0o644
+            info.mode = 0o755 if name.endswith(".sh") else 0o644
             tar.addfile(info, io.BytesIO(data))
     tmp.replace(out)
     log(f"wrote {out} ({out.stat().st_size} B, {len(files)} files)")

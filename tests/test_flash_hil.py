@@ -261,7 +261,8 @@ def test_jetson_flash_writes_an_install_archive(tmp_path: Path, capsys: pytest.C
     archive = build / "jetson-orin-nano-bundle.tar.gz"
     with tarfile.open(archive) as tar:
         files = {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
-    assert {"model.onnx", "config.json", "install.sh", "SHA256SUMS"} <= set(files)
+    assert {"model.onnx", "config.json", "install.sh", "SHA256SUMS", "agent.py", "runtime.py", "run_agent.sh",
+            "requirements.txt", "firmware_bridge/device_agent.py"} <= set(files)  # the agent runs from the archive
     for line in files["SHA256SUMS"].decode().splitlines():
         digest, name = line.split("  ")
         assert hashlib.sha256(files[name]).hexdigest() == digest
