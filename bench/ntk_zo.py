@@ -4,7 +4,8 @@ Parts (each writes ``bench/results/ntk_zo_parts/<part>.json``; ``--report`` merg
 ``bench/results/ntk_zo.{json,md,png}``):
 
 - ``memory``: measured device training memory, BP on the dense model vs ZO on the NTK-pruned model;
-- ``masks``: Jaccard of the federated (data) and data-free NTK masks to the pooled-data NTK mask;
+- ``masks``: Jaccard of the federated (data) and data-free NTK masks to the pooled-data NTK mask, with noise
+  floors, over seeds (``--seeds``, ``--samples`` R, ``--models``; protocol: ``MASK_STUDY``, docs/ntk-zo.md §4.1);
 - ``mnist-<alpha>``: LeNet-5 / MNIST, ZO with dense / ntk / ntk-datafree / random / snip masks + BP FedAvg;
 - ``cifar-<alpha>``: ResNet-8 / CIFAR-10, a *reduced* configuration (see ``CIFAR`` below).
 
@@ -37,6 +38,7 @@ from toolchain.fl.masks import apply_masks, dense_masks  # noqa: E402
 from toolchain.fl.memory import forward_only_memory, training_memory  # noqa: E402
 from toolchain.fl.simulator import seed_everything  # noqa: E402
 from toolchain.pruning import make_strategy, ntk  # noqa: E402
+from toolchain.pruning.zo_fl import DEFAULTS as ZO_DEFAULTS  # noqa: E402
 from toolchain.pruning.zo_fl import NTKZeroOrder, device_graph, sparse_forward_macs  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -140,65 +142,154 @@ def part_train(name: str, spec: dict[str, Any], alpha: float) -> dict[str, Any]:
     return {"spec": cfg, "alpha": alpha, "runs": runs}
 
 
-def federated_ntk(model, fed: Federation, cfg: TrainConfig, datafree: bool) -> dict[str, torch.Tensor]:
-    """The federated NTK mask exactly as ``--algo ntk-zo`` computes it (setup exchanges, encoded messages)."""
+# ---- (d) mask agreement -------------------------------------------------------------------------------------
+# Protocol (docs/ntk-zo.md §4.1). One replicate s fixes the Dirichlet partition, the per-step client samples,
+# the NTK seed (theta and Delta of every step and draw: the protocol's ``derive(master_seed(s), 0x4E544B)``)
+# and the input draws. Within a replicate every mask uses that NTK seed (common random numbers), the same T,
+# density, eps, layer floor and draws R, and the same number of scored inputs per step; only where the data
+# sits differs. Baselines: a second pooled mask on an independent input sample (same seeds), a pooled mask
+# with other NTK seeds, and layer-matched chance. The NTK options are the strategy's defaults (``DEFAULTS``).
+MASK_STUDY = {"clients": 100, "per_step": 10, "alphas": (0.1, 0.5), "density": 0.1, "seeds": 10,
+              "T": ZO_DEFAULTS["T"], "ntk_batch": ZO_DEFAULTS["ntk_batch"], "eps": ZO_DEFAULTS["eps"],
+              "ntk_min_layer": ZO_DEFAULTS["ntk_min_layer"], "ntk_samples": ZO_DEFAULTS["ntk_samples"]}
+MASK_DATA = {"lenet5": ("mnist", None), "resnet8": ("cifar10", str(CIFAR_DIR))}
+# two-sided 95 % Student-t quantiles, by degrees of freedom
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093}
+
+
+def federated_ntk(model, fed: Federation, cfg: TrainConfig, datafree: bool, cohorts: list[list[int]],
+                  data_seed: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The federated NTK mask exactly as ``--algo ntk-zo`` computes it (setup exchanges, encoded messages), with
+    the clients of step tau = ``cohorts[tau - 1]``. Returns the mask and the inputs scored per step."""
     opts = dict(cfg.algo_options, mask="ntk-datafree" if datafree else "ntk")
     strat = NTKZeroOrder(TrainConfig(**{**cfg.as_dict(), "algo_options": opts}))
     ctx = type("Ctx", (), {"extra": {}, "server_x": fed.clients[0].x[:8], "server_y": fed.clients[0].y[:8]})()
     strat.setup(copy.deepcopy(model), ctx)
     scratch = copy.deepcopy(model)
-    cids = list(range(cfg.clients))
-    for step in range(strat.setup_steps(1)):
+    scored = []
+    assert strat.setup_steps(1) == len(cohorts)
+    for step, cids in enumerate(cohorts):
         ins = strat.configure_setup(1, step, cids)
-        res = [ntk.PruneRes.from_bytes(strat.client_setup(ntk.PruneIns.from_bytes(ins[c].to_bytes()), fed.clients[c],
-                                                          scratch, torch.Generator().manual_seed(c)).to_bytes())
-               for c in cids]
+        res = []
+        for c in cids:
+            gen = torch.Generator().manual_seed(ntk.derive(data_seed, 1000 * (step + 1) + c))  # fresh draw per step
+            reply = strat.client_setup(ntk.PruneIns.from_bytes(ins[c].to_bytes()), fed.clients[c], scratch, gen)
+            res.append(ntk.PruneRes.from_bytes(reply.to_bytes()))
+        scored.append(sum(ins[c].batch if datafree else min(ins[c].batch, len(fed.clients[c].y)) for c in cids))
         strat.aggregate_setup(1, step, res)
-    return strat.masks
+    return strat.masks, scored
 
 
-def part_masks() -> dict[str, Any]:
-    out: list[dict[str, Any]] = []
-    for spec in (MNIST, CIFAR):
-        data = dataset(spec)
-        for alpha in ((0.1, 0.5) if spec is MNIST else (0.1,)):  # compute budget: ResNet-8 only at 0.1
-            nb = 64 if spec is MNIST else 32
-            cfg = config(spec, alpha, {"T": spec["T"], "ntk_batch": nb})
-            fed = Federation.from_dataset(data, cfg)
-            seed_everything(0)
-            model = build_model(spec["model"], data.input_shape, data.num_classes)
-            t0 = time.time()
-            fed_mask = federated_ntk(model, fed, cfg, datafree=False)
-            df_mask = federated_ntk(model, fed, cfg, datafree=True)
-            strat = NTKZeroOrder(cfg)
-            seed = ntk.derive(strat.master_seed, 0x4E544B)  # the same init/perturbation seed as the protocol
-            pool_x = torch.cat([c.x for c in fed.clients])
-            budget = nb * cfg.clients  # as many inputs per step as the federation scores
+def chance_jaccard(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Expected Jaccard of two independent uniformly random masks with the layer-wise kept counts of a and b."""
+    inter = sum(float(a[k].sum()) * float(b[k].sum()) / a[k].numel() for k in a)
+    size = sum(float(a[k].sum()) + float(b[k].sum()) for k in a)
+    return inter / (size - inter)
 
-            def pooled(offset: int, pool_x: torch.Tensor = pool_x, budget: int = budget):
-                def x_fn(tau: int) -> torch.Tensor:
-                    g = torch.Generator().manual_seed(1000 * offset + tau)
-                    return pool_x[torch.randperm(len(pool_x), generator=g)[:budget]]
-                return x_fn
 
-            pooled_mask = ntk.centralised_ntk_masks(model, pooled(1), spec["density"], spec["T"], seed,
-                                                    min_layer=0.01)
-            pooled_again = ntk.centralised_ntk_masks(model, pooled(2), spec["density"], spec["T"], seed,
-                                                     min_layer=0.01)
-            rec = {"model": spec["model"], "alpha": alpha, "T": spec["T"],
-                   "jaccard_federated_vs_pooled": ntk.jaccard(fed_mask, pooled_mask),
-                   "jaccard_datafree_vs_pooled": ntk.jaccard(df_mask, pooled_mask),
-                   "jaccard_pooled_resample": ntk.jaccard(pooled_again, pooled_mask),
-                   "jaccard_federated_vs_datafree": ntk.jaccard(fed_mask, df_mask),
-                   "layer_density": {k: {"federated": float(fed_mask[k].float().mean()),
-                                         "datafree": float(df_mask[k].float().mean()),
-                                         "pooled": float(pooled_mask[k].float().mean())} for k in fed_mask},
-                   "wall_s": time.time() - t0}
-            print(json.dumps({k: v for k, v in rec.items() if k != "layer_density"}), flush=True)
-            out.append(rec)
-            PARTS.mkdir(parents=True, exist_ok=True)
-            (PARTS / "masks.json").write_text(json.dumps({"masks": out, "machine": machine(), "partial": True}) + "\n")
-    return {"masks": out}
+def summary(xs: list[float]) -> dict[str, float]:
+    """Mean, sample std and the two-sided 95 % t interval of the mean."""
+    arr = np.asarray(xs, dtype=np.float64)
+    mean = float(arr.mean())
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    half = T975.get(len(arr) - 1, 1.96) * std / np.sqrt(len(arr)) if len(arr) > 1 else float("inf")
+    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": len(arr)}
+
+
+MASK_PAIRS = ("federated_vs_pooled", "federated_cohort_vs_pooled", "datafree_vs_pooled",
+              "pooled_vs_pooled_same_seeds", "pooled_vs_pooled_other_seeds", "chance_layer_matched",
+              "federated_vs_datafree", "datafree_minus_federated")
+
+
+def mask_replicate(model_name: str, data, s: int, samples: int) -> list[dict[str, Any]]:
+    """One replicate (seed ``s``) of every mask, for each Dirichlet alpha of the study."""
+    st = MASK_STUDY
+    opts = {"T": st["T"], "ntk_batch": st["ntk_batch"], "eps": st["eps"], "ntk_min_layer": st["ntk_min_layer"],
+            "ntk_samples": samples}
+    seed_everything(s)
+    model = build_model(model_name, data.input_shape, data.num_classes)
+    rng = np.random.default_rng(ntk.derive(s, 0xC0))
+    cohorts = [sorted(int(c) for c in rng.choice(st["clients"], st["per_step"], replace=False))
+               for _ in range(st["T"])]
+    data_seed = ntk.derive(s, 0xDA7A)
+    out, df_mask = [], None
+    for alpha in st["alphas"]:
+        t0 = time.time()
+        cfg = TrainConfig(rounds=1, clients=st["clients"], per_round=st["per_step"], density=st["density"],
+                          partition="dirichlet", alpha=alpha, seed=s, algo_options=opts)
+        fed = Federation.from_dataset(data, cfg)
+        fed_mask, scored = federated_ntk(model, fed, cfg, False, cohorts, data_seed)
+        # as `toolchain train` runs it: round 1's sampled clients do all T steps (simulator setup exchanges)
+        cohort_mask, _ = federated_ntk(model, fed, cfg, False, [cohorts[0]] * st["T"], data_seed)
+        if df_mask is None:  # data-free never reads the data, so it does not depend on the partition
+            df_mask, _ = federated_ntk(model, fed, cfg, True, cohorts, data_seed)
+        seed = ntk.derive(NTKZeroOrder(cfg).master_seed, 0x4E544B)  # the NTK seed the protocol broadcasts
+        other_seed = ntk.derive(NTKZeroOrder(TrainConfig(seed=s + 10_000)).master_seed, 0x4E544B)
+        pool_x = torch.cat([c.x for c in fed.clients])
+
+        def pooled(tag: int, pool_x: torch.Tensor = pool_x, scored: list[int] = scored):
+            def x_fn(tau: int) -> torch.Tensor:  # as many pooled inputs as the federation scored at step tau
+                g = torch.Generator().manual_seed(ntk.derive(ntk.derive(data_seed, tag), tau))
+                return pool_x[torch.randperm(len(pool_x), generator=g)[:scored[tau - 1]]]
+            return x_fn
+
+        def central(x_fn, ntk_seed: int):
+            return ntk.centralised_ntk_masks(model, x_fn, st["density"], st["T"], ntk_seed, st["eps"], samples,
+                                             st["ntk_min_layer"])
+
+        pool_a, pool_b, pool_c = central(pooled(1), seed), central(pooled(2), seed), central(pooled(3), other_seed)
+        j = {"federated_vs_pooled": ntk.jaccard(fed_mask, pool_a),
+             "federated_cohort_vs_pooled": ntk.jaccard(cohort_mask, pool_a),
+             "datafree_vs_pooled": ntk.jaccard(df_mask, pool_a),
+             "pooled_vs_pooled_same_seeds": ntk.jaccard(pool_a, pool_b),
+             "pooled_vs_pooled_other_seeds": ntk.jaccard(pool_a, pool_c),
+             "chance_layer_matched": chance_jaccard(pool_a, pool_b),
+             "federated_vs_datafree": ntk.jaccard(fed_mask, df_mask)}
+        j["datafree_minus_federated"] = j["datafree_vs_pooled"] - j["federated_vs_pooled"]
+        out.append({"alpha": alpha, "seed": s, "jaccard": j, "scored_per_step": scored,
+                    "chance_federated_vs_pooled": chance_jaccard(fed_mask, pool_a),
+                    "chance_datafree_vs_pooled": chance_jaccard(df_mask, pool_a),
+                    "layer_density": {k: {"federated": float(fed_mask[k].float().mean()),
+                                          "federated_cohort": float(cohort_mask[k].float().mean()),
+                                          "datafree": float(df_mask[k].float().mean()),
+                                          "pooled": float(pool_a[k].float().mean())} for k in fed_mask},
+                    "wall_s": time.time() - t0})
+    return out
+
+
+def part_masks(models: list[str], samples: int, seeds: int) -> dict[str, Any]:
+    """Jaccard agreement of the federated / data-free masks with the pooled-data mask over ``seeds`` replicates.
+
+    Rows are keyed (model, R, alpha); a run replaces its own rows in ``masks.json`` and keeps the others."""
+    path = PARTS / "masks.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    rows = {(r["model"], r["samples"], r["alpha"]): r for r in old.get("rows", [])}  # old format: no "rows"
+    for model_name in models:
+        name, data_dir = MASK_DATA[model_name]
+        data = load_dataset(name, data_dir)
+        reps: dict[float, list[dict[str, Any]]] = {a: [] for a in MASK_STUDY["alphas"]}
+        for s in range(seeds):
+            for rec in mask_replicate(model_name, data, s, samples):
+                reps[rec["alpha"]].append(rec)
+                print(json.dumps({"model": model_name, "R": samples, "alpha": rec["alpha"], "seed": s,
+                                  **{k: round(v, 4) for k, v in rec["jaccard"].items()},
+                                  "wall_s": round(rec["wall_s"], 1)}), flush=True)
+        for alpha, rr in reps.items():
+            rows[(model_name, samples, alpha)] = {
+                "model": model_name, "dataset": name, "alpha": alpha, "samples": samples, "T": MASK_STUDY["T"],
+                "seeds": seeds, **{k: summary([r["jaccard"][k] for r in rr]) for k in MASK_PAIRS},
+                "datafree_closer_in": sum(r["jaccard"]["datafree_minus_federated"] > 0 for r in rr),
+                "scored_per_step_mean": float(np.mean([np.mean(r["scored_per_step"]) for r in rr])),
+                "scored_per_step_min": int(min(min(r["scored_per_step"]) for r in rr)),
+                "replicates": rr, "wall_s": sum(r["wall_s"] for r in rr)}
+        res = {"protocol": {**MASK_STUDY, "alphas": list(MASK_STUDY["alphas"]), "seeds": "per row"},
+               "rows": sorted(rows.values(), key=lambda r: (r["model"], r["samples"], r["alpha"])),
+               "machine": machine()}
+        res["wall_s"] = sum(r["wall_s"] for r in res["rows"])
+        PARTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=1) + "\n")
+    return res
 
 
 def part_memory() -> dict[str, Any]:
@@ -243,8 +334,9 @@ def report() -> None:
              "Generated by `bench/ntk_zo.py`; method and choices in `docs/ntk-zo.md`. Machine: "
              f"{machine()['platform']}, torch {torch.__version__}, 1 torch thread, 2 cores shared with other jobs.", ""]
     wall = sum(p.get("wall_s", 0) for p in parts.values())
-    lines.append(f"Wall time: {wall / 60:.1f} min summed over the parts, which ran 3-5 at a time under `nice -n 10` "
-                 "on 2 cores shared with other engineers' jobs (load average 14-17).")
+    lines.append(f"Wall time: {wall / 60:.1f} min summed over the parts; the memory and training parts ran 3-5 at a "
+                 "time under `nice -n 10` on 2 cores shared with other engineers' jobs (load average 14-17), the mask "
+                 "study (d) alone (load average about 4).")
     lines.append("")
     acceptance: dict[str, Any] = {}
     if "memory" in parts:
@@ -323,17 +415,43 @@ def report() -> None:
         fig.savefig(RESULTS / "ntk_zo.png", dpi=120)
         plt.close(fig)
         lines += ["![accuracy per forward pass](ntk_zo.png)", ""]
-    if "masks" in parts:
+    if "masks" in parts and "rows" in parts["masks"]:
+        mk = parts["masks"]
+        st = mk["protocol"]
         lines += ["## (d) Mask agreement with the pooled-data NTK mask (Jaccard)", "",
-                  "| model | Dirichlet | federated (data) vs pooled | data-free vs pooled | pooled vs pooled "
-                  "(other sample) | federated vs data-free |", "|---|---|---|---|---|---|"]
-        for m in parts["masks"]["masks"]:
-            lines.append(f"| {m['model']} | {m['alpha']} | {m['jaccard_federated_vs_pooled']:.4f} | "
-                         f"{m['jaccard_datafree_vs_pooled']:.4f} | {m['jaccard_pooled_resample']:.4f} | "
-                         f"{m['jaccard_federated_vs_datafree']:.4f} |")
+                  f"{st['clients']} clients, {st['per_step']} sampled per pruning step, density {st['density']}, "
+                  f"T = {st['T']}, {st['ntk_batch']} inputs per client and step (the pooled masks score as many "
+                  "pooled inputs per step as the federation did), the NTK seeds of the protocol shared by every mask "
+                  "of a replicate (common random numbers). Mean ± std over the replicates (seeds: partition, "
+                  "client samples, NTK seeds, input draws); last column: paired difference data-free − federated, "
+                  "mean [95 % t interval], and in how many replicates data-free was closer. "
+                  f"Machine: {mk['machine']['platform']}, 1 torch thread, nice 10, 2 shared cores; wall time "
+                  f"{mk['wall_s'] / 60:.1f} min. Protocol and reading: docs/ntk-zo.md §4.1.", "",
+                  "| model | R | Dirichlet | seeds | federated vs pooled | federated, one cohort for all T steps "
+                  "| data-free vs pooled | pooled vs pooled (same seeds, other inputs) | pooled vs pooled (other "
+                  "seeds) | chance (layer-matched) | federated vs data-free | data-free − federated |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+        def ms(x: dict[str, Any]) -> str:
+            return f"{x['mean']:.4f} ± {x['std']:.4f}"
+
+        for m in mk["rows"]:
+            d = m["datafree_minus_federated"]
+            lines.append(f"| {m['model']} | {m['samples']} | {m['alpha']} | {m['seeds']} | "
+                         f"{ms(m['federated_vs_pooled'])} | {ms(m['federated_cohort_vs_pooled'])} | "
+                         f"{ms(m['datafree_vs_pooled'])} | {ms(m['pooled_vs_pooled_same_seeds'])} | "
+                         f"{ms(m['pooled_vs_pooled_other_seeds'])} | {ms(m['chance_layer_matched'])} | "
+                         f"{ms(m['federated_vs_datafree'])} | {d['mean']:+.4f} [{d['ci95'][0]:+.4f}, "
+                         f"{d['ci95'][1]:+.4f}], {m['datafree_closer_in']}/{m['seeds']} |")
             if m["alpha"] == 0.1:
-                acceptance[f"d_{m['model']}"] = {"datafree": m["jaccard_datafree_vs_pooled"],
-                                                  "federated": m["jaccard_federated_vs_pooled"]}
+                lo, hi = d["ci95"]
+                key = f"d_{m['model']}" + ("" if m["samples"] == st["ntk_samples"] else f"_R{m['samples']}")
+                acceptance[key] = {
+                    "datafree": m["datafree_vs_pooled"]["mean"], "datafree_std": m["datafree_vs_pooled"]["std"],
+                    "federated": m["federated_vs_pooled"]["mean"], "federated_std": m["federated_vs_pooled"]["std"],
+                    "pooled_vs_pooled_same_seeds": m["pooled_vs_pooled_same_seeds"]["mean"],
+                    "datafree_minus_federated_ci95": d["ci95"], "seeds": m["seeds"], "R": m["samples"],
+                    "verdict": "met" if lo > 0 else "not met" if hi < 0 else "inconclusive (interval contains 0)"}
         lines.append("")
     lines += ["## Acceptance values", "", "```json", json.dumps(acceptance, indent=1), "```", ""]
     (RESULTS / "ntk_zo.md").write_text("\n".join(lines))
@@ -346,6 +464,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", help="memory | masks | mnist-0.5 | mnist-0.1 | cifar-0.5 | cifar-0.1")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--seeds", type=int, default=MASK_STUDY["seeds"], help="masks: replicates per row")
+    ap.add_argument("--samples", type=int, default=MASK_STUDY["ntk_samples"], help="masks: NTK-SAP draws R per step")
+    ap.add_argument("--models", default="lenet5", help="masks: comma-separated, lenet5 and/or resnet8")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.report:
@@ -355,13 +476,14 @@ def main() -> int:
     if args.part == "memory":
         res = part_memory()
     elif args.part == "masks":
-        res = part_masks()
+        res = part_masks(args.models.split(","), args.samples, args.seeds)
     elif args.part and args.part.split("-")[0] in ("mnist", "cifar"):
         name, alpha = args.part.split("-")
         res = part_train(args.part, MNIST if name == "mnist" else CIFAR, float(alpha))
     else:
         ap.error("pass --part or --report")
-    res.update(machine=machine(), wall_s=time.time() - t0)
+    res.update(machine=machine())
+    res.setdefault("wall_s", time.time() - t0)  # masks: the sum over its rows, which may come from several runs
     PARTS.mkdir(parents=True, exist_ok=True)
     (PARTS / f"{args.part}.json").write_text(json.dumps(res, indent=1) + "\n")
     return 0

@@ -143,6 +143,29 @@ def test_datafree_saliency_never_reads_client_data(toy):
     assert not np.array_equal(outs[False][0].scores, clean.scores)
 
 
+def test_federated_saliency_is_the_pooled_saliency_under_full_participation(toy):
+    """algorithms.md §3.2(b): R is additive over inputs, so with every client scoring all its data the server's
+    |n-weighted sum of signed local saliencies| is the NTK-SAP saliency of the pooled data (LeNet-5: no BN)."""
+    cfg, fed, strategy = _setup(toy, clients=3, per_round=3, rounds=1, ntk_batch=len(toy.y_train))
+    model = _model()
+    names = prunable_names(model)
+    params = dict(model.named_parameters())
+    masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
+    ins = ntk.PruneIns(11, 1, 2, len(toy.y_train), 0.01, False, ntk.masks_to_bits(masks, names))
+    res = [ntk.PruneRes.from_bytes(strategy.client_setup(ins, c, model, torch.Generator().manual_seed(c.cid)).to_bytes())
+           for c in fed.clients]
+    assert [r.n for r in res] == [len(c.y) for c in fed.clients]  # each client scored all of its samples
+    fed_scores = ntk.aggregate_scores(res, [r.n for r in res], masks, names)
+    pooled = ntk.ntk_saliency(model, masks, torch.cat([c.x for c in fed.clients]), ntk.derive(11, 1), 0.01, 2)
+    for n in names:
+        assert torch.allclose(fed_scores[n].float(), pooled[n], rtol=1e-3, atol=1e-6 * float(pooled[n].max()))
+    # the sum of per-client |saliency| (the former aggregation) is a different score: the check has teeth
+    total = sum(r.n for r in res)
+    abs_first = sum(np.abs(r.scores.astype(np.float64)) * r.n / total for r in res)
+    flat = np.concatenate([pooled[n].reshape(-1).numpy() for n in names])
+    assert not np.allclose(abs_first, flat, rtol=1e-2, atol=1e-6 * flat.max())
+
+
 def test_prune_messages_roundtrip():
     bits = (np.arange(37) % 3 == 0).astype(np.uint8)
     ins = ntk.PruneIns(0xDEADBEEF, 4, 2, 64, 0.01, True, bits)
