@@ -225,6 +225,10 @@ def render(res: dict) -> str:
             lines.append(f"| {r['model']}{'(w=' + str(r['model_kwargs']['width']) + ')' if r['model_kwargs'] else ''} | "
                          f"{r['density']} | {r['algo']} | {r['accuracy'] * 100:.2f} % | {r['final_density']:.4f} | "
                          f"{r['footprint']['total'] / 2**20:.2f} | {r['bytes_up_per_client_round']:.0f} | {r['seconds']} |")
+    before = res.get("accuracy_before_nsconv_fix", [])
+    if before:  # the same cells with NSConv zeroing single-entry filters (models/nsconv.py before dc348b4)
+        lines += ["", "FedMef rows measured before NSConv stopped zeroing single-entry filters (same config): " + ", ".join(
+            f"{r['model']} @ {r['density']}: {r['accuracy'] * 100:.2f} %" for r in before)]
     if res.get("verdict"):
         lines += ["", "## Verdict", ""] + [f"- {v}" for v in res["verdict"]]
     return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ The layer needs the mask (a grown weight is 0 but active, so ``W != 0`` is not t
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -35,6 +36,10 @@ from torch import nn
 
 EPS = 1e-4
 STATS = ("active", "all")
+INITS = ("nf", "ones")
+# Gain of a standardised conv followed by ReLU (Brock et al. 2021, NF-Nets: 1 / std of ReLU(N(0, 1))): without it
+# every ReLU halves the second moment and, with no BatchNorm to restore it, the signal fades with depth.
+RELU_GAIN = (2.0 / (1.0 - 1.0 / math.pi)) ** 0.5
 
 
 class _Standardize(torch.autograd.Function):
@@ -122,27 +127,49 @@ def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), attr
 
 
-def convert_to_nsconv(model: nn.Module, stats: str = "active") -> nn.Module:
+def convert_to_nsconv(model: nn.Module, stats: str = "active", init: str = "nf") -> nn.Module:
     """In place: every ``Conv2d -> BatchNorm2d`` pair becomes ``NSConv -> Identity``.
 
     The Identity keeps the module indices of the BN model, so state-dict keys of convolutions and
     classifiers match between ``norm="bn"`` and ``norm="nsconv"`` builds. NSConv gets a bias (BN's
     shift is gone). Raises if a BatchNorm is left that does not follow a convolution.
+
+    ``init`` sets the gains, the only thing that keeps activations at scale without BatchNorm:
+    ``"nf"`` (default) = ``RELU_GAIN`` for a conv followed by ReLU/ReLU6 (NF-Nets' scaled weight
+    standardisation) and 0 for the last conv of a residual branch (SkipInit, De & Smith 2020: each block
+    starts as its shortcut, so the sum does not double the variance per block); blocks mark their branch
+    with ``residual = True`` and name it ``body``. ``"ones"``: every gain 1 (measured: the logits of
+    MobileNetV2 come out ~30x too small and it does not train; ResNet-8 trains slowly).
     """
+    if init not in INITS:
+        raise ValueError(f"NSConv init must be one of {INITS}, got {init!r}")
     pairs: list[tuple[str, str]] = []
+    gains: dict[str, float] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Sequential):
             kids = list(mod.named_children())
-            for (cn, c), (bn_name, b) in zip(kids[:-1], kids[1:], strict=True):
+            for k, ((cn, c), (bn_name, b)) in enumerate(zip(kids[:-1], kids[1:], strict=True)):
                 if type(c) is nn.Conv2d and isinstance(b, nn.BatchNorm2d):
                     prefix = f"{name}." if name else ""
                     pairs.append((prefix + cn, prefix + bn_name))
+                    after = kids[k + 2][1] if k + 2 < len(kids) else None
+                    if isinstance(after, (nn.ReLU, nn.ReLU6)):
+                        gains[prefix + cn] = RELU_GAIN
+    for name, mod in model.named_modules():
+        body = getattr(mod, "body", None)
+        if getattr(mod, "residual", False) and isinstance(body, nn.Sequential):
+            prefix = f"{name}.body." if name else "body."
+            last = [prefix + n for n, c in body.named_children() if type(c) is nn.Conv2d]
+            if last:
+                gains[last[-1]] = 0.0
     for conv_name, bn_name in pairs:
         parent, attr = _parent(model, conv_name)
         old: nn.Conv2d = getattr(parent, attr)
         new = NSConv(old.in_channels, old.out_channels, old.kernel_size[0], old.stride[0],
                      old.padding[0] if isinstance(old.padding, tuple) else old.padding, old.dilation[0], old.groups,
                      bias=True, stats=stats)
+        if init == "nf":
+            nn.init.constant_(new.gain, gains.get(conv_name, 1.0))
         setattr(parent, attr, new)
         parent, attr = _parent(model, bn_name)
         setattr(parent, attr, nn.Identity())

@@ -110,6 +110,7 @@ class BasicBlock(nn.Module):
             if stride != 1 or cin != cout else nn.Identity()
         )
         self.relu = nn.ReLU()
+        self.residual = True  # body(x) is added to a shortcut (NSConv's SkipInit, models/nsconv.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.body(x) + self.shortcut(x))

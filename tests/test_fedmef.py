@@ -167,6 +167,28 @@ def test_nsconv_single_entry_filter_stays_alive():
     assert float(w[1][mask[1]].abs().sum()) > 0
 
 
+def test_nsconv_nf_init_gains():
+    """ReLU-followed convs start at NF-Nets' ReLU gain, the last conv of a residual branch at 0 (SkipInit)."""
+    from models.nsconv import RELU_GAIN
+    from models.zoo import BasicBlock, InvertedResidual
+
+    for name, kw in (("resnet8", {}), ("mobilenetv2", {"width": 0.35})):
+        model = build_model(name, (32, 32, 3), 10, norm="nsconv", **kw)
+        last = set()
+        for mod in model.modules():
+            if isinstance(mod, (BasicBlock, InvertedResidual)) and mod.residual:
+                last.add(id([c for c in mod.body.modules() if isinstance(c, NSConv)][-1]))
+        for seq in (m for m in model.modules() if isinstance(m, nn.Sequential)):
+            kids = list(seq.children())
+            for i, c in enumerate(kids):
+                if not isinstance(c, NSConv):
+                    continue
+                relu = i + 2 < len(kids) and isinstance(kids[i + 2], nn.ReLU)
+                want = 0.0 if id(c) in last else RELU_GAIN if relu else 1.0
+                assert torch.allclose(c.gain, torch.full_like(c.gain, want)), (name, want)
+        assert last  # both nets have residual blocks
+
+
 @pytest.mark.parametrize("active", [True, False])
 def test_nsconv_backward_matches_autograd(active):
     torch.manual_seed(2)
