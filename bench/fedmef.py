@@ -229,6 +229,10 @@ def render(res: dict) -> str:
     if before:  # the same cells with NSConv zeroing single-entry filters (models/nsconv.py before dc348b4)
         lines += ["", "FedMef rows measured before NSConv stopped zeroing single-entry filters (same config): " + ", ".join(
             f"{r['model']} @ {r['density']}: {r['accuracy'] * 100:.2f} %" for r in before)]
+    ones = res.get("accuracy_nsconv_init_ones", [])
+    if ones:  # ablation: every NSConv gain starting at 1 instead of the NF gains (models/nsconv.py, nsconv_init)
+        lines += ["", "FedMef with `nsconv_init=ones` (all gains 1; same config): " + ", ".join(
+            f"{r['model']} @ {r['density']}: {r['accuracy'] * 100:.2f} %" for r in ones)]
     if res.get("verdict"):
         lines += ["", "## Verdict", ""] + [f"- {v}" for v in res["verdict"]]
     return "\n".join(lines) + "\n"
