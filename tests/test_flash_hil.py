@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from proc_helpers import ctrl_c_as_in_a_terminal
 
 from hw.emulators import microbit as mb
 from hw.emulators import wasm_repl
@@ -276,7 +277,8 @@ def test_emulate_prints_ports_that_work_and_cleans_up() -> None:
     from hw.repl import RawRepl
 
     proc = subprocess.Popen([sys.executable, "-m", "toolchain.cli", "emulate", "wasm", "--count", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline().split() for _ in range(2)]

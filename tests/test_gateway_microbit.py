@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fleet_helpers import microbit_files  # noqa: E402
 from fleet_model import make_model  # noqa: E402
 from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
+from proc_helpers import ctrl_c_as_in_a_terminal  # noqa: E402
 
 from firmware_bridge import Ack, Hello, MqttConfig, MqttHost, Ping, RoundResult, RoundStart, RoundUpdate, Status  # noqa: E402
 from hw.emulators import microbit, wasm_repl  # noqa: E402
@@ -57,7 +58,8 @@ def test_gateway_cli_puts_a_microbit_on_mqtt(tmp_path: Path, mosquitto) -> None:
         host.start()
         log = open(tmp_path / "gateway.log", "wb")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen([sys.executable, "-m", "toolchain.cli", "gateway", "--microbit", f"{qemu.port}=mb-cli",
-                                 "--broker", broker, "--fleet", "gw"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                                 "--broker", broker, "--fleet", "gw"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=ctrl_c_as_in_a_terminal)
         log.close()
 
         def expect(kind: type, pred: object = lambda _m: True, timeout: float = 60.0) -> object:
