@@ -127,12 +127,18 @@ class RawRepl:
         self._read_until(b">", timeout, "the raw-REPL prompt")
         return out.decode(errors="replace").replace("\r\n", "\n"), err.decode(errors="replace").replace("\r\n", "\n")
 
-    def exec(self, code: str, timeout: float | None = None) -> str:
-        """Run ``code`` and return what it printed; raise :class:`DeviceError` if it raised."""
-        out, err = self.exec_raw(code, timeout)
-        if err:
-            raise DeviceError(err, out)
-        return out
+    def exec(self, code: str, timeout: float | None = None, resend: int = 2) -> str:
+        """Run ``code`` and return what it printed; raise :class:`DeviceError` if it raised.
+
+        A SyntaxError means a byte was lost on the way (the micro:bit's UART has no flow control; measured under
+        load in QEMU) and nothing ran, so the code is sent again, up to ``resend`` times."""
+        for i in range(resend + 1):
+            out, err = self.exec_raw(code, timeout)
+            if not err:
+                return out
+            if "SyntaxError" not in err or i == resend:
+                raise DeviceError(err, out)
+        raise AssertionError("unreachable")
 
     def put_file(self, name: str, data: bytes, chunk: int = 96, attempts: int = 3) -> None:
         """Write ``data`` to the board's file system as ``name``, in chunks (the board's heap is small).

@@ -110,16 +110,9 @@ def host_reference(build_dir: Path, files: dict[str, bytes], x: np.ndarray) -> t
     return np.stack(outs), "the engine under CPython (tflite-micro not installed)"
 
 
-def _exec(ctx: Context, code: str, timeout: float = 120, attempts: int = 3) -> str:
-    """Run code on the board. A SyntaxError means a byte was lost on the way (the micro:bit's UART has no flow
-    control) and nothing ran, so the code is sent again."""
-    for i in range(attempts):
-        try:
-            return ctx.repl.exec(code, timeout=timeout)
-        except DeviceError as exc:
-            if "SyntaxError" not in exc.traceback or i == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+def _exec(ctx: Context, code: str, timeout: float = 120) -> str:
+    """Run code on the board (``RawRepl.exec`` resends it if a lost byte made it a SyntaxError)."""
+    return ctx.repl.exec(code, timeout=timeout)
 
 
 def check_identity(ctx: Context) -> CheckResult:
