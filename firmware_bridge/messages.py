@@ -352,20 +352,28 @@ class RoundResult:
     def payload(self) -> bytes:
         _u30("round_id", self.round_id)
         _u30("n_samples", self.n_samples)
-        if not 1 <= len(self.scalars) <= MAX_K:
-            raise ProtocolError(f"1..{MAX_K} scalars")
-        vals = [_f32(v) for v in self.scalars]
-        return struct.pack(f"<IIf{len(vals)}f", self.round_id, self.n_samples, _f32(self.loss), *vals)
+        return struct.pack("<IIf", self.round_id, self.n_samples, _f32(self.loss)) + _pack_scalars(self.scalars)
 
     @classmethod
     def parse(cls, r: _Reader) -> RoundResult:
         round_id, n, loss = r.take("<IIf")
         _u30("round_id", round_id)
         _u30("n_samples", n)
-        rest = r.rest()
-        if len(rest) % 4 or not 1 <= len(rest) // 4 <= MAX_K:
-            raise ProtocolError("ROUND_RESULT needs 1..256 float32 scalars")
-        return cls(round_id, struct.unpack(f"<{len(rest) // 4}f", rest), loss, n)
+        return cls(round_id, _parse_scalars(r, "ROUND_RESULT"), loss, n)
+
+
+def _pack_scalars(values: tuple[float, ...]) -> bytes:
+    """The 1..MAX_K float32 scalars that end ROUND_RESULT and ROUND_UPDATE."""
+    if not 1 <= len(values) <= MAX_K:
+        raise ProtocolError(f"1..{MAX_K} scalars")
+    return struct.pack(f"<{len(values)}f", *(_f32(v) for v in values))
+
+
+def _parse_scalars(r: _Reader, name: str) -> tuple[float, ...]:
+    rest = r.rest()
+    if len(rest) % 4 or not 1 <= len(rest) // 4 <= MAX_K:
+        raise ProtocolError(f"{name} needs 1..{MAX_K} float32 scalars")
+    return struct.unpack(f"<{len(rest) // 4}f", rest)
 
 
 @dataclass(frozen=True)
@@ -387,19 +395,13 @@ class RoundUpdate:
     def payload(self) -> bytes:
         _u30("round_id", self.round_id)
         _uint("seed", self.seed, 32)
-        if not 1 <= len(self.gbar) <= MAX_K:
-            raise ProtocolError(f"1..{MAX_K} scalars")
-        vals = [_f32(v) for v in self.gbar]
-        return struct.pack(f"<IIf{len(vals)}f", self.round_id, self.seed, _f32(self.lr), *vals)
+        return struct.pack("<IIf", self.round_id, self.seed, _f32(self.lr)) + _pack_scalars(self.gbar)
 
     @classmethod
     def parse(cls, r: _Reader) -> RoundUpdate:
         round_id, seed, lr = r.take("<IIf")
         _u30("round_id", round_id)
-        rest = r.rest()
-        if len(rest) % 4 or not 1 <= len(rest) // 4 <= MAX_K:
-            raise ProtocolError("ROUND_UPDATE needs 1..256 float32 scalars")
-        return cls(round_id, seed, lr, struct.unpack(f"<{len(rest) // 4}f", rest))
+        return cls(round_id, seed, lr, _parse_scalars(r, "ROUND_UPDATE"))
 
     # Kept from when ROUND_UPDATE was a fleet extension (firmware_bridge.fleet): same as encode(msg) / decode(raw).
     def encode(self) -> bytes:
