@@ -431,7 +431,6 @@ def jetson_archive(build_dir: Path, manifest: dict, profile: BoardProfile, out: 
     if (build_dir / "manifest.json").is_file():
         files["manifest.json"] = (build_dir / "manifest.json").read_bytes()
     files["install.sh"] = (_INSTALL_SH % {"target": profile.name}).encode()
-    files.pop("SHA256SUMS", None)
     files["SHA256SUMS"] = "".join(f"{hashlib.sha256(b).hexdigest()}  {n}\n" for n, b in files.items()).encode()
     out = out or build_dir / f"{profile.name}-bundle.tar.gz"
     tmp = out.with_suffix(".tmp")

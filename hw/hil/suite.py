@@ -110,11 +110,6 @@ def host_reference(build_dir: Path, files: dict[str, bytes], x: np.ndarray) -> t
     return np.stack(outs), "the engine under CPython (tflite-micro not installed)"
 
 
-def _exec(ctx: Context, code: str, timeout: float = 120) -> str:
-    """Run code on the board (``RawRepl.exec`` resends it if a lost byte made it a SyntaxError)."""
-    return ctx.repl.exec(code, timeout=timeout)
-
-
 def check_identity(ctx: Context) -> CheckResult:
     notes = check_board(ctx.info, ctx.profile)  # raises ToolchainError on the wrong firmware
     extra = f" ({'; '.join(notes)})" if notes else ""
@@ -159,12 +154,12 @@ def _load_model(ctx: Context) -> tuple[int, int] | CheckResult:
         try:
             if kind == "smf_mb":
                 step = "importing smf_mbk, smf_mb"
-                code = _exec(ctx, _LOAD[kind][0], timeout=300)
+                code = ctx.repl.exec(_LOAD[kind][0], timeout=300)
                 ctx.state["code"] = int(next(ln for ln in code.splitlines() if ln.startswith("CODE")).split()[1])
                 step = "loading the model"
-                out = _exec(ctx, _LOAD[kind][1], timeout=300)
+                out = ctx.repl.exec(_LOAD[kind][1], timeout=300)
             else:
-                out = _exec(ctx, _LOAD[kind], timeout=300)
+                out = ctx.repl.exec(_LOAD[kind], timeout=300)
             break
         except DeviceError as exc:
             last = exc.traceback.strip().splitlines()[-1]
@@ -184,13 +179,13 @@ def check_inference(ctx: Context) -> CheckResult:
     if isinstance(loaded, CheckResult):
         return loaded
     ref, ref_name = host_reference(ctx.build_dir, ctx.files, x)
-    _exec(ctx, f"s={VECTOR_SEED}")
+    ctx.repl.exec(f"s={VECTOR_SEED}", timeout=120)
     got = []
     for _ in range(len(x)):  # one short command per vector: the board compiles each (a micro:bit has ~4 KB left)
-        out = _exec(ctx, f"gc.collect()\nfor i in range({n}):\n s=(s*75+74)%65537\n b[i]=(s&255)-128\n"
+        out = ctx.repl.exec(f"gc.collect()\nfor i in range({n}):\n s=(s*75+74)%65537\n b[i]=(s&255)-128\n"
                          "print(list(m.infer()))", timeout=120)
         got.append([int(v) for v in out.strip().strip("[]").split(",")])
-    heap = _exec(ctx, "gc.collect()\nprint(gc.mem_alloc()-a0)").strip()
+    heap = ctx.repl.exec("gc.collect()\nprint(gc.mem_alloc()-a0)", timeout=120).strip()
     ctx.state["after_inference"] = int(heap.splitlines()[-1])
     got_a = np.array(got, np.int8)
     if got_a.shape != ref.shape or (got_a != ref).any():
@@ -254,16 +249,16 @@ def _zo_round_once(ctx: Context) -> CheckResult:
     soft_reset(ctx.repl)
     step = "import zo"
     try:  # the runtime modules first, one at a time on the fresh heap (as the bundle's main.py does)
-        _exec(ctx, "import gc\ngc.collect()\nimport zo\ngc.collect()", timeout=120)
+        ctx.repl.exec("import gc\ngc.collect()\nimport zo\ngc.collect()", timeout=120)
         step = "import ft"
-        _exec(ctx, "import ft\ngc.collect()\nzo0=gc.mem_alloc()", timeout=120)
+        ctx.repl.exec("import ft\ngc.collect()\nzo0=gc.mem_alloc()", timeout=120)
         step = "FineTuner()"
-        _exec(ctx, setup, timeout=300)
+        ctx.repl.exec(setup, timeout=300)
         step = "reading the samples"
-        _exec(ctx, f"f=open({ZO_FILE!r},'rb')\nxs=[f.read({len(rows[0])}) for i in range({len(rows)})]\nf.close()\n"
+        ctx.repl.exec(f"f=open({ZO_FILE!r},'rb')\nxs=[f.read({len(rows[0])}) for i in range({len(rows)})]\nf.close()\n"
                    "del f\ngc.collect()", timeout=60)
         step = "probe"
-        out = _exec(ctx, f"g,loss,n=t.probe({ZO_SEED},{ZO_K},{ZO_MU!r},xs,{ys!r})\n"
+        out = ctx.repl.exec(f"g,loss,n=t.probe({ZO_SEED},{ZO_K},{ZO_MU!r},xs,{ys!r})\n"
                          "print('ZO',' '.join(repr(v) for v in g),'|',repr(loss),n)\ndel g\ngc.collect()\n"
                          "print('ZOHEAP',gc.mem_alloc()-zo0)", timeout=300)
     except DeviceError as exc:
@@ -353,7 +348,7 @@ def check_protocol(ctx: Context) -> CheckResult:
     soft_reset(ctx.repl)
     frames = _malformed_frames()
     try:  # compile proto first, on the fresh heap, as a device's main.py does (1.9.2 compiles .py on the board)
-        _exec(ctx, "import gc\ngc.collect()\nimport proto\ngc.collect()")
+        ctx.repl.exec("import gc\ngc.collect()\nimport proto\ngc.collect()", timeout=120)
     except DeviceError as exc:
         ctx.state.pop("uploaded_proto", None)
         return CheckResult("protocol", "fail", f"importing proto.py raised {exc.traceback.strip().splitlines()[-1]}")
@@ -368,7 +363,7 @@ def check_protocol(ctx: Context) -> CheckResult:
             "gc.collect()\n"
             "a=gc.mem_alloc()-a\nprint('PROTO',r,p.bad,a)\n")
     try:
-        out = _exec(ctx, code, timeout=120)
+        out = ctx.repl.exec(code, timeout=120)
     except DeviceError as exc:
         return CheckResult("protocol", "fail", f"proto.py raised {exc.traceback.strip().splitlines()[-1]}")
     finally:
