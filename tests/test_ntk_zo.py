@@ -166,6 +166,68 @@ def test_federated_saliency_is_the_pooled_saliency_under_full_participation(toy)
     assert not np.allclose(abs_first, flat, rtol=1e-2, atol=1e-6 * flat.max())
 
 
+def test_frobenius_objective_estimates_the_squared_kernel_norm():
+    """E_v R_F = ||Θ(X)||_F² / |X|² (Θ over the prunable weights, every output), checked against an explicit
+    Jacobian on a small MLP: the mean of 1500 draws is within 4 standard errors."""
+    from torch import nn
+    from torch.func import functional_call, jacrev
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    x = torch.randn(6, 5)
+    names = prunable_names(net)
+    params = {n: p.detach() for n, p in net.named_parameters()}
+
+    def f(theta):
+        return functional_call(net, theta, (x,))
+
+    jac = jacrev(f)(params)
+    j = torch.cat([jac[n].reshape(6 * 3, -1) for n in names], 1)
+    exact = float(((j @ j.T) ** 2).sum()) / 36
+    draws = np.array([float(ntk._frobenius_r(f, {n: p.clone() for n, p in params.items()}, names, x, 1e-4,
+                                             torch.Generator().manual_seed(r)).detach()) for r in range(1500)])
+    assert abs(draws.mean() - exact) < 4 * draws.std(ddof=1) / np.sqrt(len(draws))
+
+
+def test_frobenius_federated_saliency_keeps_only_the_local_kernels(toy):
+    """Unlike the trace, ||Θ||_F² couples inputs: the federated sum holds the clients' diagonal kernel blocks only,
+    so it differs from the pooled saliency even with every client scoring all its data (the local-NTK
+    approximation, algorithms.md §3.2 b), while a single client scoring everything is the pooled saliency."""
+    cfg, fed, strategy = _setup(toy, clients=3, per_round=3, rounds=1, ntk_batch=len(toy.y_train))
+    model = _model()
+    names = prunable_names(model)
+    params = dict(model.named_parameters())
+    masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
+    ins = ntk.PruneIns(11, 1, 1, len(toy.y_train), 0.01, False, ntk.masks_to_bits(masks, names), "frobenius")
+    ins = ntk.PruneIns.from_bytes(ins.to_bytes())
+    assert ins.objective == "frobenius"
+    res = [strategy.client_setup(ins, c, model, torch.Generator().manual_seed(c.cid)) for c in fed.clients]
+    fed_scores = ntk.aggregate_scores(res, [r.n for r in res], masks, names)
+    x_all = torch.cat([c.x for c in fed.clients])
+    # v is drawn per (input, output) row, so the pooled party scores its inputs in the order a client would
+    x_seen = ntk.client_inputs(ins, x_all, tuple(x_all.shape[1:]), 0, torch.Generator().manual_seed(0))
+    pooled = ntk.ntk_saliency(model, masks, x_seen, ntk.derive(11, 1), 0.01, 1, "frobenius")
+    flat_fed = torch.cat([fed_scores[n].reshape(-1).float() for n in names])
+    flat_pool = torch.cat([pooled[n].reshape(-1) for n in names])
+    assert not torch.allclose(flat_fed, flat_pool, rtol=1e-2)
+    one = strategy.client_setup(ins, ClientData(0, x_all, torch.cat([c.y for c in fed.clients])), model,
+                                torch.Generator().manual_seed(0))
+    alone = ntk.aggregate_scores([one], [one.n], masks, names)
+    for n in names:
+        assert torch.allclose(alone[n].float(), pooled[n], rtol=1e-4, atol=1e-7 * float(pooled[n].max()))
+
+
+def test_unknown_ntk_objective_is_refused(toy):
+    from toolchain.errors import ToolchainError
+
+    with pytest.raises(ToolchainError, match="ntk_objective=spectral is not one of trace, frobenius"):
+        _setup(toy, clients=2, per_round=2, rounds=1, ntk_objective="spectral")
+    bad = bytearray(ntk.PruneIns(1, 1, 1, 8, 0.01, False, np.ones(8, np.uint8)).to_bytes())
+    bad[18] = 4
+    with pytest.raises(ValueError, match="unknown NTK pruning flags"):
+        ntk.PruneIns.from_bytes(bytes(bad))
+
+
 def test_prune_messages_roundtrip():
     bits = (np.arange(37) % 3 == 0).astype(np.uint8)
     ins = ntk.PruneIns(0xDEADBEEF, 4, 2, 64, 0.01, True, bits)

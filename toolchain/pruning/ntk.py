@@ -31,6 +31,7 @@ from toolchain.fl.masks import Masks, global_topk, prunable_names
 from toolchain.zo import derive
 
 EPS_DEFAULT = 0.01  # NTK-SAP ``ntksap_epsilon``
+OBJECTIVES = ("trace", "frobenius")
 
 
 def reinitialise_(model: nn.Module, seed: int) -> None:
@@ -50,14 +51,19 @@ def reinitialise_(model: nn.Module, seed: int) -> None:
 
 
 def ntk_signed_saliency(model: nn.Module, masks: Masks, x: torch.Tensor, seed: int, eps: float = EPS_DEFAULT,
-                        samples: int = 1) -> dict[str, torch.Tensor]:
+                        samples: int = 1, objective: str = "trace") -> dict[str, torch.Tensor]:
     """Signed NTK-SAP saliency sum_r m ⊙ dR_r/dm of the prunable weights on inputs ``x`` (NCHW).
 
     Draw r uses theta and Delta from ``derive(seed, r)``, so every party with the same ``seed`` scores the
     same random network. BN runs in train mode (batch statistics) on a scratch copy: a freshly drawn
     network's running statistics are meaningless (NTK-SAP re-estimates them per draw). ``model`` is untouched.
     Signed, so that parties' values add up to the saliency of the union of their inputs (``aggregate_scores``).
+
+    ``objective``: ``trace`` (NTK-SAP) or ``frobenius`` (``_frobenius_r``: the squared Frobenius norm of the
+    party's kernel, a spectrum-type objective that is *not* additive over parties).
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     net = copy.deepcopy(model)
     net.train()
     names = [n for n in prunable_names(net) if n in masks]
@@ -77,18 +83,42 @@ def ntk_signed_saliency(model: nn.Module, masks: Masks, x: torch.Tensor, seed: i
             masked = {n: t * m[n] if n in m else t for n, t in theta.items()}
             return functional_call(net, (masked, buffers), (x,))
 
-        perturbed = {n: p + eps * delta[n] if n in delta else p for n, p in params.items()}
-        rr = (f(params) - f(perturbed)).pow(2).sum() / len(x)
+        if objective == "frobenius":
+            rr = _frobenius_r(f, params, names, x, eps, gen)
+        else:
+            perturbed = {n: p + eps * delta[n] if n in delta else p for n, p in params.items()}
+            rr = (f(params) - f(perturbed)).pow(2).sum() / len(x)
         grads = torch.autograd.grad(rr, [m[n] for n in names])
         for n, g in zip(names, grads, strict=True):
             scores[n] += m[n].detach() * g
     return scores
 
 
+def _frobenius_r(f: Callable[[dict[str, torch.Tensor]], torch.Tensor], params: dict[str, torch.Tensor],
+                 names: Sequence[str], x: torch.Tensor, eps: float, gen: torch.Generator) -> torch.Tensor:
+    """R_F = ||Θ(X) v||² / |X|², v Rademacher over (input, output): E_v R_F = ||Θ(X)||_F² / |X|² = Σλ²/|X|².
+
+    Θ v = J Jᵀ v with Jᵀ v one backward pass (kept differentiable in m) and J(Jᵀ v) a forward finite difference
+    with a step h scaled so the perturbation's RMS is ``eps`` (as NTK-SAP's εΔ). Unlike the trace, the square
+    couples every pair of inputs: the pooled R_F holds the cross-party blocks of Θ, and the parties' sum holds
+    only their diagonal blocks (the "local NTK" approximation, algorithms.md §3.2 b).
+    """
+    theta = {n: p.requires_grad_(True) if n in names else p for n, p in params.items()}
+    out = f(theta)
+    v = torch.randint(0, 2, out.shape, generator=gen).to(out.dtype) * 2 - 1
+    u = torch.autograd.grad((out * v).sum(), [theta[n] for n in names], create_graph=True)
+    rms = torch.sqrt(sum(t.detach().pow(2).sum() for t in u) / sum(t.numel() for t in u))
+    h = eps / float(rms.clamp_min(1e-30))  # a constant: the step only sets the finite-difference scale
+    shifted = dict(theta)
+    for n, t in zip(names, u, strict=True):
+        shifted[n] = theta[n] + h * t
+    return ((f(shifted) - out) / h).pow(2).sum() / len(x) ** 2
+
+
 def ntk_saliency(model: nn.Module, masks: Masks, x: torch.Tensor, seed: int, eps: float = EPS_DEFAULT,
-                 samples: int = 1) -> dict[str, torch.Tensor]:
+                 samples: int = 1, objective: str = "trace") -> dict[str, torch.Tensor]:
     """NTK-SAP saliency |sum_r m ⊙ dR_r/dm| of the prunable weights on inputs ``x`` (``ntk_signed_saliency``)."""
-    return {n: s.abs() for n, s in ntk_signed_saliency(model, masks, x, seed, eps, samples).items()}
+    return {n: s.abs() for n, s in ntk_signed_saliency(model, masks, x, seed, eps, samples, objective).items()}
 
 
 def jaccard(a: Masks, b: Masks) -> float:
@@ -102,7 +132,8 @@ def jaccard(a: Masks, b: Masks) -> float:
 @dataclass
 class PruneIns:
     """Server -> client, pruning step ``tau``: ``b"TNK1" | u32 seed | u16 tau | u16 samples | u16 batch |
-    f32 eps | u8 datafree | bitmap of the current mask (all prunable tensors in order, LSB first)``.
+    f32 eps | u8 flags | bitmap of the current mask (all prunable tensors in order, LSB first)``; flags bit 0 =
+    data-free, bit 1 = Frobenius objective (0: trace), other bits 0.
 
     The receiver knows the architecture, so the bitmap's length is implied; no weights travel (theta is
     redrawn from ``seed``)."""
@@ -114,21 +145,24 @@ class PruneIns:
     eps: float
     datafree: bool
     bits: np.ndarray  # uint8 0/1, concatenated masks
+    objective: str = "trace"
 
     MAGIC = b"TNK1"
 
     def to_bytes(self) -> bytes:
         head = struct.pack("<4sIHHHfB", self.MAGIC, self.seed, self.tau, self.samples, self.batch, self.eps,
-                           int(self.datafree))
+                           int(self.datafree) | (2 if self.objective == "frobenius" else 0))
         return head + np.packbits(self.bits.astype(np.uint8), bitorder="little").tobytes()
 
     @classmethod
     def from_bytes(cls, data: bytes, known_masks: dict | None = None) -> PruneIns:
-        magic, seed, tau, samples, batch, eps, datafree = struct.unpack_from("<4sIHHHfB", data)
+        magic, seed, tau, samples, batch, eps, flags = struct.unpack_from("<4sIHHHfB", data)
         if magic != cls.MAGIC:
             raise ValueError("not an NTK pruning instruction")
+        if flags & ~3:
+            raise ValueError(f"unknown NTK pruning flags 0x{flags:02x}")
         bits = np.unpackbits(np.frombuffer(data, np.uint8, offset=struct.calcsize("<4sIHHHfB")), bitorder="little")
-        return cls(seed, tau, samples, batch, eps, bool(datafree), bits)
+        return cls(seed, tau, samples, batch, eps, bool(flags & 1), bits, "frobenius" if flags & 2 else "trace")
 
     @property
     def masks(self) -> dict:
@@ -195,7 +229,7 @@ def client_prune_step(ins: PruneIns, model: nn.Module, x_fn: Callable[[], torch.
     params = dict(model.named_parameters())
     masks = bits_to_masks(ins.bits, {n: params[n].shape for n in names})
     x = x_fn()
-    sal = ntk_signed_saliency(model, masks, x, derive(ins.seed, ins.tau), ins.eps, ins.samples)
+    sal = ntk_signed_saliency(model, masks, x, derive(ins.seed, ins.tau), ins.eps, ins.samples, ins.objective)
     kept = np.concatenate([sal[n].reshape(-1)[masks[n].reshape(-1)].numpy() for n in names])
     return PruneRes(cid, len(x), kept.astype(np.float32))
 
@@ -255,7 +289,8 @@ def prune_step(masks: Masks, scores: dict[str, torch.Tensor], target: float, min
 
 
 def centralised_ntk_masks(model: nn.Module, x_fn: Callable[[int], torch.Tensor], density: float, steps: int,
-                          seed: int, eps: float = EPS_DEFAULT, samples: int = 1, min_layer: float = 0.0) -> Masks:
+                          seed: int, eps: float = EPS_DEFAULT, samples: int = 1, min_layer: float = 0.0,
+                          objective: str = "trace") -> Masks:
     """Single-party iterative NTK-SAP (e.g. on pooled data, the reference the federated masks approximate).
 
     ``x_fn(tau)`` gives the inputs of step tau. Uses the same seeds as the federated protocol.
@@ -264,7 +299,7 @@ def centralised_ntk_masks(model: nn.Module, x_fn: Callable[[int], torch.Tensor],
     params = dict(model.named_parameters())
     masks: Masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
     for tau, target in enumerate(schedule(density, steps), start=1):
-        sal = ntk_saliency(model, masks, x_fn(tau), derive(seed, tau), eps, samples)
+        sal = ntk_saliency(model, masks, x_fn(tau), derive(seed, tau), eps, samples, objective)
         scores = {n: torch.where(masks[n], sal[n].double(), torch.full_like(sal[n], -1.0, dtype=torch.float64))
                   for n in names}
         masks = prune_step(masks, scores, target, min_layer)

@@ -13,7 +13,7 @@ every round follows docs/zo.md §6 with the shared maths of ``toolchain.zo``:
 No weights travel after a client's first contact. Options (``--algo-opt KEY=VALUE``): ``mask`` (ntk |
 ntk-datafree | random | snip | dense), ``K``, ``mu``, ``lr``, ``estimator`` (forward | central | one-point),
 ``lr_schedule`` (constant | cosine | exponential), ``lr_gamma``, ``lr_final``, ``batch``, ``clip`` (0 = off),
-``T``, ``eps``, ``ntk_samples``, ``ntk_batch``, ``ntk_min_layer``, ``init`` (sparse-kaiming | model), ``stream``. Defaults and their sources: docs/ntk-zo.md.
+``T``, ``eps``, ``ntk_samples``, ``ntk_batch``, ``ntk_min_layer``, ``ntk_objective`` (trace | frobenius), ``init`` (sparse-kaiming | model), ``stream``. Defaults and their sources: docs/ntk-zo.md.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ SCHEDULES = ("constant", "cosine", "exponential")
 DEFAULTS: dict[str, Any] = {
     "mask": "ntk", "K": 20, "mu": 1e-3, "lr": 0.01, "estimator": "forward", "lr_schedule": "constant",
     "lr_gamma": 0.999, "lr_final": 0.0, "batch": None, "clip": 2.0, "T": 10, "eps": ntk.EPS_DEFAULT,
-    "ntk_samples": 1, "ntk_batch": 64, "ntk_min_layer": 0.01, "init": "sparse-kaiming", "stream": True,
+    "ntk_samples": 1, "ntk_batch": 64, "ntk_min_layer": 0.01, "ntk_objective": "trace", "init": "sparse-kaiming",
+    "stream": True,
 }
 
 
@@ -235,6 +236,8 @@ def _options(cfg_opts: dict[str, Any]) -> dict[str, Any]:
         opts[key] = float(opts[key])
     if not opts["mu"] > 0:
         raise ToolchainError("mu must be positive")
+    if opts["ntk_objective"] not in ntk.OBJECTIVES:
+        raise ToolchainError(f"ntk_objective={opts['ntk_objective']} is not one of {', '.join(ntk.OBJECTIVES)}")
     if opts["init"] not in ("sparse-kaiming", "model"):
         raise ToolchainError(f"init={opts['init']} is not one of sparse-kaiming, model")
     opts["stream"] = opts["stream"] not in (False, 0, "0", "false", "False")
@@ -281,7 +284,8 @@ class NTKZeroOrder(Strategy):
     def configure_setup(self, rnd: int, step: int, client_ids: list[int]) -> dict[int, ntk.PruneIns]:
         bits = ntk.masks_to_bits(self.masks, prunable_names(self.model))
         ins = ntk.PruneIns(derive(self.master_seed, 0x4E544B), step + 1, self.opts["ntk_samples"],
-                           self.opts["ntk_batch"], self.opts["eps"], self.opts["mask"] == "ntk-datafree", bits)
+                           self.opts["ntk_batch"], self.opts["eps"], self.opts["mask"] == "ntk-datafree", bits,
+                           self.opts["ntk_objective"])
         return {cid: ins for cid in client_ids}
 
     def client_setup(self, ins: ntk.PruneIns, data: ClientData, model: nn.Module,
