@@ -82,7 +82,7 @@ def config(spec: dict[str, Any], alpha: float, algo_options: dict[str, Any], rou
                        algo_options=algo_options)
 
 
-def run_zo(spec: dict[str, Any], data, alpha: float, mask: str) -> dict[str, Any]:
+def run_zo(spec: dict[str, Any], data, alpha: float, mask: str, keep_model: bool = False) -> dict[str, Any]:
     opts = {"mask": mask, "K": spec["K"], "mu": spec["mu"], "lr": spec["lr"][mask], "clip": spec["clip"],
             "T": spec["T"], "batch": spec["batch"]}
     cfg = config(spec, alpha, opts)
@@ -97,7 +97,7 @@ def run_zo(spec: dict[str, Any], data, alpha: float, mask: str) -> dict[str, Any
     curve = [{"round": r.round, "sample_forwards": int(f), "flops": float(fl), "accuracy": r.accuracy,
               "train_loss": r.train_loss} for r, f, fl in zip(hist, fwd, flops, strict=True) if r.accuracy == r.accuracy]
     zo_rounds = hist[1:]  # round 1 also carries the model download and (NTK) the pruning exchange
-    return {"mask": mask, "alpha": alpha, "options": opts, "density": hist[-1].density,
+    out = {"mask": mask, "alpha": alpha, "options": opts, "density": hist[-1].density,
             "active_weights": hist[-1].extra["active_weights"], "macs_per_sample": strategy.macs_per_sample,
             "flops_per_round": float(np.mean([r.extra["flops"] for r in hist])),
             "sample_forwards_per_round": float(np.mean([r.extra["sample_forwards"] for r in hist])),
@@ -109,6 +109,9 @@ def run_zo(spec: dict[str, Any], data, alpha: float, mask: str) -> dict[str, Any
             "round1_bytes_down_per_client": hist[0].bytes_down_per_client,
             "device_memory": hist[-1].device_memory, "final_accuracy": hist[-1].accuracy,
             "best_accuracy": max(c["accuracy"] for c in curve), "curve": curve, "wall_s": time.time() - t0}
+    if keep_model:
+        out["model"] = strategy.model
+    return out
 
 
 def run_bp(spec: dict[str, Any], data, alpha: float) -> dict[str, Any]:
@@ -140,6 +143,60 @@ def part_train(name: str, spec: dict[str, Any], alpha: float) -> dict[str, Any]:
         print(f"{name} {mask}: acc {runs[-1]['final_accuracy']:.4f} ({runs[-1]['wall_s']:.0f} s)", flush=True)
     cfg = {k: v for k, v in spec.items() if k != "data"}
     return {"spec": cfg, "alpha": alpha, "runs": runs}
+
+
+# ---- (b) longer horizon with a per-mask lr chosen on held-out data ----------------------------------------------
+# The 120-round runs above use one lr per mask from short pilots. Here every mask gets the same lr grid, the lr is
+# chosen by accuracy on a validation split held out of the training set (never the test set), and the chosen
+# run's final model is then scored on the full 10k test set. K = 20 (the strategy default), 600 rounds.
+SWEEP = {**MNIST, "rounds": 600, "K": 20, "eval_every": 100, "eval_samples": 2000, "val": 5000,
+         "lrs": (0.0025, 0.005, 0.01, 0.02, 0.04), "masks": ("dense", "ntk", "ntk-datafree")}
+
+
+def part_sweep(alpha: float) -> dict[str, Any]:
+    from toolchain.fl.simulator import to_tensors
+    full = dataset(SWEEP)
+    perm = np.random.default_rng(0xA1).permutation(len(full.y_train))
+    val, train = perm[:SWEEP["val"]], perm[SWEEP["val"]:]
+    # the simulator evaluates on ``x_test``: give it the validation split; the test set is only used at the end
+    data = type(full)(full.name, full.x_train[train], full.y_train[train], full.x_train[val], full.y_train[val],
+                      full.num_classes, full.preprocessing)
+    tx, ty = to_tensors(full.x_test, full.y_test, full)
+    runs: list[dict[str, Any]] = []
+    for mask in SWEEP["masks"]:
+        grid = list(SWEEP["lrs"])
+        while True:  # the grid, then at most 2 extensions past an edge
+            done = {r["options"]["lr"] for r in runs if r["mask"] == mask}
+            todo = [lr for lr in grid if lr not in done]
+            if not todo:  # a best lr on the grid's edge extends the grid by a factor 2 beyond it
+                mine = sorted((r for r in runs if r["mask"] == mask), key=lambda r: r["options"]["lr"])
+                best = max(range(len(mine)), key=lambda i: mine[i]["val_accuracy"])
+                if 0 < best < len(mine) - 1 or len(grid) >= len(SWEEP["lrs"]) + 2:
+                    break
+                grid.append(mine[0]["options"]["lr"] / 2 if best == 0 else mine[-1]["options"]["lr"] * 2)
+                continue
+            lr = todo[0]
+            spec = {**SWEEP, "lr": {mask: lr}}
+            rec = run_zo(spec, data, alpha, mask, keep_model=True)
+            model = rec.pop("model")
+            model.eval()
+            with torch.no_grad():
+                pred = torch.cat([model(tx[i:i + 1000]).argmax(1) for i in range(0, len(ty), 1000)])
+            rec["val_accuracy"] = rec["final_accuracy"]
+            rec["test_accuracy"] = float((pred == ty).float().mean())
+            runs.append(rec)
+            print(f"sweep-{alpha} {mask} lr {lr}: val {rec['val_accuracy']:.4f} test {rec['test_accuracy']:.4f} "
+                  f"({rec['wall_s']:.0f} s)", flush=True)
+    chosen = {}
+    for mask in SWEEP["masks"]:
+        mine = [r for r in runs if r["mask"] == mask]
+        best = max(mine, key=lambda r: r["val_accuracy"])
+        chosen[mask] = {"lr": best["options"]["lr"], "val_accuracy": best["val_accuracy"],
+                        "test_accuracy": best["test_accuracy"], "flops_per_round": best["flops_per_round"],
+                        "sample_forwards_per_round": best["sample_forwards_per_round"],
+                        "active_weights": best["active_weights"]}
+    spec = {k: v for k, v in SWEEP.items() if k != "data"}
+    return {"spec": spec, "alpha": alpha, "runs": runs, "chosen": chosen}
 
 
 # ---- (d) mask agreement -------------------------------------------------------------------------------------
@@ -202,11 +259,11 @@ MASK_PAIRS = ("federated_vs_pooled", "federated_cohort_vs_pooled", "datafree_vs_
               "federated_vs_datafree", "datafree_minus_federated")
 
 
-def mask_replicate(model_name: str, data, s: int, samples: int) -> list[dict[str, Any]]:
+def mask_replicate(model_name: str, data, s: int, samples: int, objective: str = "trace") -> list[dict[str, Any]]:
     """One replicate (seed ``s``) of every mask, for each Dirichlet alpha of the study."""
     st = MASK_STUDY
     opts = {"T": st["T"], "ntk_batch": st["ntk_batch"], "eps": st["eps"], "ntk_min_layer": st["ntk_min_layer"],
-            "ntk_samples": samples}
+            "ntk_samples": samples, "ntk_objective": objective}
     seed_everything(s)
     model = build_model(model_name, data.input_shape, data.num_classes)
     rng = np.random.default_rng(ntk.derive(s, 0xC0))
@@ -236,7 +293,7 @@ def mask_replicate(model_name: str, data, s: int, samples: int) -> list[dict[str
 
         def central(x_fn, ntk_seed: int):
             return ntk.centralised_ntk_masks(model, x_fn, st["density"], st["T"], ntk_seed, st["eps"], samples,
-                                             st["ntk_min_layer"])
+                                             st["ntk_min_layer"], objective)
 
         pool_a, pool_b, pool_c = central(pooled(1), seed), central(pooled(2), seed), central(pooled(3), other_seed)
         j = {"federated_vs_pooled": ntk.jaccard(fed_mask, pool_a),
@@ -258,33 +315,39 @@ def mask_replicate(model_name: str, data, s: int, samples: int) -> list[dict[str
     return out
 
 
-def part_masks(models: list[str], samples: int, seeds: int) -> dict[str, Any]:
+def part_masks(models: list[str], samples: int, seeds: int, objective: str = "trace") -> dict[str, Any]:
     """Jaccard agreement of the federated / data-free masks with the pooled-data mask over ``seeds`` replicates.
 
-    Rows are keyed (model, R, alpha); a run replaces its own rows in ``masks.json`` and keeps the others."""
+    Rows are keyed (model, R, alpha, objective); a run replaces its own rows in ``masks.json`` and keeps the
+    others (rows without an objective predate the option: trace)."""
     path = PARTS / "masks.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    rows = {(r["model"], r["samples"], r["alpha"]): r for r in old.get("rows", [])}  # old format: no "rows"
+    for r in old.get("rows", []):
+        r.setdefault("objective", "trace")
+    key = ("model", "objective", "samples", "alpha")
+    rows = {tuple(r[k] for k in key): r for r in old.get("rows", [])}  # old format: no "rows"
     for model_name in models:
         name, data_dir = MASK_DATA[model_name]
         data = load_dataset(name, data_dir)
         reps: dict[float, list[dict[str, Any]]] = {a: [] for a in MASK_STUDY["alphas"]}
         for s in range(seeds):
-            for rec in mask_replicate(model_name, data, s, samples):
+            for rec in mask_replicate(model_name, data, s, samples, objective):
                 reps[rec["alpha"]].append(rec)
-                print(json.dumps({"model": model_name, "R": samples, "alpha": rec["alpha"], "seed": s,
+                print(json.dumps({"model": model_name, "objective": objective, "R": samples, "alpha": rec["alpha"],
+                                  "seed": s,
                                   **{k: round(v, 4) for k, v in rec["jaccard"].items()},
                                   "wall_s": round(rec["wall_s"], 1)}), flush=True)
         for alpha, rr in reps.items():
-            rows[(model_name, samples, alpha)] = {
-                "model": model_name, "dataset": name, "alpha": alpha, "samples": samples, "T": MASK_STUDY["T"],
+            rows[(model_name, objective, samples, alpha)] = {
+                "model": model_name, "dataset": name, "alpha": alpha, "samples": samples, "objective": objective,
+                "T": MASK_STUDY["T"],
                 "seeds": seeds, **{k: summary([r["jaccard"][k] for r in rr]) for k in MASK_PAIRS},
                 "datafree_closer_in": sum(r["jaccard"]["datafree_minus_federated"] > 0 for r in rr),
                 "scored_per_step_mean": float(np.mean([np.mean(r["scored_per_step"]) for r in rr])),
                 "scored_per_step_min": int(min(min(r["scored_per_step"]) for r in rr)),
                 "replicates": rr, "wall_s": sum(r["wall_s"] for r in rr)}
         res = {"protocol": {**MASK_STUDY, "alphas": list(MASK_STUDY["alphas"]), "seeds": "per row"},
-               "rows": sorted(rows.values(), key=lambda r: (r["model"], r["samples"], r["alpha"])),
+               "rows": sorted(rows.values(), key=lambda r: tuple(r[k] for k in key)),
                "machine": machine()}
         res["wall_s"] = sum(r["wall_s"] for r in res["rows"])
         PARTS.mkdir(parents=True, exist_ok=True)
@@ -337,7 +400,8 @@ def report() -> None:
     lines.append(f"Wall time: {wall / 60:.1f} min summed over the parts, each under `nice -n 10`: the memory part ran "
                  "3-5 at a time with other engineers' jobs (load average 14-17); the mask study (d) with a load average "
                  "about 4; the four training parts (b, c) were re-run after the aggregation fix, two at a time on an "
-                 "otherwise idle machine.")
+                 "otherwise idle machine; the two sweep parts and the Frobenius rows of (d) ran two at a time on an "
+                 "otherwise idle machine (sweeps 19.5 + 19.8 min, Frobenius rows 4.8 min LeNet-5, 37.8 min ResNet-8).")
     lines.append("")
     acceptance: dict[str, Any] = {}
     if "memory" in parts:
@@ -416,6 +480,54 @@ def report() -> None:
         fig.savefig(RESULTS / "ntk_zo.png", dpi=120)
         plt.close(fig)
         lines += ["![accuracy per forward pass](ntk_zo.png)", ""]
+    sweep_parts = [k for k in parts if k.startswith("sweep-")]
+    if sweep_parts:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        sp = parts[sweep_parts[0]]["spec"]
+        lines += ["## (b) Longer horizon, lr chosen per mask on held-out data", "",
+                  f"LeNet-5 / MNIST, {sp['clients']} clients, {sp['per_round']} per round, K = {sp['K']}, batch "
+                  f"{sp['batch']}, {sp['rounds']} rounds, density {sp['density']}, T = {sp['T']}. Every mask runs the "
+                  f"same lr grid {list(sp['lrs'])} (extended by 2x past an edge that wins); the lr is chosen by "
+                  f"accuracy on {sp['val']} training images held out of the federation (evaluated on "
+                  f"{sp['eval_samples']} of them), and the chosen run's final model is scored on the full 10k test "
+                  "set. Every mask has the same number of forward passes per round, so 'same forward passes' is "
+                  "'same rounds'.", ""]
+        fig, axes = plt.subplots(1, len(sweep_parts), figsize=(5 * len(sweep_parts), 3.6), squeeze=False)
+        for ax, key in zip(axes[0], sweep_parts, strict=True):
+            p = parts[key]
+            lines += [f"### {key} (Dirichlet {p['alpha']})", "",
+                      "| mask | lr | val acc | test acc | FLOPs / round | fwd / round | active weights | wall s |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in sorted(p["runs"], key=lambda r: (r["mask"], r["options"]["lr"])):
+                pick = " **(chosen)**" if p["chosen"][r["mask"]]["lr"] == r["options"]["lr"] else ""
+                lines.append(f"| {r['mask']} | {r['options']['lr']}{pick} | {r['val_accuracy']:.4f} | "
+                             f"{r['test_accuracy']:.4f} | {r['flops_per_round']:.3g} | "
+                             f"{r['sample_forwards_per_round']:.0f} | {r['active_weights']} | {r['wall_s']:.0f} |")
+            for mask in p["chosen"]:
+                mine = sorted((r for r in p["runs"] if r["mask"] == mask), key=lambda r: r["options"]["lr"])
+                ax.plot([r["options"]["lr"] for r in mine], [100 * r["val_accuracy"] for r in mine], marker="o",
+                        label=mask)
+            ax.set_xscale("log")
+            ax.set_xlabel("lr")
+            ax.set_ylabel("validation accuracy (%)")
+            ax.set_title(f"{key}: {p['spec']['rounds']} rounds")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            c = p["chosen"]
+            acceptance[f"b_{key}"] = {
+                "ntk_test_acc": c["ntk"]["test_accuracy"], "dense_test_acc": c["dense"]["test_accuracy"],
+                "ntk_datafree_test_acc": c["ntk-datafree"]["test_accuracy"],
+                "ntk_flops_per_round": c["ntk"]["flops_per_round"], "dense_flops_per_round": c["dense"]["flops_per_round"],
+                "lr": {m: c[m]["lr"] for m in c}}
+            lines.append("")
+        fig.tight_layout()
+        fig.savefig(RESULTS / "ntk_zo_sweep.png", dpi=120)
+        plt.close(fig)
+        lines += ["![validation accuracy per lr](ntk_zo_sweep.png)", ""]
     if "masks" in parts and "rows" in parts["masks"]:
         mk = parts["masks"]
         st = mk["protocol"]
@@ -428,17 +540,18 @@ def report() -> None:
                   "mean [95 % t interval], and in how many replicates data-free was closer. "
                   f"Machine: {mk['machine']['platform']}, 1 torch thread, nice 10, 2 shared cores; wall time "
                   f"{mk['wall_s'] / 60:.1f} min. Protocol and reading: docs/ntk-zo.md §4.1.", "",
-                  "| model | R | Dirichlet | seeds | federated vs pooled | federated, one cohort for all T steps "
+                  "| model | objective | R | Dirichlet | seeds | federated vs pooled | federated, one cohort for all T steps "
                   "| data-free vs pooled | pooled vs pooled (same seeds, other inputs) | pooled vs pooled (other "
                   "seeds) | chance (layer-matched) | federated vs data-free | data-free − federated |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def ms(x: dict[str, Any]) -> str:
             return f"{x['mean']:.4f} ± {x['std']:.4f}"
 
         for m in mk["rows"]:
             d = m["datafree_minus_federated"]
-            lines.append(f"| {m['model']} | {m['samples']} | {m['alpha']} | {m['seeds']} | "
+            obj = m.get("objective", "trace")
+            lines.append(f"| {m['model']} | {obj} | {m['samples']} | {m['alpha']} | {m['seeds']} | "
                          f"{ms(m['federated_vs_pooled'])} | {ms(m['federated_cohort_vs_pooled'])} | "
                          f"{ms(m['datafree_vs_pooled'])} | {ms(m['pooled_vs_pooled_same_seeds'])} | "
                          f"{ms(m['pooled_vs_pooled_other_seeds'])} | {ms(m['chance_layer_matched'])} | "
@@ -446,7 +559,8 @@ def report() -> None:
                          f"{d['ci95'][1]:+.4f}], {m['datafree_closer_in']}/{m['seeds']} |")
             if m["alpha"] == 0.1:
                 lo, hi = d["ci95"]
-                key = f"d_{m['model']}" + ("" if m["samples"] == st["ntk_samples"] else f"_R{m['samples']}")
+                key = (f"d_{m['model']}" + ("" if obj == "trace" else f"_{obj}")
+                       + ("" if m["samples"] == st["ntk_samples"] else f"_R{m['samples']}"))
                 acceptance[key] = {
                     "datafree": m["datafree_vs_pooled"]["mean"], "datafree_std": m["datafree_vs_pooled"]["std"],
                     "federated": m["federated_vs_pooled"]["mean"], "federated_std": m["federated_vs_pooled"]["std"],
@@ -463,11 +577,14 @@ def report() -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", help="memory | masks | mnist-0.5 | mnist-0.1 | cifar-0.5 | cifar-0.1")
+    ap.add_argument("--part", help="memory | masks | mnist-0.5 | mnist-0.1 | cifar-0.5 | cifar-0.1 | sweep-0.1 | "
+                                   "sweep-0.5")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--seeds", type=int, default=MASK_STUDY["seeds"], help="masks: replicates per row")
     ap.add_argument("--samples", type=int, default=MASK_STUDY["ntk_samples"], help="masks: NTK-SAP draws R per step")
     ap.add_argument("--models", default="lenet5", help="masks: comma-separated, lenet5 and/or resnet8")
+    ap.add_argument("--objective", default="trace", choices=ntk.OBJECTIVES,
+                    help="masks: NTK objective (trace = NTK-SAP; frobenius = spectrum-type, not additive)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.report:
@@ -477,7 +594,9 @@ def main() -> int:
     if args.part == "memory":
         res = part_memory()
     elif args.part == "masks":
-        res = part_masks(args.models.split(","), args.samples, args.seeds)
+        res = part_masks(args.models.split(","), args.samples, args.seeds, args.objective)
+    elif args.part and args.part.startswith("sweep-"):
+        res = part_sweep(float(args.part.split("-")[1]))
     elif args.part and args.part.split("-")[0] in ("mnist", "cifar"):
         name, alpha = args.part.split("-")
         res = part_train(args.part, MNIST if name == "mnist" else CIFAR, float(alpha))
