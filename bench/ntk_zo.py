@@ -401,7 +401,7 @@ def report() -> None:
                  "3-5 at a time with other engineers' jobs (load average 14-17); the mask study (d) with a load average "
                  "about 4; the four training parts (b, c) were re-run after the aggregation fix, two at a time on an "
                  "otherwise idle machine; the two sweep parts and the Frobenius rows of (d) ran two at a time on an "
-                 "otherwise idle machine (sweeps 19.5 + 19.8 min, Frobenius rows 4.8 min LeNet-5, 37.8 min ResNet-8).")
+                 "otherwise idle machine (sweeps 19.5 + 19.1 min, Frobenius rows 4.8 min LeNet-5, 37.8 min ResNet-8).")
     lines.append("")
     acceptance: dict[str, Any] = {}
     if "memory" in parts:
