@@ -512,6 +512,9 @@ def report() -> None:
                 ax.plot([r["options"]["lr"] for r in mine], [100 * r["val_accuracy"] for r in mine], marker="o",
                         label=mask)
             ax.set_xscale("log")
+            lrs = sorted({r["options"]["lr"] for r in p["runs"]})
+            ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+            ax.minorticks_off()
             ax.set_xlabel("lr")
             ax.set_ylabel("validation accuracy (%)")
             ax.set_title(f"{key}: {p['spec']['rounds']} rounds")
