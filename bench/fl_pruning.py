@@ -52,6 +52,22 @@ from toolchain.pruning import make_strategy  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 METHODS = ["fedtiny", "random", "magnitude", "snip", "synflow", "prunefl", "feddst"]
 
+
+def _reduced_cifar(train_subset: int, eval_samples: int, *, rounds: int, clients: int, per_round: int, delta: int,
+                   t_end: int) -> dict[str, Any]:
+    """A reduced CIFAR-10 / ResNet-8 configuration: Adam 3e-3, one local epoch, Dirichlet 0.5, densities 1 and 5 %;
+    only the size of the run (images, rounds, federation) and the adjustment schedule differ between them."""
+    return {
+        "dataset": "cifar10", "model": "resnet8", "train_subset": train_subset, "eval_samples": eval_samples,
+        "densities": [0.01, 0.05], "seeds": [0],
+        "train": {"rounds": rounds, "clients": clients, "per_round": per_round, "local_epochs": 1, "batch_size": 32,
+                  "optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4, "partition": "dirichlet", "alpha": 0.5,
+                  "eval_every": 5},
+        "algo_options": {"delta": delta, "t_end": t_end},
+        "per_method": {"feddst": {"alpha": 0.5}, "synflow": {"synflow_iterations": 20}},
+    }
+
+
 CONFIGS: dict[str, dict[str, Any]] = {
     "quick": {
         "dataset": "mnist", "model": "lenet5", "train_subset": 2000, "eval_samples": 1000,
@@ -64,33 +80,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "algo_options": {"delta": 2, "t_end": 8},
         "per_method": {"feddst": {"alpha": 0.5}},
     },
-    "cifar-reduced": {
-        "dataset": "cifar10", "model": "resnet8", "train_subset": 1600, "eval_samples": 500,
-        "densities": [0.01, 0.05], "seeds": [0],
-        "train": {"rounds": 5, "clients": 8, "per_round": 4, "local_epochs": 1, "batch_size": 32,
-                  "optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4, "partition": "dirichlet", "alpha": 0.5,
-                  "eval_every": 5},
-        "algo_options": {"delta": 1, "t_end": 4},
-        "per_method": {"feddst": {"alpha": 0.5}, "synflow": {"synflow_iterations": 20}},
-    },
-    "cifar-reduced-10r": {  # second reduced CIFAR run: twice the rounds and data of cifar-reduced
-        "dataset": "cifar10", "model": "resnet8", "train_subset": 3200, "eval_samples": 1000,
-        "densities": [0.01, 0.05], "seeds": [0],
-        "train": {"rounds": 10, "clients": 10, "per_round": 5, "local_epochs": 1, "batch_size": 32,
-                  "optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4, "partition": "dirichlet", "alpha": 0.5,
-                  "eval_every": 5},
-        "algo_options": {"delta": 2, "t_end": 8},
-        "per_method": {"feddst": {"alpha": 0.5}, "synflow": {"synflow_iterations": 20}},
-    },
-    "cifar-reduced-fed100": {  # the paper's federation (100 clients, 10 per round, Dir 0.5) on fewer rounds and images
-        "dataset": "cifar10", "model": "resnet8", "train_subset": 10000, "eval_samples": 1000,
-        "densities": [0.01, 0.05], "seeds": [0],
-        "train": {"rounds": 30, "clients": 100, "per_round": 10, "local_epochs": 1, "batch_size": 32,
-                  "optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4, "partition": "dirichlet", "alpha": 0.5,
-                  "eval_every": 5},
-        "algo_options": {"delta": 3, "t_end": 24},
-        "per_method": {"feddst": {"alpha": 0.5}, "synflow": {"synflow_iterations": 20}},
-    },
+    "cifar-reduced": _reduced_cifar(1600, 500, rounds=5, clients=8, per_round=4, delta=1, t_end=4),
+    # second reduced CIFAR run: twice the rounds and data of cifar-reduced
+    "cifar-reduced-10r": _reduced_cifar(3200, 1000, rounds=10, clients=10, per_round=5, delta=2, t_end=8),
+    # the paper's federation (100 clients, 10 per round, Dir 0.5) on fewer rounds and images
+    "cifar-reduced-fed100": _reduced_cifar(10000, 1000, rounds=30, clients=100, per_round=10, delta=3, t_end=24),
     "cifar-paper": {
         "dataset": "cifar10", "model": "resnet8", "train_subset": None, "eval_samples": None,
         "densities": [0.01, 0.05, 0.1], "seeds": [0],

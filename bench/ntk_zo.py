@@ -36,7 +36,7 @@ from models.zoo import build_model  # noqa: E402
 from toolchain.fl import Federation, TrainConfig, simulate  # noqa: E402
 from toolchain.fl.masks import apply_masks, dense_masks  # noqa: E402
 from toolchain.fl.memory import forward_only_memory, training_memory  # noqa: E402
-from toolchain.fl.simulator import seed_everything  # noqa: E402
+from toolchain.fl.simulator import seed_everything, to_tensors  # noqa: E402
 from toolchain.pruning import make_strategy, ntk  # noqa: E402
 from toolchain.pruning.zo_fl import DEFAULTS as ZO_DEFAULTS  # noqa: E402
 from toolchain.pruning.zo_fl import NTKZeroOrder, device_graph, sparse_forward_macs  # noqa: E402
@@ -154,7 +154,6 @@ SWEEP = {**MNIST, "rounds": 600, "K": 20, "eval_every": 100, "eval_samples": 200
 
 
 def part_sweep(alpha: float) -> dict[str, Any]:
-    from toolchain.fl.simulator import to_tensors
     full = dataset(SWEEP)
     perm = np.random.default_rng(0xA1).permutation(len(full.y_train))
     val, train = perm[:SWEEP["val"]], perm[SWEEP["val"]:]
@@ -163,33 +162,28 @@ def part_sweep(alpha: float) -> dict[str, Any]:
                       full.num_classes, full.preprocessing)
     tx, ty = to_tensors(full.x_test, full.y_test, full)
     runs: list[dict[str, Any]] = []
+    chosen: dict[str, dict[str, Any]] = {}
     for mask in SWEEP["masks"]:
-        grid = list(SWEEP["lrs"])
-        while True:  # the grid, then at most 2 extensions past an edge
-            done = {r["options"]["lr"] for r in runs if r["mask"] == mask}
-            todo = [lr for lr in grid if lr not in done]
-            if not todo:  # a best lr on the grid's edge extends the grid by a factor 2 beyond it
-                mine = sorted((r for r in runs if r["mask"] == mask), key=lambda r: r["options"]["lr"])
-                best = max(range(len(mine)), key=lambda i: mine[i]["val_accuracy"])
-                if 0 < best < len(mine) - 1 or len(grid) >= len(SWEEP["lrs"]) + 2:
-                    break
-                grid.append(mine[0]["options"]["lr"] / 2 if best == 0 else mine[-1]["options"]["lr"] * 2)
-                continue
-            lr = todo[0]
-            spec = {**SWEEP, "lr": {mask: lr}}
-            rec = run_zo(spec, data, alpha, mask, keep_model=True)
-            model = rec.pop("model")
-            model.eval()
+        grid, mine = list(SWEEP["lrs"]), []
+        while len(mine) < len(grid):
+            lr = grid[len(mine)]
+            rec = run_zo({**SWEEP, "lr": {mask: lr}}, data, alpha, mask, keep_model=True)
+            model = rec.pop("model").eval()
             with torch.no_grad():
                 pred = torch.cat([model(tx[i:i + 1000]).argmax(1) for i in range(0, len(ty), 1000)])
             rec["val_accuracy"] = rec["final_accuracy"]
             rec["test_accuracy"] = float((pred == ty).float().mean())
-            runs.append(rec)
+            mine.append(rec)
             print(f"sweep-{alpha} {mask} lr {lr}: val {rec['val_accuracy']:.4f} test {rec['test_accuracy']:.4f} "
                   f"({rec['wall_s']:.0f} s)", flush=True)
-    chosen = {}
-    for mask in SWEEP["masks"]:
-        mine = [r for r in runs if r["mask"] == mask]
+            if len(mine) == len(grid) and len(grid) < len(SWEEP["lrs"]) + 2:
+                # a best lr on the grid's edge extends the grid by a factor 2 beyond it (at most twice)
+                best_lr = max(mine, key=lambda r: r["val_accuracy"])["options"]["lr"]
+                if best_lr == min(grid):
+                    grid.append(best_lr / 2)
+                elif best_lr == max(grid):
+                    grid.append(best_lr * 2)
+        runs += mine
         best = max(mine, key=lambda r: r["val_accuracy"])
         chosen[mask] = {"lr": best["options"]["lr"], "val_accuracy": best["val_accuracy"],
                         "test_accuracy": best["test_accuracy"], "flops_per_round": best["flops_per_round"],

@@ -89,8 +89,8 @@ class FedMef(DynamicPruning):
         "bae": 1, "bae_rounds": None, "lam": 0.01, "lam_mode": "fixed", "lam_step": 1e-4, "penalty": "sq",
         "lr_norm": "l2", "bae_lr": 1, "max_lr": None, "marks": "window", "prune": "magnitude",
         # model / init / SAP
-        "init": "erk", "nsconv": 1, "nsconv_stats": "active", "nsconv_init": "nf", "sap": 1, "gamma": DEFAULT_GAMMA, "sap_fp16": 1,
-        "relu_bits": 1,
+        "init": "erk", "nsconv": 1, "nsconv_stats": "active", "nsconv_init": "nf", "sap": 1, "gamma": DEFAULT_GAMMA,
+        "sap_fp16": 1, "relu_bits": 1,
         # optional per-round exponential lr decay to min_lr over all rounds ([AUTH]); off = engine schedule
         "min_lr": None,
     }

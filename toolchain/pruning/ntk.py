@@ -74,6 +74,7 @@ def ntk_signed_saliency(model: nn.Module, masks: Masks, x: torch.Tensor, seed: i
         params = {n: p.detach() for n, p in net.named_parameters()}
         gen = torch.Generator().manual_seed(draw)
         # Delta perturbs the prunable weights only (as NTK-SAP): the kernel of the maskable parameters
+        # (drawn for the Frobenius objective too, which does not use it: its v then comes after it in ``gen``)
         delta = {n: torch.randn(params[n].shape, generator=gen) for n in names}
         m = {n: masks[n].to(torch.float32).requires_grad_(True) for n in names}
         buffers = {n: b.clone() for n, b in net.named_buffers()}

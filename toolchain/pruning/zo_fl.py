@@ -13,7 +13,8 @@ every round follows docs/zo.md §6 with the shared maths of ``toolchain.zo``:
 No weights travel after a client's first contact. Options (``--algo-opt KEY=VALUE``): ``mask`` (ntk |
 ntk-datafree | random | snip | dense), ``K``, ``mu``, ``lr``, ``estimator`` (forward | central | one-point),
 ``lr_schedule`` (constant | cosine | exponential), ``lr_gamma``, ``lr_final``, ``batch``, ``clip`` (0 = off),
-``T``, ``eps``, ``ntk_samples``, ``ntk_batch``, ``ntk_min_layer``, ``ntk_objective`` (trace | frobenius), ``init`` (sparse-kaiming | model), ``stream``. Defaults and their sources: docs/ntk-zo.md.
+``T``, ``eps``, ``ntk_samples``, ``ntk_batch``, ``ntk_min_layer``, ``ntk_objective`` (trace | frobenius), ``init``
+(sparse-kaiming | model), ``stream``. Defaults and their sources: docs/ntk-zo.md.
 """
 
 from __future__ import annotations
