@@ -52,6 +52,37 @@ from .messages import (
 )
 from .security import Signer, model_transfer
 
+AGGREGATORS = ("clip", "median", "mean")
+
+
+def robust_aggregate(replies: list[ClientReply], how: str = "clip", clip: float = 3.0) -> tuple[ClientReply, list[int]]:
+    """The server step over one round's replies: ``(aggregate, indices of replies that were clipped)``.
+
+    ``clip``: a reply whose scalar vector is longer than ``clip`` x the *lower* median of the round's norms is
+    scaled down to that length, then the n-weighted mean (``toolchain.zo.aggregate``). The lower median (the
+    ``(m-1)//2``-th smallest of m norms) is an honest norm as long as fewer than half of the replies are bad, also
+    with two replies, where the plain median would be half the attacker's. ``median``: coordinate-wise median
+    (unweighted), loss and n as the mean. ``mean``: no bound (the old step).
+    """
+    if how == "mean":
+        return aggregate(replies), []
+    if how == "median":
+        mean = aggregate(replies)
+        med = np.median(np.stack([r.scalars.astype(np.float64) for r in replies]), axis=0)
+        return ClientReply(med.astype(np.float32), mean.loss, mean.n), []
+    if how != "clip":
+        raise ValueError(f"unknown aggregator '{how}'; use one of {', '.join(AGGREGATORS)}")
+    norms = [float(np.linalg.norm(r.scalars.astype(np.float64))) for r in replies]
+    bound = clip * sorted(norms)[(len(norms) - 1) // 2]
+    out, clipped = [], []
+    for i, (r, nrm) in enumerate(zip(replies, norms, strict=True)):
+        if nrm > bound:
+            clipped.append(i)
+            scale = bound / nrm if nrm > 0 else 0.0
+            r = ClientReply((r.scalars.astype(np.float64) * scale).astype(np.float32), r.loss, r.n)
+        out.append(r)
+    return aggregate(out), clipped
+
 
 class Fleet(Protocol):
     def send(self, device: str, raw: bytes) -> None: ...
@@ -76,6 +107,12 @@ class RoundConfig:
     resend_s: float = 10.0  # re-send ROUND_START to silent participants, PING silent devices
     model_id: int = 1
     chunk_size: int = 128
+    # Server step (docs/fleet.md "Only what was asked counts"): "clip" scales each result's scalar vector down
+    # to at most ``clip`` x the lower median of that round's norms, then n-weighted mean; "median" is the
+    # coordinate-wise median; "mean" the plain n-weighted mean (one bad client can move the model anywhere).
+    aggregator: str = "clip"
+    clip: float = 3.0
+    max_devices: int = 256  # tracked device ids; an id flood evicts never-ready strangers, not known devices
 
 
 @dataclass
@@ -136,6 +173,9 @@ class Coordinator:
         self.duplicates = 0
         self.late: list[tuple[int, str]] = []
         self.errors: list[tuple[str, Error]] = []
+        self.rejected: list[tuple[int, str, str]] = []  # (round, device, why): results that did not count
+        self.evicted = 0  # never-ready device ids dropped to stay within cfg.max_devices
+        self._said: dict[str, int] = {}
         self.wal = Wal(self.out / "wal.jsonl")
         self.round = 1
         self._open = False
@@ -178,10 +218,33 @@ class Coordinator:
     def lr(self, r: int) -> float:
         return learning_rate(r - 1, self.cfg.lr, self.cfg.schedule, total=self.cfg.rounds)  # type: ignore[arg-type]
 
+    def _say(self, kind: str, text: str) -> None:
+        """Log a line of a kind that a flood can repeat: the first 10, then every power of two (with the count)."""
+        n = self._said[kind] = self._said.get(kind, 0) + 1
+        if n <= 10 or n & (n - 1) == 0:
+            self._log(text if n <= 10 else f"{text} ({n} so far)")
+
     def _dev(self, d: str) -> DeviceState:
         if d not in self.devices:
             self.devices[d] = DeviceState(d)
         return self.devices[d]
+
+    def _admit(self, d: str) -> bool:
+        """Whether to track device ``d``: known ids always; a new one if there is room, or room can be made by
+        dropping the least recently seen id that is not ready and not asked in the open round (an id flood from a
+        stranger must neither grow memory without bound nor push out the devices in the round)."""
+        if d in self.devices or len(self.devices) < self.cfg.max_devices:
+            return True
+        asked = set(self.participants.get(self.round, ())) if self._open else set()
+        stale = [s for s in self.devices.values() if s.device_id not in asked and not self.ready(s.device_id)]
+        if not stale:
+            self._say("full", f"{d}: ignored, {len(self.devices)} devices tracked (--max-devices)")
+            return False
+        victim = min(stale, key=lambda s: s.last_seen)
+        del self.devices[victim.device_id]
+        self.evicted += 1
+        self._say("evict", f"{victim.device_id}: dropped (never ready) to make room for {d}")
+        return True
 
     def _send(self, d: str, msg: Message | RoundUpdate) -> None:
         self.fleet.send(d, encode(msg))
@@ -226,6 +289,8 @@ class Coordinator:
 
     # -- events -----------------------------------------------------------------------------------------------
     def handle(self, d: str, msg: Message | RoundUpdate) -> None:
+        if not self._admit(d):
+            return
         s = self._dev(d)
         s.last_seen = self.now()
         if isinstance(msg, Hello):
@@ -270,18 +335,32 @@ class Coordinator:
             else:
                 self._log(f"{d}: ERROR {msg.code} about 0x{msg.ref_type:02x} {msg.ref_id} {msg.text!r}")
 
+    def _reject(self, r: int, d: str, why: str) -> None:
+        self.rejected.append((r, d, why))
+        del self.rejected[:-1000]  # (a flood of forgeries must not grow this without bound)
+        self._say("reject", f"{d}: result for round {r} rejected: {why}")
+
     def _result(self, d: str, msg: RoundResult) -> None:
         r = msg.round_id
         if r in self.results and d in self.results[r]:
             self.duplicates += 1  # idempotent by (round, device)
             return
+        # only what was asked counts: a device sampled for round r, answering round r (docs/fleet.md)
+        if d not in self.participants.get(r, ()):
+            self._reject(r, d, "not asked for that round" if r in self.participants else "no such round asked")
+            return
         if r != self.round or not self._open:
-            self.late.append((r, d))  # a straggler after its round closed (or a result for a round not open)
+            self.late.append((r, d))  # a straggler after its round closed
             self._log(f"{d}: late result for round {r} ignored")
             return
         if len(msg.scalars) != self.cfg.k or not all(np.isfinite(msg.scalars)) or not np.isfinite(msg.loss) \
-                or msg.n_samples < 1:
-            self._log(f"{d}: malformed result for round {r} rejected")
+                or msg.loss < 0:
+            self._reject(r, d, f"malformed ({len(msg.scalars)} scalars, loss {msg.loss})")
+            return
+        # a device takes `batch` samples a round, or all it has if fewer (docs/fleet.md): n can be no larger,
+        # and the weight of one device in the mean is bounded by it
+        if not 1 <= msg.n_samples <= self.cfg.batch:
+            self._reject(r, d, f"n {msg.n_samples} outside 1..{self.cfg.batch} (the batch asked)")
             return
         self.wal.append({"t": "result", "round": r, "device": d, "n": msg.n_samples, "loss": msg.loss,
                          "scalars": list(msg.scalars)})
@@ -330,8 +409,14 @@ class Coordinator:
         r = self.round
         res = self.results[r]
         order = sorted(res)
-        agg = aggregate([ClientReply(np.asarray(res[d].scalars, np.float32), float(res[d].loss), res[d].n_samples)
-                         for d in order])
+        # (n capped again: results recovered from a WAL written before the bound was checked)
+        agg, clipped_ix = robust_aggregate(
+            [ClientReply(np.asarray(res[d].scalars, np.float32), float(res[d].loss),
+                         min(res[d].n_samples, self.cfg.batch)) for d in order], self.cfg.aggregator, self.cfg.clip)
+        clipped = [order[i] for i in clipped_ix]
+        if clipped:
+            self._log(f"round {r}: clipped the update of {', '.join(clipped)} (norm above {self.cfg.clip:g} x "
+                      "the round's lower median)")
         upd = RoundUpdate(r, self.seed(r), float(np.float32(self.lr(r))),
                           tuple(float(v) for v in np.asarray(agg.scalars, np.float32)))
         self.wal.append({"t": "close", "round": r, "seed": upd.seed, "lr": upd.lr, "gbar": list(upd.gbar),
@@ -345,6 +430,7 @@ class Coordinator:
             "duration_s": round(self.now() - self.started.get(r, self.now()), 3), "lr": upd.lr,
             "duplicates_total": self.duplicates, "late_total": len(self.late),
             "per_device": {d: {"loss": float(res[d].loss), "n": res[d].n_samples} for d in order},
+            "clipped": clipped, "rejected_total": len(self.rejected),
         }
         self.rounds_log.write(json.dumps(entry) + "\n")
         self.rounds_log.flush()
@@ -368,6 +454,8 @@ class Coordinator:
                 self._log(f"{got[0]}: {exc}")
         now = self.now()
         for d in self.fleet.devices():
+            if not self._admit(d):
+                continue
             s = self._dev(d)
             if (s.model_id is None or s.applied is None) and now - s.asked > self.cfg.resend_s:
                 self._ping(d)
@@ -421,7 +509,7 @@ class Coordinator:
     # -- inspection -------------------------------------------------------------------------------------------
     def summary(self) -> dict:
         return {"round": self.round, "closed": sorted(self.updates), "duplicates": self.duplicates,
-                "late": self.late, "devices": {d: asdict(s) for d, s in self.devices.items()}}
+                "late": self.late, "rejected": self.rejected[-20:], "evicted": self.evicted, "devices": {d: asdict(s) for d, s in self.devices.items()}}
 
 
 def read_rounds(out_dir: Path) -> list[dict]:

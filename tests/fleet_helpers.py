@@ -175,3 +175,48 @@ class JetsonProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class RogueDevice:
+    """A device that plays the protocol (HELLO, STATUS at the fleet's model and version, acks every update) but
+    answers each ROUND_START with a forged result: first with ``n`` = 2**30-1 (the weight a liar would claim),
+    then with ``n = batch`` and ``[big] * k`` scalars. The attacker of docs/fleet.md "Only what was asked counts"
+    once it has got itself sampled (no broker ACL, or a device's stolen credentials)."""
+
+    def __init__(self, cfg: MqttConfig, device: str, *, big: float = 1e6, model_id: int = 1) -> None:
+        from firmware_bridge.mqtt_link import MqttDevice
+
+        self.big, self.model_id, self.applied = big, model_id, 0
+        self.asked: list[int] = []
+        self.dev = MqttDevice(cfg, device)
+        self.dev.start()
+        self._stop = threading.Event()
+        self._hello()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _hello(self) -> None:
+        from firmware_bridge.messages import ST_IDLE, Hello, Status
+
+        self.dev.send(Hello(self.dev.device_id, "esp32", "micropython 1.29", (0, 2, 0), 50000, 600, 0, 4242))
+        self.dev.send(Status(ST_IDLE, 1, 50000, self.applied, self.model_id))
+
+    def _run(self) -> None:
+        from firmware_bridge.messages import T_ROUND_UPDATE, Ack, Ping, RoundResult, RoundStart, RoundUpdate
+
+        while not self._stop.is_set():
+            msg = self.dev.recv(0.2)
+            if isinstance(msg, Ping):
+                self._hello()
+            elif isinstance(msg, RoundStart):
+                self.asked.append(msg.round_id)
+                self.dev.send(RoundResult(msg.round_id, (self.big,) * msg.k, 0.0, (1 << 30) - 1))
+                self.dev.send(RoundResult(msg.round_id, (self.big,) * msg.k, 0.0, msg.batch))
+            elif isinstance(msg, RoundUpdate):
+                self.applied = max(self.applied, msg.round_id)
+                self.dev.send(Ack(T_ROUND_UPDATE, msg.round_id))
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+        self.dev.stop()

@@ -38,6 +38,9 @@ class ServeOptions:
     model_id: int = 1
     hmac_key: Path | None = None
     timeout: float | None = None
+    aggregator: str = "clip"  # server step: clip | median | mean (docs/fleet.md "Only what was asked counts")
+    clip: float = 3.0
+    max_devices: int = 256
 
 
 def broker_address(text: str) -> tuple[str, int]:
@@ -72,7 +75,8 @@ def serve(opts: ServeOptions) -> dict:
         raise ToolchainError("--model needs --hmac-key (devices never accept an unsigned model)")
     cfg = RoundConfig(rounds=opts.rounds, k=opts.k, mu=opts.mu, lr=opts.lr, schedule=opts.schedule, batch=opts.batch,
                       master_seed=opts.seed, per_round=opts.per_round, min_results=opts.min_results,
-                      min_devices=opts.min_devices, deadline_s=opts.deadline, model_id=opts.model_id)
+                      min_devices=opts.min_devices, deadline_s=opts.deadline, model_id=opts.model_id,
+                      aggregator=opts.aggregator, clip=opts.clip, max_devices=opts.max_devices)
     coord = Coordinator(fleet, cfg, opts.out, model=model, signer=signer, progress=sys.stderr)
     t0 = time.monotonic()
     try:
@@ -151,7 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         schedule=args.schedule, batch=args.batch, per_round=args.per_round,
                         min_results=args.min_results, min_devices=args.min_devices, deadline=args.deadline,
                         seed=args.seed, model=Path(args.model) if args.model else None, model_id=args.model_id,
-                        hmac_key=Path(args.hmac_key) if args.hmac_key else None, timeout=args.timeout)
+                        hmac_key=Path(args.hmac_key) if args.hmac_key else None, timeout=args.timeout,
+                        aggregator=args.aggregator, clip=args.clip, max_devices=args.max_devices)
     result = serve(opts)
     print(json.dumps(result))
     return 0 if result["done"] else 1
@@ -187,6 +192,11 @@ def add_parsers(sub: argparse._SubParsersAction, fraction: Callable[[str], float
     p.add_argument("--model-id", type=int, default=1)
     p.add_argument("--hmac-key", default=None, help="file with the devices' HMAC key")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds (resume later)")
+    p.add_argument("--aggregator", choices=["clip", "median", "mean"], default="clip",
+                   help="server step: clip each update to --clip x the round's lower median norm (default), "
+                        "coordinate-wise median, or the plain n-weighted mean")
+    p.add_argument("--clip", type=float, default=3.0, help="clip factor of --aggregator clip")
+    p.add_argument("--max-devices", type=int, default=256, help="device ids tracked at most (an id flood)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("gateway", help="bridge serial boards and micro:bits onto an MQTT fleet (docs/fleet.md)")

@@ -1,0 +1,139 @@
+"""A fleet no stranger can poison (issue 16), attacked through a real mosquitto on loopback: forged results from
+ids that were not asked, a sampled device that lies (huge scalars, a huge ``n``), with Jetson agents
+(``device_runtime/jetson/agent.py`` processes, onnxruntime) as the honest devices."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fleet_helpers import JetsonProcess, RogueDevice  # noqa: E402
+from fleet_model import make_model  # noqa: E402
+from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
+
+from firmware_bridge import MqttConfig, MqttDevice, RoundResult  # noqa: E402
+from firmware_bridge.coordinator import Coordinator, RoundConfig, counted_results, read_rounds, robust_aggregate  # noqa: E402
+from firmware_bridge.fleet import MqttFleet  # noqa: E402
+from toolchain.zo import ClientReply  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+FORGED = ((1e6,) * 8, 0.0, (1 << 30) - 1)  # the issue's RoundResult(r, [1e6]*8, loss 0, n=2**30-1)
+
+
+def _wal(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "wal.jsonl").read_text().splitlines()]
+
+
+def test_forged_results_from_strangers_and_for_other_rounds_are_rejected(tmp_path: Path, mosquitto) -> None:  # noqa: ANN001, F811
+    fleet_name = "lab"
+    mcfg = MqttConfig(port=mosquitto.port, fleet=fleet_name)
+    m = make_model()
+    idx = m.split(3)
+    jets = [JetsonProcess(m, f"jet-{i}", idx[i], tmp_path / f"j{i}", f"127.0.0.1:{mosquitto.port}", fleet_name)
+            for i in range(2)]
+    evil = MqttDevice(mcfg, "evil")  # anonymous: never said HELLO, publishes results on tinyml/lab/evil/up
+    spoof = MqttDevice(mcfg, "jet-0", client_id="spoof")  # a stranger on a participant's topic (no ACL here)
+    fleet = coord = None
+    out = tmp_path / "coord"
+    try:
+        evil.start()
+        spoof.start()
+        fleet = MqttFleet(mcfg)
+        cfg = RoundConfig(rounds=4, k=8, lr=1.0, batch=32, min_devices=2, deadline_s=60, resend_s=3)
+        coord = Coordinator(fleet, cfg, out, progress=sys.stderr)
+        forged_for: set[int] = set()
+
+        def attack() -> bool:
+            c = coord
+            assert c is not None
+            if c._open and c.round not in forged_for:  # each round, as soon as it is open
+                forged_for.add(c.round)
+                evil.send(RoundResult(c.round, *FORGED))
+                spoof.send(RoundResult(c.round + 1, *FORGED))  # a participant's id, for a round not asked
+                if c.round > 1:
+                    spoof.send(RoundResult(c.round - 1, *FORGED))  # ... and for a closed round
+            return False
+
+        assert coord.run(until=attack, timeout=200), coord.summary()
+        rounds = read_rounds(out)
+        assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+        assert all(sorted(r["devices"]) == ["jet-0", "jet-1"] for r in rounds)
+        assert not any(d == "evil" for _, d in counted_results(out))
+        why = {(r, d): w for r, d, w in coord.rejected}
+        assert all(why.get((r, "evil")) for r in forged_for), coord.rejected  # every forgery rejected and logged
+        assert sum(1 for (_, d) in why if d == "jet-0") >= 3  # the other-round ones too (or counted late)
+        losses = [r["loss"] for r in rounds]
+        assert losses[-1] < losses[0] and max(losses) < 2 * losses[0], losses  # the issue: 0.47 -> 325972
+        for w in _wal(out):
+            if w["t"] == "close":
+                assert max(abs(g) for g in w["gbar"]) < 100, w
+    finally:
+        for obj in (coord, fleet):
+            if obj is not None:
+                obj.close()
+        for d in (evil, spoof):
+            d.stop()
+        for j in jets:
+            j.close()
+
+
+def test_a_sampled_liar_is_bounded(tmp_path: Path, mosquitto) -> None:  # noqa: ANN001, F811
+    """A device that got itself sampled answers [1e6]*8 with n = 2**30-1 (rejected: more than the batch asked),
+    then with n = batch (counted, clipped to 3x the round's lower median norm): the honest devices' losses stay
+    where training takes them."""
+    fleet_name = "lab"
+    mcfg = MqttConfig(port=mosquitto.port, fleet=fleet_name)
+    m = make_model()
+    idx = m.split(3)
+    jets = [JetsonProcess(m, f"jet-{i}", idx[i], tmp_path / f"j{i}", f"127.0.0.1:{mosquitto.port}", fleet_name)
+            for i in range(2)]
+    rogue = RogueDevice(mcfg, "mallory")
+    fleet = coord = None
+    out = tmp_path / "coord"
+    try:
+        fleet = MqttFleet(mcfg)
+        cfg = RoundConfig(rounds=4, k=8, lr=1.0, batch=32, min_devices=3, deadline_s=60, resend_s=3)
+        coord = Coordinator(fleet, cfg, out, progress=sys.stderr)
+        assert coord.run(timeout=200), coord.summary()
+        rounds = read_rounds(out)
+        assert len(rounds) == 4 and rogue.asked
+        for r in rounds:
+            assert sorted(r["devices"]) == ["jet-0", "jet-1", "mallory"] and r["clipped"] == ["mallory"], r
+        assert sum(1 for _, d, w in coord.rejected if d == "mallory" and w.startswith("n 1073741823")) >= 4
+        honest = [np.mean([r["per_device"][d]["loss"] for d in ("jet-0", "jet-1")]) for r in rounds]
+        assert honest[-1] < honest[0] * 1.05 and max(honest) < 1.5 * honest[0], honest
+        # what the plain n-weighted mean would have sent (the issue's step): the clip bounds it by 1e5 times
+        for w in _wal(out):
+            if w["t"] != "close":
+                continue
+            res = [x for x in _wal(out) if x["t"] == "result" and x["round"] == w["round"]]
+            replies = [ClientReply(np.asarray(x["scalars"], np.float32), x["loss"], x["n"]) for x in res]
+            plain, _ = robust_aggregate(replies, "mean")
+            assert float(np.abs(plain.scalars).max()) > 1e5
+            assert max(abs(g) for g in w["gbar"]) < 1e-4 * float(np.abs(plain.scalars).max())
+    finally:
+        for obj in (coord, fleet, rogue):
+            if obj is not None:
+                obj.close()
+        for j in jets:
+            j.close()
+
+
+def test_robust_aggregate_rules() -> None:
+    honest = [ClientReply(np.full(4, v, np.float32), 0.5, 32) for v in (1.0, -1.0, 2.0)]
+    liar = ClientReply(np.full(4, 1e6, np.float32), 0.0, 32)
+    agg, clipped = robust_aggregate([*honest, liar], "clip", 3.0)
+    assert clipped == [3] and float(np.abs(agg.scalars).max()) <= 3.0 * 2.0  # lower median norm: 2 (of 2, 2, 4, 2e6)
+    agg, clipped = robust_aggregate([honest[0], liar], "clip", 3.0)  # two replies: the lower one bounds
+    assert clipped == [1] and float(np.abs(agg.scalars).max()) <= 2.0 + 1e-6
+    agg, _ = robust_aggregate([*honest, liar], "median")
+    assert float(np.abs(agg.scalars).max()) <= 2.0
+    agg, _ = robust_aggregate([*honest, liar], "mean")
+    assert float(np.abs(agg.scalars).max()) > 1e5
+    with pytest.raises(ValueError, match="unknown aggregator"):
+        robust_aggregate(honest, "trim")
