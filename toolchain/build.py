@@ -3,14 +3,14 @@
 Every stage is real: the model is trained by the federated simulator, exported through TensorFlow
 Lite's int8 converter, and checked in LiteRT and TFLite Micro. Output is assembled in a temporary
 folder next to ``--out`` and renamed into place only when every stage (budget check included)
-succeeded, so a failed build never leaves a half-written folder.
+succeeded, so a failed build never leaves a half-written folder. ``--out`` itself is checked before
+training (:mod:`toolchain.outdir`): a folder this tool did not write is never replaced without ``--force``.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,12 +24,14 @@ from hw.profiles import BoardProfile, UnknownBoard, all_profiles, get_profile
 from models.datasets import Dataset, load_dataset
 from models.zoo import build_model, prunable_layers
 from toolchain import __version__
-from toolchain.errors import EXIT_VERIFY, BudgetError, ToolchainError
+from toolchain.errors import EXIT_CHANCE, EXIT_VERIFY, BudgetError, ToolchainError
 from toolchain.fl import Federation, TrainConfig, simulate
 from toolchain.fl.local import evaluate
 from toolchain.fl.masks import kept_count
+from toolchain.fl.quality import chance_accuracy, chance_message
 from toolchain.fl.simulator import seed_everything
 from toolchain.manifest import Budget, Manifest, artifact_entry
+from toolchain.outdir import check_out, replace_dir, staging_dir
 from toolchain.pruning import ALGORITHMS, make_strategy
 from toolchain.select import select_model
 from toolchain.silence import captured_fds
@@ -58,6 +60,7 @@ class BuildOptions:
     quiet: bool = False
     dense_as_conv: bool = True
     calibration_samples: int = 300
+    force: bool = False  # replace a non-empty --out that is not an earlier build
     algo_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -78,7 +81,25 @@ def validate(opts: BuildOptions) -> BoardProfile:
             raise ToolchainError(f"{name} must be at least {low}, got {value}")
     if opts.per_round is not None and not 1 <= opts.per_round <= opts.clients:
         raise ToolchainError(f"--per-round must be between 1 and --clients ({opts.clients}), got {opts.per_round}")
+    if opts.model is not None:
+        from models.zoo import MODELS
+
+        if opts.model not in MODELS:
+            raise ToolchainError(f"unknown model '{opts.model}'; choose one of: {', '.join(MODELS)}")
+    check_out(out_path(opts), "build", opts.force, [Path(opts.data)] if opts.data else [])
     return profile
+
+
+def out_path(opts: BuildOptions) -> Path:
+    return Path(opts.out or f"build/{opts.target}")
+
+
+class ChanceLevel(ToolchainError):
+    """The build finished and wrote its outputs, but the model is no better than guessing (exit 5)."""
+
+    def __init__(self, message: str, manifest: Manifest) -> None:
+        super().__init__(message, EXIT_CHANCE)
+        self.manifest = manifest
 
 
 def train_config(opts: BuildOptions) -> TrainConfig:
@@ -96,8 +117,8 @@ def _stage(timings: dict[str, float], name: str, t0: float) -> float:
 
 def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Manifest:
     """Run every stage; returns the manifest written to ``<out>/manifest.json``."""
-    profile = validate(opts)
-    out = Path(opts.out or f"build/{opts.target}")
+    profile = validate(opts)  # every input and --out, before any work
+    out = out_path(opts)
     timings: dict[str, float] = {}
     t = t_start = time.perf_counter()
     data = load_dataset(opts.dataset, opts.data)
@@ -114,20 +135,20 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Manifest:
     history = simulate(strategy, model, fed, cfg, progress=not opts.quiet)
     t = _stage(timings, "train", t)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = staging_dir(out)
     try:
         manifest = _export_and_verify(opts, profile, data, strategy, model_name, fed, history, staging, timings, t)
         timings["total"] = round(time.perf_counter() - t_start, 2)
         manifest.timings_s = timings
         manifest.write(staging / "manifest.json")
         (staging / "report.md").write_text(render_report(manifest, history))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if manifest.quality.get("at_chance"):
+        # written on purpose (the user inspects what went wrong), but not reported as a success
+        raise ChanceLevel(manifest.quality["message"], manifest)
     return manifest
 
 
@@ -183,6 +204,10 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
     mismatch = int((lite != micro).sum())
     acc_lite = float((lite.argmax(1) == data.y_test).mean())
     acc_micro = float((micro.argmax(1) == data.y_test).mean())
+    chance = chance_accuracy(data.y_test, data.num_classes)
+    at_chance = chance_message(acc_micro, chance)
+    quality = {"chance": chance, "accuracy": acc_micro, "at_chance": at_chance is not None,
+               **({"message": at_chance} if at_chance else {})}
     t = _stage(timings, "verify", t)
 
     model_bytes = len(tfl.data)
@@ -237,7 +262,7 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
                 "quantization": {"scale": tfl.output_quant.scale, "zero_point": tfl.output_quant.zero_point}},
         artifacts=artifacts,
         config={**asdict(opts), "train": train_config(opts).as_dict(), "ops": sorted(set(tfl.ops))},
-        board=profile.as_dict(), timings_s=timings, toolchain_version=__version__, notes=notes,
+        board=profile.as_dict(), timings_s=timings, toolchain_version=__version__, notes=notes, quality=quality,
     )
 
 
@@ -249,6 +274,8 @@ def render_report(m: Manifest, history) -> str:
         f"Algorithm `{m.algorithm}` on `{m.dataset}`, density {m.density:.4f} "
         f"({m.model['kept_weights']} of {m.model['prunable_weights']} prunable weights kept).",
         "",
+        *([f"**Not usable: {m.quality['message']}** (exit code 5; the files are kept for inspection.)", ""]
+          if m.quality.get("at_chance") else []),
         "| measure | value |",
         "|---|---|",
         f"| accuracy, float (BN folded) | {acc['float'] * 100:.2f} % |",

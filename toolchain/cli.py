@@ -83,7 +83,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from toolchain.build import BuildOptions, build, summary_lines
+    from toolchain.build import BuildOptions, ChanceLevel, build, summary_lines
 
     scheme, alpha = _partition(args)
     opts = BuildOptions(target=args.target, dataset=args.dataset, data=args.data, algo=args.algo,
@@ -91,9 +91,16 @@ def cmd_build(args: argparse.Namespace) -> int:
                         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                         partition=scheme,
                         alpha=alpha, seed=args.seed, model=args.model, out=args.out, quiet=args.quiet, threads=args.threads,
-                        dense_as_conv=not args.keep_fully_connected, algo_options=_algo_options(args.algo_opt))
+                        dense_as_conv=not args.keep_fully_connected, algo_options=_algo_options(args.algo_opt),
+                        force=args.force)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    manifest = build(opts, log=log)
+    try:
+        manifest = build(opts, log=log)
+    except ChanceLevel as exc:  # outputs were written: show them, then fail with the one-line reason
+        for line in summary_lines(exc.manifest):
+            print(line)
+        print(f"  output     {opts.out or f'build/{opts.target}'}/manifest.json (kept for inspection)")
+        raise
     for line in summary_lines(manifest):
         print(line)
     print(f"  output     {opts.out or f'build/{opts.target}'}/manifest.json")
@@ -110,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         partition=scheme,
                         alpha=alpha, seed=args.seed, out=args.out, quiet=args.quiet, threads=args.threads,
                         eval_samples=args.eval_samples, algo_options=_algo_options(args.algo_opt),
-                        engine=args.engine, superlink=args.superlink)
+                        engine=args.engine, superlink=args.superlink, force=args.force)
     summary = train(opts)
     print(f"{opts.algo} {opts.model} on {opts.dataset}: accuracy {summary['accuracy'] * 100:.2f} % at density "
           f"{summary['density']:.4f}; device memory {summary['device_memory_bytes']['total']} B; "
@@ -133,6 +140,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="board name (`toolchain targets`)")
     p.add_argument("--algo", default="gmp", help=f"pruning algorithm: {', '.join(ALGORITHMS)} (default: gmp)")
     p.add_argument("--out", default=None, help="output folder (default: build/<target>)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it is a non-empty folder that is not an earlier build")
     p.add_argument("--keep-fully-connected", action="store_true",
                    help="export dense layers as FULLY_CONNECTED instead of 1x1 CONV_2D")
     _add_fl_options(p, rounds=5, clients=10, batch=64, lr=0.08, optimizer="sgd")
@@ -141,6 +150,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run a federated pruning algorithm in simulation")
     p.add_argument("--algo", required=True, help=f"one of: {', '.join(ALGORITHMS)}")
     p.add_argument("--out", required=True, help="output folder for metrics.jsonl, summary.json, model.pt, plot")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it is a non-empty folder that is not an earlier training run")
     p.add_argument("--eval-samples", type=int, default=None, help="test samples for per-round evaluation")
     p.add_argument("--engine", choices=["inprocess", "flower-sim", "flower"], default="inprocess",
                    help="inprocess (default), flower-sim (Flower simulation, Ray) or flower (SuperLink; docs/flower.md)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 EXIT_USAGE = 2  # bad input: unknown target, bad option value, missing/corrupt data
 EXIT_BUDGET = 3  # the model does not fit the board
 EXIT_VERIFY = 4  # an exported artifact failed verification
+EXIT_CHANCE = 5  # the build finished but its model is at chance level (artifacts kept for inspection)
+EXIT_INTERRUPT = 130  # Ctrl-C (128 + SIGINT); nothing was written
 
 
 class ToolchainError(Exception):

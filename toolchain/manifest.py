@@ -53,6 +53,8 @@ class Manifest:
     toolchain_version: str
     manifest_version: int = MANIFEST_VERSION
     notes: list[str] = field(default_factory=list)
+    # chance-level guard (toolchain.fl.quality): chance, accuracy (int8 TFLite Micro), at_chance, message
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

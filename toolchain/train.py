@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from models.zoo import build_model
 from toolchain.errors import ToolchainError
 from toolchain.fl import Federation, RoundRecord, TrainConfig, simulate
 from toolchain.fl.simulator import seed_everything
+from toolchain.outdir import check_out, replace_dir, staging_dir
 from toolchain.pruning import ALGORITHMS, make_strategy
 
 
@@ -47,6 +47,7 @@ class TrainOptions:
     algo_options: dict[str, Any] = field(default_factory=dict)
     engine: str = "inprocess"  # "inprocess", "flower-sim" or "flower" (docs/flower.md)
     superlink: str | None = None  # --engine flower: the SuperLink's HOST:PORT
+    force: bool = False  # replace a non-empty --out that is not an earlier training run
 
     def config(self) -> TrainConfig:
         return TrainConfig(rounds=self.rounds, clients=self.clients, per_round=self.per_round or self.clients,
@@ -67,6 +68,8 @@ def _validate(opts: TrainOptions) -> None:
         raise ToolchainError(f"--per-round must be between 1 and --clients ({opts.clients}), got {opts.per_round}")
     if opts.engine not in ("inprocess", "flower-sim", "flower"):
         raise ToolchainError(f"unknown engine '{opts.engine}'; choose inprocess, flower-sim or flower")
+    # before any training: never replace a folder train did not write, and fail now on an unwritable path
+    check_out(Path(opts.out), "train", opts.force, [Path(opts.data)] if opts.data else [])
 
 
 def summarize(history: list[RoundRecord], strategy) -> dict[str, Any]:
@@ -120,8 +123,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     fed = Federation.from_dataset(data, cfg)
     strategy = make_strategy(opts.algo, cfg)
     out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = staging_dir(out)
     try:
         with (staging / "metrics.jsonl").open("w") as f:
             history = simulate(strategy, model, fed, cfg, progress=not opts.quiet,
@@ -132,9 +134,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         torch.save({"arch": strategy.model.arch, "state_dict": strategy.model.state_dict(), "masks": strategy.masks,
                     "algorithm": opts.algo, "config": asdict(opts)}, staging / "model.pt")
         plot_accuracy(history, staging / "accuracy.png", f"{opts.algo} / {opts.model} / {opts.dataset}")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
