@@ -113,6 +113,7 @@ class RoundConfig:
     aggregator: str = "clip"
     clip: float = 3.0
     max_devices: int = 256  # tracked device ids; an id flood evicts never-ready strangers, not known devices
+    final_wait_s: float = 30.0  # after the last round: wait this long for online devices to ack the last update
 
 
 @dataclass
@@ -441,6 +442,7 @@ class Coordinator:
         for d, s in self.devices.items():
             if s.applied == r - 1 and s.model_id == self.cfg.model_id:
                 self._send(d, upd)
+                s.synced = self.now()  # (re-sent by _sync after resend_s until its ACK or STATUS says applied)
             else:
                 self._sync(s, force=True)
 
@@ -454,13 +456,15 @@ class Coordinator:
                 self._log(f"{got[0]}: {exc}")
         now = self.now()
         for d in self.fleet.devices():
-            if not self._admit(d):
-                continue
+            if d not in self.devices and len(self.devices) >= self.cfg.max_devices:
+                continue  # (no eviction here: the fleet's online list may hold a flood, evicting would churn)
             s = self._dev(d)
             if (s.model_id is None or s.applied is None) and now - s.asked > self.cfg.resend_s:
                 self._ping(d)
         if not self._open:
             if self.round > self.cfg.rounds:
+                for d in self.unsynced():  # the last update (or a replay) until its ACK / STATUS arrives
+                    self._sync(self.devices[d])
                 return
             n_ready = sum(1 for d in self.devices if self.ready(d))
             first = self.started.get(-1)
@@ -488,8 +492,28 @@ class Coordinator:
                     else:
                         self._ping(d)
 
+    def unsynced(self, unknown: bool = False) -> list[str]:
+        """Online devices that do not run the final version yet: at the model but behind (updates re-sent) and,
+        with ``unknown``, those whose state is not known yet (PINGed). Devices that cannot get there (another
+        model and no transfer possible, a protocol 1.0 decoder) are not waited for."""
+        out = []
+        for d in self.fleet.devices():
+            s = self.devices.get(d)
+            if s is None or s.no_update:
+                continue
+            if s.model_id is None or s.applied is None:
+                if unknown:
+                    out.append(d)
+            elif s.model_id == self.cfg.model_id and s.applied < self.round - 1:
+                out.append(d)
+        return out
+
     def run(self, until: Callable[[], bool] | None = None, timeout: float | None = None) -> bool:
-        """Run until every round is closed (True), ``until()`` holds, :meth:`abort` or ``timeout`` (False)."""
+        """Run until every round is closed (True), ``until()`` holds, :meth:`abort` or ``timeout`` (False).
+
+        After the last close it keeps going up to ``final_wait_s`` until every online device acknowledged the
+        last update (a process that exits at once loses it for the devices whose copy was still in flight);
+        devices offline then get it when they are back and serve runs again (resume replays it)."""
         end = None if timeout is None else self.now() + timeout
         while self.round <= self.cfg.rounds and not self._aborted:
             if until is not None and until():
@@ -497,6 +521,20 @@ class Coordinator:
             if end is not None and self.now() > end:
                 return False
             self.step()
+        if self.round > self.cfg.rounds:
+            drain = self.now() + self.cfg.final_wait_s
+            if end is not None:
+                drain = min(drain, end)
+            # Devices whose state is unknown (rebooted, or all of them on a resume) get one resend_s to answer
+            # their PING; after that only devices known to be behind are waited for (an id flood's silent ids
+            # must not hold serve up).
+            grace = min(self.now() + self.cfg.resend_s, drain)
+            self.step(0.5)
+            while self.unsynced(unknown=self.now() < grace) and self.now() < drain and not self._aborted:
+                self.step()
+            left = self.unsynced()
+            if left:
+                self._log(f"final update not acknowledged by {', '.join(left)} (re-sent when serve runs again)")
         return self.round > self.cfg.rounds
 
     def abort(self) -> None:

@@ -128,10 +128,13 @@ class MqttFleet:
     def send(self, device: str, raw: bytes) -> None:
         self.stats.bytes_down[device] = self.stats.bytes_down.get(device, 0) + len(raw)
         # raw bytes (already encoded by the coordinator), not re-decoded
-        self.host._publish(self.cfg.topic(device, DOWN), raw)
+        try:
+            self.host._publish(self.cfg.topic(device, DOWN), raw)
+        except LinkError:
+            self.stats.send_failures += 1  # paho's queue is full (a flood): the coordinator re-sends what matters
 
     def devices(self) -> list[str]:
-        return sorted(d for d, s in self.host.slots.items() if s.online)
+        return self.host.online()  # (iterating host.slots here raced paho's thread: "dictionary changed size")
 
     def recv(self, timeout: float) -> tuple[str, Message | RoundUpdate] | None:
         got = self.host.recv(timeout)

@@ -2,9 +2,12 @@
 
 Topics (docs/protocol.md, "MQTT"): ``<prefix>/<fleet>/<device>/up`` (device -> host), ``.../down``
 (host -> device), ``.../status`` (retained STATUS; the last will is a retained ``Status(ST_OFFLINE)``).
-The payload is exactly the message bytes. QoS 1 is at-least-once, so both ends drop a repeat of the
-same payload seen within ``dedupe_ttl`` seconds; every message carries its own id (round, model,
-chunk, boot session) so a real repeat is always a no-op.
+The payload is exactly the message bytes. QoS 1 is at-least-once. The host drops a repeat of the same
+``up`` payload seen within ``dedupe_ttl`` seconds (every message carries its own id: round, model, chunk,
+boot session, so a real repeat is a no-op there). A device end drops only the broker's *redeliveries*
+(DUP flag set) of a payload it saw within ``dedupe_ttl``: the coordinator's re-asks are byte-identical
+to its first ask (same ROUND_START, same model transfer), and a device that lost its answer (a reboot,
+a broker crash) must get them; every downlink message is idempotent on the device.
 
 The host keys everything by the device id taken from the topic and ignores a HELLO whose id differs,
 so a device can only touch its own slot; broker ACLs (docs/protocol.md) stop it publishing elsewhere.
@@ -169,6 +172,14 @@ class _Endpoint:
                 return False
             return True
 
+    def _fresh_down(self, m: mqtt.MQTTMessage) -> bool:
+        """Device side: False only for a broker redelivery (DUP) of a payload seen within the ttl (module doc)."""
+        seen_before = not self._fresh(m.topic, m.payload)
+        if seen_before and not m.dup:
+            with self._lock:
+                self.duplicates -= 1  # a re-ask, not a duplicate: handled again
+        return not (seen_before and m.dup)
+
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -190,7 +201,7 @@ class MqttDevice(_Endpoint):
         self._publish(self.cfg.topic(self.device_id, STATUS), encode(self.status), retain=True)
 
     def _on_message(self, client: mqtt.Client, userdata: object, m: mqtt.MQTTMessage) -> None:
-        if not self._fresh(m.topic, m.payload):
+        if not self._fresh_down(m):
             return
         try:
             self._inbox.put(decode(m.payload))
@@ -226,7 +237,7 @@ class RawMqttDevice(MqttDevice):
         self.on_down = on_down
 
     def _on_message(self, client: mqtt.Client, userdata: object, m: mqtt.MQTTMessage) -> None:
-        if self._fresh(m.topic, m.payload):
+        if self._fresh_down(m):
             self.on_down(bytes(m.payload))
 
     def publish_up(self, raw: bytes) -> None:
@@ -253,10 +264,13 @@ class DeviceSlot:
 class MqttHost(_Endpoint):
     """The host end: subscribes to every device's ``up`` and ``status`` in one fleet."""
 
-    def __init__(self, cfg: MqttConfig, *, client_id: str | None = None, keep_history: bool = False) -> None:
+    def __init__(self, cfg: MqttConfig, *, client_id: str | None = None, keep_history: bool = False,
+                 max_slots: int = 1024) -> None:
         super().__init__(cfg, client_id or f"host-{cfg.prefix}-{cfg.fleet}")
         self.keep_history = keep_history
-        self.slots: dict[str, DeviceSlot] = {}
+        self.max_slots = max_slots  # an id flood (anyone may publish without ACLs) must not grow memory forever
+        self.evicted = 0
+        self.slots: dict[str, DeviceSlot] = {}  # written by paho's thread: read it under self._lock (online())
         self._inbox: queue.Queue[tuple[str, Message]] = queue.Queue()
         self._changed = threading.Condition(self._lock)
 
@@ -272,7 +286,12 @@ class MqttHost(_Endpoint):
         if leaf == UP and not self._fresh(m.topic, m.payload):
             return
         with self._changed:
-            slot = self.slots.setdefault(device, DeviceSlot(device))
+            slot = self.slots.get(device)
+            if slot is None:
+                if len(self.slots) >= self.max_slots:  # make room: the least recently seen slot goes
+                    del self.slots[min(self.slots.values(), key=lambda s: s.last_seen).device_id]
+                    self.evicted += 1
+                slot = self.slots[device] = DeviceSlot(device)
             try:
                 msg = decode(m.payload)
             except ProtocolError:
@@ -300,6 +319,11 @@ class MqttHost(_Endpoint):
 
     def send(self, device_id: str, msg: Message) -> None:
         self._publish(self.cfg.topic(device_id, DOWN), encode(msg))
+
+    def online(self) -> list[str]:
+        """Ids of the devices online now (a copy taken under the lock: paho's thread adds slots meanwhile)."""
+        with self._lock:
+            return sorted(d for d, s in self.slots.items() if s.online)
 
     def recv(self, timeout: float | None = None) -> tuple[str, Message] | None:
         """Next ``(device_id, message)`` from any device's ``up`` topic, or None after ``timeout``."""

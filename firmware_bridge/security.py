@@ -122,6 +122,8 @@ class ModelReceiver:
 
     def handle(self, msg: ModelBegin | ModelChunk | ModelCommit) -> Ack | Error | None:
         if isinstance(msg, ModelBegin):
+            if msg == self._begin:
+                return None  # a repeat of the transfer in progress (QoS 1 re-delivers; devices do not drop it)
             if msg.size > self.max_size:
                 return Error(E_NO_MEMORY, msg.TYPE, msg.model_id, "model too large")
             self._begin, self._buf, self._next = msg, bytearray(), 0

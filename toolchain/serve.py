@@ -81,12 +81,14 @@ def serve(opts: ServeOptions) -> dict:
     t0 = time.monotonic()
     try:
         done = coord.run(timeout=opts.timeout)
+        unacked = coord.unsynced()
     finally:
         coord.close()
         fleet.close()
     rounds = read_rounds(opts.out)
     return {"done": done, "rounds": len(rounds), "loss": [r["loss"] for r in rounds],
-            "wall_s": round(time.monotonic() - t0, 1), "duplicates": coord.duplicates, "late": len(coord.late)}
+            "wall_s": round(time.monotonic() - t0, 1), "duplicates": coord.duplicates, "late": len(coord.late),
+            "rejected": len(coord.rejected), "unacked": unacked}
 
 
 def microbit_arg(text: str) -> tuple[str, str | None]:
