@@ -35,9 +35,12 @@ from .messages import (
     CAP_HMAC,
     E_BAD_MESSAGE,
     E_NO_MODEL,
+    E_RANGE,
     E_SEQUENCE,
+    E_UNSUPPORTED,
     FMT_SMF,
     T_MODEL_COMMIT,
+    T_ROUND_START,
     T_ROUND_UPDATE,
     Ack,
     Error,
@@ -130,6 +133,7 @@ class DeviceState:
     transfer: int = 0  # model transfers sent
     synced: float = -1e9  # when we last sent it a model or updates
     no_update: bool = False  # answered ROUND_UPDATE with BAD_MESSAGE: a protocol 1.0 device, never ready again
+    refuses: str = ""  # answered ROUND_START with ERROR(RANGE / UNSUPPORTED): its text; left out until it reboots
     info: dict = field(default_factory=dict)
 
 
@@ -183,6 +187,7 @@ class Coordinator:
         self._deadline = 0.0
         self._last_resend = 0.0
         self._aborted = False
+        self.fatal: str | None = None  # why run() gave up on its own (every device refuses the rounds)
         self._recover()
         self.rounds_log = open(self.out / "rounds.jsonl", "a")  # noqa: SIM115
 
@@ -253,7 +258,7 @@ class Coordinator:
     def ready(self, d: str) -> bool:
         s = self.devices.get(d)
         return (s is not None and s.model_id == self.cfg.model_id and s.applied == self.round - 1
-                and not s.no_update)
+                and not s.no_update and not s.refuses)
 
     # -- device sync ------------------------------------------------------------------------------------------
     def _sync(self, s: DeviceState, force: bool = False) -> None:
@@ -302,6 +307,7 @@ class Coordinator:
                 s.session, s.caps, s.max_message = msg.session, msg.caps, msg.max_message
                 s.model_id = s.applied = None
                 s.no_update = False  # (new firmware, perhaps: a replayed update tells again)
+                s.refuses = ""
                 self._ping(d)
         elif isinstance(msg, Status):
             if msg.state == 0:
@@ -328,7 +334,18 @@ class Coordinator:
             self._result(d, msg)
         elif isinstance(msg, Error):
             self.errors.append((d, msg))
-            if msg.code == E_BAD_MESSAGE and msg.ref_type == T_ROUND_UPDATE and not s.no_update:
+            if msg.code in (E_RANGE, E_UNSUPPORTED) and msg.ref_type == T_ROUND_START:
+                # its limits are narrower than the fleet's (e.g. k above its k_max): asking again cannot help
+                s.refuses = msg.text or f"error {msg.code}"
+                self._log(f"{d}: refuses round {msg.ref_id} ({s.refuses}); left out until it reboots")
+                if self._open and d in self.participants[self.round]:
+                    self.participants[self.round].remove(d)
+                known = [x for x in self.devices.values() if x.model_id is not None]
+                if known and all(x.refuses for x in known):
+                    self.fatal = f"every device refuses the round parameters ({s.refuses}); change --k/--mu/--lr/--batch"
+                    self._log(self.fatal)
+                    self.abort()
+            elif msg.code == E_BAD_MESSAGE and msg.ref_type == T_ROUND_UPDATE and not s.no_update:
                 s.no_update = True  # we never send a malformed one: its decoder lacks 0x12 (docs/protocol.md)
                 self._log(f"{d}: does not know ROUND_UPDATE (protocol 1.0); left out of further rounds")
             elif msg.code in (E_SEQUENCE, E_NO_MODEL):

@@ -24,6 +24,7 @@ from .messages import (
     E_SEQUENCE,
     E_UNSUPPORTED,
     FMT_ONNX,
+    MAX_ERROR_TEXT,
     ST_IDLE,
     ST_TRAINING,
     T_ROUND_UPDATE,
@@ -46,6 +47,12 @@ from .mqtt_link import MqttConfig, RawMqttDevice
 from .security import ModelReceiver, RoundLimits, Verifier, check_round, check_update
 
 RUNTIME_VERSION = (0, 2, 0)
+
+
+def _text(s: str) -> str:
+    """An ERROR text: printable ASCII, at most MAX_ERROR_TEXT bytes, never empty."""
+    t = "".join(c if " " <= c <= "~" else "?" for c in s)[:MAX_ERROR_TEXT].strip()
+    return t or "error"
 
 
 class Agent:
@@ -105,7 +112,13 @@ class Agent:
                 return
             answer = self.receiver.handle(msg)
             if isinstance(answer, Ack) and self.receiver.model is not None:
-                self.tuner = self.load(self.receiver.model)
+                try:
+                    tuner = self.load(self.receiver.model)
+                except Exception as exc:  # noqa: BLE001 - signed but does not load (a corrupt or foreign model)
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    self.send(Error(E_INTERNAL, msg.TYPE, answer.ref_id, _text(f"model does not load: {first}")))
+                    return  # the previous model stays
+                self.tuner = tuner
                 self.model_id, self.applied = answer.ref_id, 0
             if answer is not None:
                 self.send(answer)
@@ -117,7 +130,7 @@ class Agent:
         if bad is not None:
             self.send(bad)
         elif self.tuner is None:
-            self.send(Error(E_NO_MODEL, msg.TYPE, msg.round_id))
+            self.send(Error(E_NO_MODEL, msg.TYPE, msg.round_id, "no model"))
         elif msg.round_seed is None or msg.steps != 1:
             self.send(Error(E_UNSUPPORTED, msg.TYPE, msg.round_id, "explicit seeds / steps"))
         elif msg.round_id != self.applied + 1:
@@ -144,7 +157,8 @@ class Agent:
         elif u.round_id <= self.applied:
             self.send(Ack(T_ROUND_UPDATE, u.round_id))
         elif self.tuner is None or u.round_id != self.applied + 1:
-            self.send(Error(E_SEQUENCE, T_ROUND_UPDATE, u.round_id))
+            self.send(Error(E_SEQUENCE, T_ROUND_UPDATE, u.round_id,
+                            "no model" if self.tuner is None else f"at version {self.applied}"))
         else:
             self.tuner.update(u.seed, list(u.gbar), u.lr)
             self.applied = u.round_id
@@ -166,7 +180,8 @@ class Agent:
                 except Exception as exc:  # noqa: BLE001 - the device stays up and says what went wrong
                     self.state = ST_IDLE
                     self.errors.append(repr(exc))
-                    self.send(Error(E_INTERNAL, raw[1] if len(raw) > 1 else 0, 0, type(exc).__name__[:48]))
+                    self.send(Error(E_INTERNAL, raw[1] if len(raw) > 1 else 0, 0,
+                                    _text(f"{type(exc).__name__}: {exc}")))
             if time.monotonic() - last > self.heartbeat_s:
                 last = time.monotonic()
                 self.status()

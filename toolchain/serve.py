@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import socket
 import sys
 import time
@@ -45,9 +46,87 @@ class ServeOptions:
 
 def broker_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ToolchainError(f"--broker expects HOST:PORT, got '{text}'")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ToolchainError(f"--broker expects HOST:PORT (port 1..65535), got '{text}'")
     return host or "127.0.0.1", int(port)
+
+
+def check_topic_level(name: str, what: str) -> None:
+    """A fleet name or topic prefix is one MQTT topic level: wildcards or '/' would subscribe to (or publish on)
+    other fleets' topics."""
+    if not name or len(name) > 64 or not name.isascii() or not name.isprintable() or set(name) & set("/+#$ "):
+        raise ToolchainError(f"{what} '{name}' must be 1..64 printable ASCII characters without '/', '+', '#', '$' "
+                             "or spaces (it is one MQTT topic level)")
+
+
+def _finite(name: str, v: float, lo: float, hi: float, lo_open: bool = False) -> None:
+    if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and v <= hi):
+        raise ToolchainError(f"{name} {v:g} is out of range: use {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+
+
+def _int(name: str, v: int, lo: int, hi: int) -> None:
+    if not lo <= v <= hi:
+        raise ToolchainError(f"{name} {v} is out of range: use {lo}..{hi}")
+
+
+def _readable(name: str, path: Path, limit: int) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ToolchainError(f"cannot read {name} {path}: {exc.strerror or exc}") from None
+    if not data or len(data) > limit:
+        raise ToolchainError(f"{name} {path} is {len(data)} bytes; expected 1..{limit}")
+    return data
+
+
+def check_serve_options(opts: ServeOptions) -> tuple[bytes | None, bytes | None]:
+    """Every option checked before anything is opened or sent: one-line errors, never a round that cannot run.
+    The round parameters must be what devices accept (``RoundLimits``: out of range, every device would answer
+    ERROR(RANGE) and serve would re-ask until --timeout). Returns the model and HMAC key bytes."""
+    from firmware_bridge.messages import MAX_K, U30
+    from firmware_bridge.security import RoundLimits
+
+    lim = RoundLimits()
+    _int("--rounds", opts.rounds, 1, U30 - 1)
+    _int("--k", opts.k, 1, MAX_K)
+    _finite("--mu", opts.mu, lim.mu_min, lim.mu_max)
+    _finite("--lr", opts.lr, 0.0, lim.lr_max, lo_open=True)
+    _int("--batch", opts.batch, 1, lim.max_batch)
+    _finite("--per-round", opts.per_round, 0.0, 1.0, lo_open=True)
+    _int("--min-results", opts.min_results, 1, 1 << 16)
+    _int("--min-devices", opts.min_devices, 1, 1 << 16)
+    _finite("--deadline", opts.deadline, 0.0, 1e7, lo_open=True)
+    _int("--seed", opts.seed, 0, (1 << 32) - 1)
+    _int("--model-id", opts.model_id, 1, U30 - 1)
+    _int("--baud", opts.baud, 50, 10_000_000)
+    _finite("--clip", opts.clip, 0.0, 1e6, lo_open=True)
+    _int("--max-devices", opts.max_devices, 1, 1 << 20)
+    if opts.timeout is not None:
+        _finite("--timeout", opts.timeout, 0.0, 1e9, lo_open=True)
+    if opts.aggregator not in ("clip", "median", "mean"):
+        raise ToolchainError(f"--aggregator '{opts.aggregator}': use clip, median or mean")
+    if opts.transport == "serial":
+        from hw.flash_board import check_port
+
+        if not opts.ports:
+            raise ToolchainError("--transport serial needs at least one --port")
+        for p in opts.ports:
+            check_port(p)
+        if len(set(opts.ports)) != len(opts.ports):
+            raise ToolchainError("a serial port is given twice")
+    elif opts.transport == "mqtt":
+        broker_address(opts.broker)
+        check_topic_level(opts.fleet, "--fleet")
+        check_topic_level(opts.prefix, "--prefix")
+    else:
+        raise ToolchainError(f"unknown transport '{opts.transport}'; use serial or mqtt")
+    model = _readable("--model", opts.model, 1 << 24) if opts.model else None
+    key = _readable("--hmac-key", opts.hmac_key, 4096).strip() if opts.hmac_key else None
+    if opts.hmac_key and not key:
+        raise ToolchainError(f"--hmac-key {opts.hmac_key} holds only white space")
+    if model is not None and key is None:
+        raise ToolchainError("--model needs --hmac-key (devices never accept an unsigned model)")
+    return model, key
 
 
 def serve(opts: ServeOptions) -> dict:
@@ -56,23 +135,21 @@ def serve(opts: ServeOptions) -> dict:
     from firmware_bridge.coordinator import Coordinator, RoundConfig, read_rounds
     from firmware_bridge.fleet import MqttFleet, SerialFleet
 
+    model, key = check_serve_options(opts)
+    signer = Signer(hmac_key=key) if key is not None else None
     if opts.transport == "serial":
-        if not opts.ports:
-            raise ToolchainError("--transport serial needs at least one --port")
-        fleet = SerialFleet(opts.ports, baudrate=opts.baud)
-    elif opts.transport == "mqtt":
+        try:
+            fleet = SerialFleet(opts.ports, baudrate=opts.baud)
+        except Exception as exc:  # noqa: BLE001 - SerialException, OSError, termios.error: one line for the user
+            raise ToolchainError(f"cannot open {', '.join(opts.ports)}: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
+                                 "check the port and close other programs using it") from None
+    else:
         host, port = broker_address(opts.broker)
         try:
             fleet = MqttFleet(MqttConfig(host, port, prefix=opts.prefix, fleet=opts.fleet))
         except Exception as exc:  # noqa: BLE001 - LinkError, OSError: one line for the user
             raise ToolchainError(f"cannot reach the MQTT broker at {opts.broker}: {exc}; start mosquitto or fix "
                                  "--broker") from None
-    else:
-        raise ToolchainError(f"unknown transport '{opts.transport}'; use serial or mqtt")
-    model = opts.model.read_bytes() if opts.model else None
-    signer = Signer(hmac_key=opts.hmac_key.read_bytes().strip()) if opts.hmac_key else None
-    if model is not None and signer is None:
-        raise ToolchainError("--model needs --hmac-key (devices never accept an unsigned model)")
     cfg = RoundConfig(rounds=opts.rounds, k=opts.k, mu=opts.mu, lr=opts.lr, schedule=opts.schedule, batch=opts.batch,
                       master_seed=opts.seed, per_round=opts.per_round, min_results=opts.min_results,
                       min_devices=opts.min_devices, deadline_s=opts.deadline, model_id=opts.model_id,
@@ -85,6 +162,8 @@ def serve(opts: ServeOptions) -> dict:
     finally:
         coord.close()
         fleet.close()
+    if coord.fatal:
+        raise ToolchainError(coord.fatal)
     rounds = read_rounds(opts.out)
     return {"done": done, "rounds": len(rounds), "loss": [r["loss"] for r in rounds],
             "wall_s": round(time.monotonic() - t0, 1), "duplicates": coord.duplicates, "late": len(coord.late),
@@ -112,6 +191,11 @@ def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str =
     if not ports and not microbits:
         raise ToolchainError("gateway needs at least one --port (a board running app.py) or --microbit PORT")
     host, port = broker_address(broker)
+    check_topic_level(fleet, "--fleet")
+    check_topic_level(prefix, "--prefix")
+    _int("--baud", baud, 50, 10_000_000)
+    _int("--model-id", model_id, 1, (1 << 30) - 1)
+    _finite("--heartbeat", heartbeat, 0.0, 1e6, lo_open=True)
     every = [*ports, *(p for p, _ in microbits)]
     for p in every:
         check_port(p)

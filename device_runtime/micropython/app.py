@@ -12,6 +12,10 @@ except ImportError:
     import time
 
 T_UPD = 18  # ROUND_UPDATE (protocol 1.1): round u32, seed u32, lr f32, g[k] f32
+# ERROR text by code (docs/protocol.md section 2): every error on the wire says what it is, for people
+# reading the topics or a log; the host acts on the code only.
+ETXT = (b'', b'bad message', b'version', b'unsupported', b'out of range', b'no memory', b'sequence',
+        b'sha256 mismatch', b'bad signature', b'no model', b'busy', b'internal')
 
 
 class App:
@@ -119,7 +123,8 @@ class App:
         s.send(s.p.put(3, '<BBBI', 1, 48, t, r))
 
     def err(s, c, t, r):
-        s.send(s.p.put(3, '<BBBBI', 1, 63, c, t, r))
+        x = ETXT[c] if c < len(ETXT) else b'error'
+        s.send(s.p.put(s.p.put(3, '<BBBBI', 1, 63, c, t, r), str(len(x)) + 's', x))
 
     # -- receiving
     def handle(s):

@@ -1,0 +1,157 @@
+"""Clean errors before any round (issue 16, item 5): every bad input to ``toolchain serve`` / ``gateway`` is one
+``error:`` line and exit code 2, checked before a port or the broker is opened (the broker given here does not
+exist, so an error about anything else would name it), with no traceback and nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fleet_helpers import wasm_board  # noqa: E402
+from fleet_model import make_model  # noqa: E402
+from mosquitto_fixture import free_port, mosquitto, mosquitto_factory  # noqa: E402, F401
+
+from firmware_bridge import Error, MqttConfig, MqttHost, Ping, RoundStart, SerialLink, decode, encode  # noqa: E402
+from hw.emulators import wasm  # noqa: E402
+
+NOWHERE = f"127.0.0.1:{free_port()}"  # nothing listens: validation must come first
+MQTT = ["serve", "--transport", "mqtt", "--broker", NOWHERE, "--rounds", "2"]
+
+
+def _files(tmp: Path) -> dict[str, str]:
+    (tmp / "key").write_bytes(b"k" * 16)
+    (tmp / "blank").write_bytes(b"  \n")
+    (tmp / "model.smf").write_bytes(b"SMF1" + bytes(60))
+    (tmp / "regular").write_bytes(b"")
+    return {"KEY": str(tmp / "key"), "BLANK": str(tmp / "blank"), "MODEL": str(tmp / "model.smf"),
+            "REG": str(tmp / "regular"), "MISSING": str(tmp / "missing.bin")}
+
+
+CASES = [  # (argv after the command, words the one line must contain)
+    (["serve", "--transport", "serial", "--port", "/dev/does-not-exist"], "does not exist"),
+    (["serve", "--transport", "serial", "--port", "{REG}"], "not a serial device"),
+    (["serve", "--transport", "serial", "--port", "/dev/null"], "cannot open /dev/null"),
+    ([*MQTT, "--model", "{MISSING}", "--hmac-key", "{KEY}"], "cannot read --model"),
+    ([*MQTT, "--model", "{MODEL}", "--hmac-key", "{MISSING}"], "cannot read --hmac-key"),
+    ([*MQTT, "--model", "{MODEL}", "--hmac-key", "{BLANK}"], "white space"),
+    ([*MQTT, "--model", "{MODEL}"], "needs --hmac-key"),
+    ([*MQTT, "--model", "{REG}", "--hmac-key", "{KEY}"], "is 0 bytes"),
+    ([*MQTT, "--fleet", "a/+/#"], "--fleet 'a/+/#'"),
+    ([*MQTT, "--fleet", ""], "--fleet ''"),
+    ([*MQTT, "--fleet", "lab#"], "one MQTT topic level"),
+    ([*MQTT, "--k", "0"], "--k 0 is out of range"),
+    ([*MQTT, "--k", "100000"], "--k 100000 is out of range"),
+    ([*MQTT, "--lr", "nan"], "--lr nan is out of range"),
+    ([*MQTT, "--lr", "1e9"], "--lr 1e+09 is out of range"),
+    ([*MQTT, "--lr", "0"], "--lr 0 is out of range"),
+    ([*MQTT, "--mu", "0"], "--mu 0 is out of range"),
+    ([*MQTT, "--mu", "inf"], "--mu inf is out of range"),
+    ([*MQTT, "--batch", "0"], "--batch 0 is out of range"),
+    ([*MQTT, "--batch", "70000"], "--batch 70000 is out of range"),
+    (["serve", "--transport", "mqtt", "--broker", NOWHERE, "--rounds", "-1"], "--rounds -1 is out of range"),
+    (["serve", "--transport", "mqtt", "--broker", NOWHERE, "--rounds", "0"], "--rounds 0 is out of range"),
+    ([*MQTT, "--min-results", "0"], "--min-results 0"),
+    ([*MQTT, "--min-devices", "-3"], "--min-devices -3"),
+    ([*MQTT, "--deadline", "-1"], "--deadline -1"),
+    ([*MQTT, "--deadline", "nan"], "--deadline nan"),
+    ([*MQTT, "--timeout", "0"], "--timeout 0"),
+    ([*MQTT, "--seed", "-1"], "--seed -1"),
+    ([*MQTT, "--model-id", "0"], "--model-id 0"),
+    ([*MQTT, "--clip", "0"], "--clip 0"),
+    ([*MQTT, "--max-devices", "0"], "--max-devices 0"),
+    (["serve", "--transport", "mqtt", "--broker", "127.0.0.1:99999"], "port 1..65535"),
+    (["serve", "--transport", "mqtt", "--broker", "nonsense"], "HOST:PORT"),
+    (["serve", "--transport", "mqtt", "--broker", NOWHERE], "cannot reach the MQTT broker"),
+    (["gateway", "--port", "/dev/does-not-exist", "--broker", NOWHERE, "--fleet", "a/+/#"], "--fleet 'a/+/#'"),
+    (["gateway", "--port", "/dev/does-not-exist", "--broker", NOWHERE, "--heartbeat", "0"], "--heartbeat 0"),
+]
+
+
+@pytest.mark.parametrize(("argv", "words"), CASES, ids=[" ".join(a[3:] if a[0] == "serve" else a) for a, _ in CASES])
+def test_bad_input_is_one_clean_line(argv: list[str], words: str, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    from toolchain.cli import main
+
+    files = _files(tmp_path)
+    argv = [a.format(**files) for a in argv]
+    out = tmp_path / "run"
+    if argv[0] == "serve":
+        argv += ["--out", str(out)]
+    rc = main(argv)
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), cap.err
+    assert words in lines[0], lines[0]
+    assert "Traceback" not in cap.err and cap.out == ""
+    assert not (out / "wal.jsonl").exists()  # nothing was started
+
+
+@pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")
+def test_device_errors_carry_text(tmp_path: Path) -> None:
+    """Every ERROR app.py puts on the wire says what it is (before: an empty text)."""
+    m = make_model()
+    board = wasm_board(m, "dev-e", m.split(2)[0], b"key")
+    link = None
+    try:
+        link = SerialLink.open(board.port, max_message=600)
+        link.send(encode(RoundStart(1, 4, 1e-3, 0.5, 1, 8, round_seed=5)))  # no model yet
+        link.send(b"\x01\x7f")  # unknown type
+        link.send(encode(RoundStart(1, 4, 2.0, 0.5, 1, 8, round_seed=5)))  # mu out of range
+        errors = []
+        while len(errors) < 3:
+            raw = link.recv(60)
+            assert raw is not None, board.log.decode()
+            msg = decode(raw)
+            if isinstance(msg, Error):
+                errors.append(msg)
+        assert [(e.code, e.text) for e in errors] == [(9, "no model"), (1, "bad message"), (4, "out of range")]
+    finally:
+        if link is not None:
+            link.close()
+        board.close()
+
+
+def test_jetson_agent_corrupt_signed_model_error_has_text(tmp_path: Path, mosquitto) -> None:  # noqa: ANN001, F811
+    """A correctly signed ONNX model that does not load is refused with a text (before: Error(11, text=''))
+    and the agent keeps its previous model."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from firmware_bridge import Signer, Verifier, model_transfer
+    from firmware_bridge.device_agent import Agent
+    from firmware_bridge.messages import FMT_ONNX
+
+    key = Ed25519PrivateKey.generate()
+    cfg = MqttConfig(port=mosquitto.port, fleet="e1")
+
+    def load(model: bytes) -> object:
+        import onnxruntime
+
+        return onnxruntime.InferenceSession(model)
+
+    agent = Agent(cfg, "jet-e", object(), [b"\x00"], [0], verifier=Verifier(ed25519_public=key.public_key()),
+                  load=load)
+    host = MqttHost(cfg, keep_history=True)
+    host.start()
+    stop = threading.Event()
+    th = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    th.start()
+    try:
+        assert host.wait_until(lambda s: "jet-e" in s and s["jet-e"].hello is not None, 20)
+        bad = b"\x08\x07" + hashlib.sha256(b"x").digest()  # signed, sha256 right, not an ONNX model
+        for msg in model_transfer(bad, 7, Signer(ed25519_key=key), chunk_size=64, fmt=FMT_ONNX):
+            host.send("jet-e", msg)
+        host.send("jet-e", Ping())
+        assert host.wait_until(lambda s: any(isinstance(h, Error) for h in s["jet-e"].history), 20)
+        err = next(h for h in host.slots["jet-e"].history if isinstance(h, Error))
+        assert (err.code, err.ref_id) == (11, 7) and err.text.startswith("model does not load"), err
+        assert agent.model_id == 1  # the previous model stays
+    finally:
+        stop.set()
+        th.join(10)
+        host.stop()
+
