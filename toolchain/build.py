@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hw.profiles import BoardProfile, UnknownBoard, all_profiles, get_profile
+from hw.profiles import BOARDS_ENV, BoardProfile, UnknownBoard, all_profiles, load_profile, resolve
 from models.datasets import Dataset, load_dataset
 from models.zoo import build_model, prunable_layers
 from toolchain import __version__
@@ -33,13 +33,22 @@ from toolchain.fl.simulator import seed_everything
 from toolchain.manifest import Budget, Manifest, artifact_entry
 from toolchain.outdir import check_out, replace_dir, staging_dir
 from toolchain.pruning import ALGORITHMS, make_strategy
-from toolchain.select import select_model
+from toolchain.select import (
+    Estimate,
+    advise,
+    board_kind,
+    budget_message,
+    footprint,
+    live_activations,
+    preflight,
+    select_model,
+)
 from toolchain.silence import captured_fds
 
 
 @dataclass
 class BuildOptions:
-    target: str
+    target: str | None  # a board name or alias; None with board_file
     dataset: str = "mnist"
     data: str | None = None
     algo: str = "gmp"
@@ -61,16 +70,13 @@ class BuildOptions:
     dense_as_conv: bool = True
     calibration_samples: int = 300
     force: bool = False  # replace a non-empty --out that is not an earlier build
+    board_file: str | None = None  # a user board profile (TOML, the schema of hw/boards/*.toml)
     algo_options: dict[str, Any] = field(default_factory=dict)
 
 
 def validate(opts: BuildOptions) -> BoardProfile:
     """Reject bad options before any work is done."""
-    try:
-        profile = get_profile(opts.target)
-    except UnknownBoard:
-        raise ToolchainError(f"unknown target '{opts.target}'; choose one of: {', '.join(all_profiles())} "
-                             "(`toolchain targets` lists them)") from None
+    profile = board_profile(opts)
     if not 0.0 < opts.density <= 1.0:
         raise ToolchainError(f"--density must be in (0, 1], got {opts.density}; e.g. --density 0.1 keeps 10 % of weights")
     if opts.algo not in ALGORITHMS:
@@ -86,12 +92,32 @@ def validate(opts: BuildOptions) -> BoardProfile:
 
         if opts.model not in MODELS:
             raise ToolchainError(f"unknown model '{opts.model}'; choose one of: {', '.join(MODELS)}")
-    check_out(out_path(opts), "build", opts.force, [Path(opts.data)] if opts.data else [])
+    check_out(out_path(opts, profile), "build", opts.force, [Path(opts.data)] if opts.data else [])
     return profile
 
 
-def out_path(opts: BuildOptions) -> Path:
-    return Path(opts.out or f"build/{opts.target}")
+def board_profile(opts: BuildOptions) -> BoardProfile:
+    """``--board-file`` if given (``--target``, if also given, must name it), else ``--target`` among the
+    shipped boards and those of ``TOOLCHAIN_BOARDS``; aliases resolve to the board's name."""
+    if opts.board_file:
+        profile = load_profile(Path(opts.board_file))
+        if opts.target and opts.target not in (profile.name, *profile.aliases):
+            raise ToolchainError(f"--target {opts.target} does not match --board-file {opts.board_file}, which "
+                                 f"describes '{profile.name}'; drop --target")
+        return profile
+    if not opts.target:
+        raise ToolchainError("give --target BOARD (`toolchain targets` lists them) or --board-file FILE")
+    profiles = all_profiles()
+    try:
+        return resolve(opts.target, profiles)
+    except UnknownBoard:
+        raise ToolchainError(f"unknown target '{opts.target}'; choose one of: {', '.join(profiles)} "
+                             f"(`toolchain targets` lists them), or describe your board in a TOML file: "
+                             f"--board-file FILE or a folder in {BOARDS_ENV}") from None
+
+
+def out_path(opts: BuildOptions, profile: BoardProfile | None = None) -> Path:
+    return Path(opts.out or f"build/{profile.name if profile else opts.target}")
 
 
 class ChanceLevel(ToolchainError):
@@ -118,13 +144,19 @@ def _stage(timings: dict[str, float], name: str, t0: float) -> float:
 def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Manifest:
     """Run every stage; returns the manifest written to ``<out>/manifest.json``."""
     profile = validate(opts)  # every input and --out, before any work
-    out = out_path(opts)
+    out = out_path(opts, profile)
     timings: dict[str, float] = {}
     t = t_start = time.perf_counter()
     data = load_dataset(opts.dataset, opts.data)
     t = _stage(timings, "data", t)
 
-    model_name = opts.model or select_model(profile, data.input_shape, data.num_classes, opts.density)
+    # the budget gate, before training: the same exporters and counting rules as the final check
+    estimate_fn = _estimator(opts, profile, data)
+    estimate = select_model(profile, data.input_shape, opts.density, estimate_fn, opts.model)
+    model_name = estimate.model
+    log(f"estimate for {model_name} at density {opts.density} on {profile.name}: {estimate.footprint.short()} "
+        f"(board: {profile.ram_bytes} B RAM, {profile.flash_bytes} B flash)")
+    t = _stage(timings, "estimate", t)
     seed_everything(opts.seed)  # the initial weights are part of the run
     model = build_model(model_name, data.input_shape, data.num_classes)
     cfg = train_config(opts)
@@ -137,7 +169,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Manifest:
 
     staging = staging_dir(out)
     try:
-        manifest = _export_and_verify(opts, profile, data, strategy, model_name, fed, history, staging, timings, t)
+        manifest = _export_and_verify(opts, profile, data, strategy, model_name, fed, history, staging, timings, t,
+                                      estimate, estimate_fn)
         timings["total"] = round(time.perf_counter() - t_start, 2)
         manifest.timings_s = timings
         manifest.write(staging / "manifest.json")
@@ -152,8 +185,24 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Manifest:
     return manifest
 
 
+def _estimator(opts: BuildOptions, profile: BoardProfile, data: Dataset) -> Callable[[str, float], Estimate]:
+    """``(model, density) -> Estimate``, memoised: the picker and the advice search ask for the same points."""
+    cache: dict[tuple[str, float], Estimate] = {}
+    idx = np.random.default_rng(opts.seed).permutation(len(data.y_train))[:32]
+    calibration = data.preprocessing.apply(data.x_train[idx])
+
+    def estimate_fn(model: str, density: float) -> Estimate:
+        if (model, density) not in cache:
+            cache[(model, density)] = preflight(profile, model, density, data.input_shape, data.num_classes,
+                                                calibration, opts.dense_as_conv, opts.seed)
+        return cache[(model, density)]
+
+    return estimate_fn
+
+
 def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset, strategy, model_name: str,
-                       fed: Federation, history, staging: Path, timings: dict[str, float], t: float) -> Manifest:
+                       fed: Federation, history, staging: Path, timings: dict[str, float], t: float,
+                       estimate: Estimate, estimate_fn: Callable[[str, float], Estimate]) -> Manifest:
     from toolchain.export.c_array import write_c_array
     from toolchain.export.fold_bn import fold_batchnorm, max_abs_diff
     from toolchain.export.keras_mirror import build_keras_mirror
@@ -211,30 +260,21 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
     t = _stage(timings, "verify", t)
 
     model_bytes = len(tfl.data)
-    deployed = {"model.tflite": model_bytes}
-    if profile.runtime == "micropython":
-        # MicroPython boards run the sparse model file; pruned weights cost nothing there.
-        smf = tflite_to_smf(tfl.data)
-        (staging / "model.smf").write_bytes(smf)
-        deployed["model.smf"] = len(smf)
-    if profile.runtime == "onnxruntime":
-        deployed = {"model.onnx": onnx_path.stat().st_size}
-    if profile.weights_in_ram:  # no TFLite Micro build for such a board, and its weights live in RAM
-        deployed.pop("model.tflite", None)
-    flash_needed = max(deployed.values())
-    ram_needed = arena + (flash_needed if profile.weights_in_ram else 0)
-    budget = Budget(profile.ram_bytes, profile.flash_bytes, ram_needed, flash_needed, deployed)
-    if not budget.fits:
-        raise BudgetError(
-            f"{model_name} at density {opts.density} needs {ram_needed} B RAM and {flash_needed} B flash but "
-            f"{profile.name} has {profile.ram_bytes} B RAM and {profile.flash_bytes} B flash; "
-            "lower --density, pass a smaller --model, or pick a larger --target")
+    kind = board_kind(profile)
+    if kind == "micropython":  # MicroPython boards run the sparse model file: pruned weights cost nothing there
+        (staging / "model.smf").write_bytes(tflite_to_smf(tfl.data))
+    bundle_files: dict[str, Path] = {}
+    if kind != "tflm":  # TFLite Micro / C boards take model_data.cc: no on-device bundle
+        from toolchain.ondevice.bundle import write_bundle
 
-    from toolchain.ondevice.bundle import write_bundle
-
-    bundle_files = write_bundle(staging, profile, calibration=data.preprocessing.apply(data.x_train[calib_idx]))
+        bundle_files = write_bundle(staging, profile, calibration=data.preprocessing.apply(data.x_train[calib_idx]))
     t = _stage(timings, "bundle", t)
-
+    fp = footprint(profile, staging, arena, live_activations(model, data.input_shape))
+    budget = Budget(profile.ram_bytes, profile.flash_bytes, fp.ram_needed, fp.flash_needed, fp.flash_parts,
+                    kind=kind, ram_parts=fp.ram_parts, estimate=estimate.as_dict())
+    if not budget.fits:
+        advice = advise(profile, model_name, opts.density, data.input_shape, estimate_fn, user_model=True)
+        raise BudgetError(budget_message(profile, model_name, opts.density, fp, advice, estimated=False))
     notes = []
     if mismatch:
         notes.append(f"LiteRT and TFLite Micro int8 outputs differ in {mismatch} entries")

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from toolchain import __version__
 from toolchain.errors import EXIT_USAGE, ToolchainError
@@ -69,7 +70,7 @@ def _partition(args: argparse.Namespace) -> tuple[str, float]:
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from hw.profiles import all_profiles
+    from hw.profiles import BOARDS_DIR, all_profiles
 
     profiles = all_profiles()
     if args.json:
@@ -77,8 +78,10 @@ def cmd_targets(args: argparse.Namespace) -> int:
         return 0
     print(f"{'target':<18} {'runtime':<12} {'RAM for model':>14} {'flash':>12}  {'transport':<9} description")
     for name, p in profiles.items():
+        also = f" (also: {', '.join(p.aliases)})" if p.aliases else ""
+        user = "" if Path(p.source).parent == BOARDS_DIR else f" [{p.source}]"
         print(f"{name:<18} {p.runtime:<12} {p.ram_bytes:>12} B {p.flash_bytes:>10} B  {p.default_transport:<9} "
-              f"{p.description}")
+              f"{p.description}{also}{user}")
     return 0
 
 
@@ -92,18 +95,18 @@ def cmd_build(args: argparse.Namespace) -> int:
                         partition=scheme,
                         alpha=alpha, seed=args.seed, model=args.model, out=args.out, quiet=args.quiet, threads=args.threads,
                         dense_as_conv=not args.keep_fully_connected, algo_options=_algo_options(args.algo_opt),
-                        force=args.force)
+                        force=args.force, board_file=args.board_file)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     try:
         manifest = build(opts, log=log)
     except ChanceLevel as exc:  # outputs were written: show them, then fail with the one-line reason
         for line in summary_lines(exc.manifest):
             print(line)
-        print(f"  output     {opts.out or f'build/{opts.target}'}/manifest.json (kept for inspection)")
+        print(f"  output     {opts.out or f'build/{exc.manifest.target}'}/manifest.json (kept for inspection)")
         raise
     for line in summary_lines(manifest):
         print(line)
-    print(f"  output     {opts.out or f'build/{opts.target}'}/manifest.json")
+    print(f"  output     {opts.out or f'build/{manifest.target}'}/manifest.json")
     return 0
 
 
@@ -137,7 +140,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("build", help="train, prune, quantize, export and verify a model for a board")
-    p.add_argument("--target", required=True, help="board name (`toolchain targets`)")
+    p.add_argument("--target", default=None,
+                   help="board name or alias (`toolchain targets`); required unless --board-file is given")
+    p.add_argument("--board-file", metavar="FILE", default=None,
+                   help="your own board profile (TOML, the keys of hw/boards/*.toml; docs/boards/README.md)")
     p.add_argument("--algo", default="gmp", help=f"pruning algorithm: {', '.join(ALGORITHMS)} (default: gmp)")
     p.add_argument("--out", default=None, help="output folder (default: build/<target>)")
     p.add_argument("--force", action="store_true",

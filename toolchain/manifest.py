@@ -22,7 +22,10 @@ class Budget:
     flash_bytes: int
     ram_needed: int
     flash_needed: int
-    deployed: dict[str, int] = field(default_factory=dict)  # artifact -> bytes the board's runtime loads
+    deployed: dict[str, int] = field(default_factory=dict)  # file -> flash bytes it takes on the board
+    kind: str = ""  # counting rule (toolchain.select): "micropython", "tflm" or "onnx"
+    ram_parts: dict[str, int] = field(default_factory=dict)  # what ram_needed counts, by part
+    estimate: dict[str, Any] = field(default_factory=dict)  # the same figures estimated before training
 
     @property
     def fits(self) -> bool:
