@@ -15,14 +15,16 @@ so a device can only touch its own slot; broker ACLs (docs/protocol.md) stop it 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import os
 import queue
 import socket
 import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
@@ -59,6 +61,65 @@ class MqttConfig:
     def topic(self, device: str, leaf: str) -> str:
         check_device_id(device)
         return f"{self.prefix}/{self.fleet}/{device}/{leaf}"
+
+
+PASSWORD_ENV = "TINYML_MQTT_PASSWORD"
+USER_ENV = "TINYML_MQTT_USER"
+
+
+def add_auth_args(ap: argparse.ArgumentParser) -> None:
+    """Broker authentication options of serve, gateway and the Jetson agent (docs/fleet.md "Authenticated
+    transport"). There is no password option: argv is visible to every user of the machine (ps, /proc)."""
+    g = ap.add_argument_group("MQTT authentication")
+    g.add_argument("--mqtt-user", default=None, help=f"broker user name (default: ${USER_ENV})")
+    g.add_argument("--mqtt-password-file", default=None,
+                   help=f"file holding the broker password (or set ${PASSWORD_ENV}); never on the command line")
+    g.add_argument("--tls-ca", default=None, help="CA certificate (PEM) that signed the broker's: turns TLS on")
+    g.add_argument("--tls-cert", default=None, help="client certificate (PEM) for brokers that require one")
+    g.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
+
+
+def _pem(path: str, what: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            if b"-----BEGIN " not in f.read(1 << 20):
+                raise ValueError(f"{what} {path} is not a PEM file")
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def auth_from_args(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> dict:
+    """``username``, ``password`` and ``tls`` for :class:`MqttConfig` from :func:`add_auth_args`' options and the
+    environment; a ValueError with a one-line reason for anything unusable."""
+    user = args.mqtt_user or env.get(USER_ENV) or None
+    password = None
+    if args.mqtt_password_file:
+        try:
+            with open(args.mqtt_password_file, encoding="utf-8") as f:
+                password = f.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read --mqtt-password-file {args.mqtt_password_file}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not password:
+            raise ValueError(f"--mqtt-password-file {args.mqtt_password_file} is empty")
+    elif env.get(PASSWORD_ENV):
+        password = env[PASSWORD_ENV]
+    if password is not None and user is None:
+        raise ValueError(f"a broker password needs a user name: --mqtt-user or ${USER_ENV}")
+    if user is not None and password is None:
+        raise ValueError(f"--mqtt-user {user} needs a password: --mqtt-password-file or ${PASSWORD_ENV}")
+    if user is not None and (not user.isascii() or not user.isprintable() or len(user) > 128):
+        raise ValueError("--mqtt-user must be printable ASCII, at most 128 characters")
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_ca or args.tls_cert:
+        tls = TlsOptions(ca_certs=_pem(args.tls_ca, "--tls-ca") if args.tls_ca else None,
+                         certfile=_pem(args.tls_cert, "--tls-cert") if args.tls_cert else None,
+                         keyfile=_pem(args.tls_key, "--tls-key") if args.tls_key else None)
+    return {"username": user, "password": password, "tls": tls}
 
 
 def check_device_id(device: str) -> None:
@@ -132,6 +193,8 @@ class _Endpoint:
         if not self._connected.is_set():
             self.client.loop_stop()
             why = self.connect_refused or "no answer"
+            if self.cfg.tls is not None and not self.connect_refused:
+                why += " (TLS: is the broker's certificate signed by the CA given, for this host name?)"
             raise LinkError(f"MQTT connect to {self.cfg.host}:{self.cfg.port} failed: {why}")
 
     @property

@@ -132,7 +132,8 @@ class JetsonProcess:
     """``python -m device_runtime.jetson.agent`` with a bundle (head ONNX + config) and its data shard."""
 
     def __init__(self, m: FleetModel, device: str, idx: np.ndarray, workdir: Path, broker: str, fleet: str,
-                 heartbeat_s: float = 30.0) -> None:
+                 heartbeat_s: float = 30.0, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         import json
 
         self.bundle = workdir / "bundle"
@@ -148,14 +149,15 @@ class JetsonProcess:
              "model_id": 1}))
         self.args = [sys.executable, "-m", "device_runtime.jetson.agent", "--broker", broker, "--fleet", fleet,
                      "--device", device, "--bundle", str(self.bundle), "--local", str(self.local),
-                     "--heartbeat", str(heartbeat_s)]
+                     "--heartbeat", str(heartbeat_s), *(extra_args or [])]
+        self.env = {**os.environ, **(env or {})}
         self.log_path = workdir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
 
     def kill(self) -> None:
@@ -220,3 +222,47 @@ class RogueDevice:
         self._stop.set()
         self.thread.join(timeout=5)
         self.dev.stop()
+
+
+def make_pki(d: Path, clients: list[str]) -> dict[str, str]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and one client certificate + key per name (PEM files,
+    ``cryptography``): ``ca``, ``server``, ``server_key``, ``<name>``, ``<name>_key``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleet-test-ca")])
+
+    def cert(cn: str, key: ec.EllipticCurvePrivateKey, ca: bool, server: bool) -> x509.Certificate:
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if server:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        return b.sign(ca_key, hashes.SHA256())
+
+    pem = serialization.Encoding.PEM
+    out: dict[str, str] = {}
+
+    def write(name: str, c: x509.Certificate, key: ec.EllipticCurvePrivateKey | None) -> None:
+        (d / f"{name}.pem").write_bytes(c.public_bytes(pem))
+        out[name] = str(d / f"{name}.pem")
+        if key is not None:
+            p = d / f"{name}.key"
+            p.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            os.chmod(p, 0o600)
+            out[f"{name}_key"] = str(p)
+
+    write("ca", cert("fleet-test-ca", ca_key, True, False), None)
+    for name in ["server", *clients]:
+        k = ec.generate_private_key(ec.SECP256R1())
+        write(name, cert("127.0.0.1" if name == "server" else name, k, False, name == "server"), k)
+    return out

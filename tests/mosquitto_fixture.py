@@ -35,6 +35,7 @@ class Broker:
         users: dict[str, str] | None = None,
         acl: str | None = None,
         tls: tuple[str, str, str] | None = None,  # (cafile, certfile, keyfile) for a TLS listener
+        extra: list[str] | None = None,  # more mosquitto.conf lines (e.g. "require_certificate true")
     ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,7 @@ class Broker:
             lines.append(f"acl_file {self.dir / 'acl'}")
         if tls:
             lines += [f"cafile {tls[0]}", f"certfile {tls[1]}", f"keyfile {tls[2]}"]
+        lines += extra or []
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import socket
 import sys
 import time
@@ -42,6 +43,7 @@ class ServeOptions:
     aggregator: str = "clip"  # server step: clip | median | mean (docs/fleet.md "Only what was asked counts")
     clip: float = 3.0
     max_devices: int = 256
+    auth: dict = field(default_factory=dict)  # MqttConfig username / password / tls (mqtt_link.auth_from_args)
 
 
 def broker_address(text: str) -> tuple[str, int]:
@@ -146,7 +148,7 @@ def serve(opts: ServeOptions) -> dict:
     else:
         host, port = broker_address(opts.broker)
         try:
-            fleet = MqttFleet(MqttConfig(host, port, prefix=opts.prefix, fleet=opts.fleet))
+            fleet = MqttFleet(MqttConfig(host, port, prefix=opts.prefix, fleet=opts.fleet, **opts.auth))
         except Exception as exc:  # noqa: BLE001 - LinkError, OSError: one line for the user
             raise ToolchainError(f"cannot reach the MQTT broker at {opts.broker}: {exc}; start mosquitto or fix "
                                  "--broker") from None
@@ -180,7 +182,7 @@ def microbit_arg(text: str) -> tuple[str, str | None]:
 
 def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str = "tinyml", baud: int = 115200,
             seconds: float | None = None, microbits: list[tuple[str, str | None]] | None = None, model_id: int = 1,
-            heartbeat: float = 30.0) -> int:
+            heartbeat: float = 30.0, auth: dict | None = None) -> int:
     """Bridge serial boards (app.py) and micro:bits (raw-REPL proxy) onto the MQTT fleet until interrupted."""
     from firmware_bridge import LinkError, MqttConfig
     from firmware_bridge.gateway import Gateway
@@ -209,7 +211,17 @@ def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str =
     def log(m: str) -> None:
         print(f"[gateway] {m}", file=sys.stderr, flush=True)
 
-    cfg = MqttConfig(host, port, prefix=prefix, fleet=fleet)
+    cfg = MqttConfig(host, port, prefix=prefix, fleet=fleet, **(auth or {}))
+    if auth and auth.get("username"):  # a wrong password or an untrusted broker: one line now, not per board later
+        from firmware_bridge.mqtt_link import MqttHost
+
+        probe = MqttHost(cfg, client_id=f"gateway-check-{os.getpid()}")
+        try:
+            probe.start(timeout=10)
+        except Exception as exc:  # noqa: BLE001 - LinkError, ssl.SSLError, OSError
+            raise ToolchainError(f"the MQTT broker at {broker} refuses the gateway: {str(exc).splitlines()[0]}") from None
+        probe.client.disconnect()
+        probe.client.loop_stop()
     gw: Gateway | None = None
     proxies: list[MicrobitProxy] = []
     try:
@@ -235,6 +247,15 @@ def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str =
     return 0
 
 
+def _auth(args: argparse.Namespace) -> dict:
+    from firmware_bridge.mqtt_link import auth_from_args
+
+    try:
+        return auth_from_args(args)
+    except ValueError as exc:
+        raise ToolchainError(str(exc)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     opts = ServeOptions(transport=args.transport, out=Path(args.out), ports=args.port or [], broker=args.broker,
                         fleet=args.fleet, baud=args.baud, rounds=args.rounds, k=args.k, mu=args.mu, lr=args.lr,
@@ -242,7 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         min_results=args.min_results, min_devices=args.min_devices, deadline=args.deadline,
                         seed=args.seed, model=Path(args.model) if args.model else None, model_id=args.model_id,
                         hmac_key=Path(args.hmac_key) if args.hmac_key else None, timeout=args.timeout,
-                        aggregator=args.aggregator, clip=args.clip, max_devices=args.max_devices)
+                        aggregator=args.aggregator, clip=args.clip, max_devices=args.max_devices, auth=_auth(args))
     result = serve(opts)
     print(json.dumps(result))
     return 0 if result["done"] else 1
@@ -251,7 +272,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     return gateway(args.port or [], args.broker, args.fleet, baud=args.baud, seconds=args.seconds,
                    microbits=[microbit_arg(m) for m in args.microbit or []], model_id=args.model_id,
-                   heartbeat=args.heartbeat)
+                   heartbeat=args.heartbeat, auth=_auth(args))
+
+
+def add_auth_args(ap: argparse.ArgumentParser) -> None:
+    """The options of ``firmware_bridge.mqtt_link.add_auth_args`` (the Jetson agent's), repeated here because
+    importing firmware_bridge at parser build time would add 0.2 s to every toolchain command."""
+    g = ap.add_argument_group("MQTT authentication (docs/fleet.md)")
+    g.add_argument("--mqtt-user", default=None, help="broker user name (default: $TINYML_MQTT_USER)")
+    g.add_argument("--mqtt-password-file", default=None,
+                   help="file holding the broker password (or set $TINYML_MQTT_PASSWORD); never on the command line")
+    g.add_argument("--tls-ca", default=None, help="CA certificate (PEM) that signed the broker's: turns TLS on")
+    g.add_argument("--tls-cert", default=None, help="client certificate (PEM) for brokers that require one")
+    g.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
 
 
 def add_parsers(sub: argparse._SubParsersAction, fraction: Callable[[str], float]) -> None:
@@ -283,6 +316,7 @@ def add_parsers(sub: argparse._SubParsersAction, fraction: Callable[[str], float
                         "coordinate-wise median, or the plain n-weighted mean")
     p.add_argument("--clip", type=float, default=3.0, help="clip factor of --aggregator clip")
     p.add_argument("--max-devices", type=int, default=256, help="device ids tracked at most (an id flood)")
+    add_auth_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("gateway", help="bridge serial boards and micro:bits onto an MQTT fleet (docs/fleet.md)")
@@ -296,4 +330,5 @@ def add_parsers(sub: argparse._SubParsersAction, fraction: Callable[[str], float
     p.add_argument("--model-id", type=int, default=1, help="id of the model flashed on the micro:bits")
     p.add_argument("--heartbeat", type=float, default=30.0, help="micro:bit STATUS heartbeat, seconds")
     p.add_argument("--seconds", type=float, default=None, help="run this long (default: until Ctrl-C)")
+    add_auth_args(p)
     p.set_defaults(func=cmd_gateway)

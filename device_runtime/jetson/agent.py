@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from firmware_bridge.device_agent import Agent
+from firmware_bridge.errors import LinkError
 from firmware_bridge.messages import CAP_ED25519, CAP_FMT_ONNX, CAP_SHA256
-from firmware_bridge.mqtt_link import MqttConfig
+from firmware_bridge.mqtt_link import MqttConfig, add_auth_args, auth_from_args
 from firmware_bridge.security import Verifier
 
 
@@ -62,25 +63,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local", required=True)
     ap.add_argument("--heartbeat", type=float, default=30.0)
     ap.add_argument("--ed25519-public", default=None, help="PEM file of the fleet's model-signing public key")
+    add_auth_args(ap)
     a = ap.parse_args(argv)
+    try:
+        auth = auth_from_args(a)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if a.bundle is None:
         here = Path(__file__).resolve().parent
         if not (here / "config.json").is_file():
             ap.error("--bundle is required (this agent.py is not inside a bundle folder)")
         a.bundle = str(here)
     host, _, port = a.broker.rpartition(":")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        ap.error(f"--broker expects HOST:PORT, got '{a.broker}'")
     verifier = Verifier()
     if a.ed25519_public:
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
         verifier = Verifier(ed25519_public=load_pem_public_key(Path(a.ed25519_public).read_bytes()))  # type: ignore[arg-type]
-    agent = make_agent(MqttConfig(host or "127.0.0.1", int(port), prefix=a.prefix, fleet=a.fleet), a.device,
+    agent = make_agent(MqttConfig(host or "127.0.0.1", int(port), prefix=a.prefix, fleet=a.fleet, **auth), a.device,
                        Path(a.bundle), Path(a.local), verifier=verifier, heartbeat_s=a.heartbeat)
     print(f"jetson agent {a.device} on {a.broker}", file=sys.stderr, flush=True)
     try:
         agent.run()
     except KeyboardInterrupt:
         agent.dev.stop()
+    except LinkError as exc:  # refused login, untrusted broker, nothing listening: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
