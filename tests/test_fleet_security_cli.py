@@ -155,3 +155,75 @@ def test_jetson_agent_corrupt_signed_model_error_has_text(tmp_path: Path, mosqui
         th.join(10)
         host.stop()
 
+
+
+def test_jetson_agent_checks_its_model_at_start(tmp_path: Path, mosquitto) -> None:  # noqa: ANN001, F811
+    """A flipped weight byte (caught by the bundle's SHA256SUMS, or by the model's Ed25519 signature) or a flipped
+    header byte (the model does not load) stops the agent with one line before it announces anything (before:
+    it announced the corrupted model, or died in a protobuf traceback)."""
+    import json
+    import subprocess
+
+    import numpy as np
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from firmware_bridge import Signer, bundle_header
+    from firmware_bridge.messages import FMT_ONNX
+
+    m = make_model()
+    key = Ed25519PrivateKey.generate()
+    pub = tmp_path / "fleet.pub"
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    local = tmp_path / "local"
+    local.mkdir()
+    feats = np.ascontiguousarray(m.feats[:8], np.int8)
+    (local / "data.bin").write_bytes(feats.tobytes())
+    (local / "local.json").write_text(json.dumps({"device": "jet-m", "n": 8, "size": int(feats.shape[1]),
+                                                  "labels": [int(v) for v in m.y[:8]], "model_id": 1}))
+    good = m.onnx(tmp_path / "good.onnx").read_bytes()
+
+    def bundle(name: str, model: bytes, sums: bool = False, sign: bytes | None = None) -> Path:
+        b = tmp_path / name
+        b.mkdir()
+        (b / "model.onnx").write_bytes(model)
+        (b / "config.json").write_text(json.dumps(m.jetson_spec()))
+        if sums:
+            (b / "SHA256SUMS").write_text(f"{hashlib.sha256(good).hexdigest()}  model.onnx\n")
+        if sign is not None:
+            hdr = bundle_header(1, FMT_ONNX, len(sign), hashlib.sha256(sign).digest())
+            (b / "model.onnx.sig").write_bytes(Signer(ed25519_key=key).tag(hdr))
+        return b
+
+    flipped_w = bytearray(good)
+    flipped_w[-5] ^= 0x01  # inside the last initializer's float data: still a valid ONNX file
+    flipped_h = bytearray(good)
+    flipped_h[0] ^= 0xFF
+
+    def agent(b: Path, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "device_runtime.jetson.agent", "--broker",
+                               f"127.0.0.1:{mosquitto.port}", "--device", "jet-m", "--bundle", str(b), "--local",
+                               str(local), *extra], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                              text=True, timeout=timeout)
+
+    for b, extra, words in (
+        (bundle("sums", bytes(flipped_w), sums=True), [], "does not match its SHA256SUMS line"),
+        (bundle("sig", bytes(flipped_w), sign=good), ["--ed25519-public", str(pub)], "does not match its signature"),
+        (bundle("nosig", good), ["--ed25519-public", str(pub)], "has no signature"),
+        (bundle("head", bytes(flipped_h)), [], "does not load"),
+    ):
+        r = agent(b, *extra)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, (b.name, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr
+    # the signed, intact model starts (and announces itself); stopped after its first line
+    ok = bundle("ok", good, sums=True, sign=good)
+    p = subprocess.Popen([sys.executable, "-m", "device_runtime.jetson.agent", "--broker",
+                          f"127.0.0.1:{mosquitto.port}", "--device", "jet-m", "--bundle", str(ok), "--local",
+                          str(local), "--ed25519-public", str(pub)], cwd=Path(__file__).resolve().parents[1],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stderr is not None and "jetson agent jet-m" in p.stderr.readline()
+    finally:
+        p.terminate()
+        p.wait(10)

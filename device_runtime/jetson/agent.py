@@ -25,6 +25,38 @@ from firmware_bridge.mqtt_link import MqttConfig, add_auth_args, auth_from_args
 from firmware_bridge.security import Verifier
 
 
+def check_model(path: Path, model_id: int, public: Any = None) -> None:
+    """Verify the bundle's model before loading it (ValueError with a one-line reason): its line in the bundle's
+    ``SHA256SUMS`` (written by ``toolchain flash --target jetson``, checked again here because the agent starts
+    from the installed copy, which nothing re-checks), and with the fleet's Ed25519 public key its signature
+    ``<model>.sig`` over the bundle header (docs/protocol.md section 5), as for models received over the link."""
+    import hashlib
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(data).digest()
+    sums = path.parent / "SHA256SUMS"
+    if sums.is_file():
+        want = [ln.split()[0] for ln in sums.read_text(errors="replace").splitlines()
+                if len(ln.split()) == 2 and ln.split()[1].lstrip("*") == path.name]
+        if want and want[0] != digest.hex():
+            raise ValueError(f"{path} does not match its SHA256SUMS line (corrupted or changed); reinstall the bundle")
+    sig = path.with_name(path.name + ".sig")
+    if public is not None or sig.is_file():
+        if public is None:
+            raise ValueError(f"{sig} is there but no --ed25519-public key to check it with")
+        if not sig.is_file():
+            raise ValueError(f"{path} has no signature {sig.name}; sign it (Signer(ed25519_key=...)) or reinstall")
+        from firmware_bridge.messages import AUTH_ED25519, FMT_ONNX
+        from firmware_bridge.security import bundle_header
+
+        if not Verifier(ed25519_public=public).check(bundle_header(model_id, FMT_ONNX, len(data), digest),
+                                                     AUTH_ED25519, sig.read_bytes()):
+            raise ValueError(f"{path} does not match its signature {sig.name} (model {model_id}); not loading it")
+
+
 def make_agent(cfg: MqttConfig, device: str, bundle: Path, local: Path, *, verifier: Verifier | None = None,
                heartbeat_s: float = 30.0) -> Agent:
     try:
@@ -38,7 +70,14 @@ def make_agent(cfg: MqttConfig, device: str, bundle: Path, local: Path, *, verif
     size = int(loc["size"])
     xs = [raw[i * size:(i + 1) * size] for i in range(int(loc["n"]))]
     model_id = int(loc.get("model_id", 0))
-    tuner = JetsonFineTuner(str(bundle / "model.onnx"), spec) if model_id else None
+    tuner = None
+    if model_id:
+        check_model(bundle / "model.onnx", model_id, verifier.ed25519_public if verifier else None)
+        try:
+            tuner = JetsonFineTuner(str(bundle / "model.onnx"), spec)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors (InvalidProtobuf, ...) have no common base
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ValueError(f"{bundle / 'model.onnx'} does not load: {first}") from None
 
     def load(model: bytes) -> JetsonFineTuner:
         path = bundle / "received.onnx"
@@ -82,9 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     if a.ed25519_public:
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-        verifier = Verifier(ed25519_public=load_pem_public_key(Path(a.ed25519_public).read_bytes()))  # type: ignore[arg-type]
-    agent = make_agent(MqttConfig(host or "127.0.0.1", int(port), prefix=a.prefix, fleet=a.fleet, **auth), a.device,
-                       Path(a.bundle), Path(a.local), verifier=verifier, heartbeat_s=a.heartbeat)
+        try:
+            public = load_pem_public_key(Path(a.ed25519_public).read_bytes())
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot use --ed25519-public {a.ed25519_public}: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 2
+        verifier = Verifier(ed25519_public=public)  # type: ignore[arg-type]
+    try:
+        agent = make_agent(MqttConfig(host or "127.0.0.1", int(port), prefix=a.prefix, fleet=a.fleet, **auth),
+                           a.device, Path(a.bundle), Path(a.local), verifier=verifier, heartbeat_s=a.heartbeat)
+    except (ValueError, OSError, KeyError) as exc:  # a bad model, bundle or local data set: one line, no traceback
+        why = str(exc) if not isinstance(exc, KeyError) else f"local.json or config.json lacks {exc}"
+        print(f"error: {why.splitlines()[0] if why else type(exc).__name__}", file=sys.stderr)
+        return 2
     print(f"jetson agent {a.device} on {a.broker}", file=sys.stderr, flush=True)
     try:
         agent.run()
