@@ -170,7 +170,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Manifest:
     staging = staging_dir(out)
     try:
         manifest = _export_and_verify(opts, profile, data, strategy, model_name, fed, history, staging, timings, t,
-                                      estimate, estimate_fn)
+                                      estimate, estimate_fn, log)
         timings["total"] = round(time.perf_counter() - t_start, 2)
         manifest.timings_s = timings
         manifest.write(staging / "manifest.json")
@@ -202,7 +202,8 @@ def _estimator(opts: BuildOptions, profile: BoardProfile, data: Dataset) -> Call
 
 def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset, strategy, model_name: str,
                        fed: Federation, history, staging: Path, timings: dict[str, float], t: float,
-                       estimate: Estimate, estimate_fn: Callable[[str, float], Estimate]) -> Manifest:
+                       estimate: Estimate, estimate_fn: Callable[[str, float], Estimate],
+                       log: Callable[[str], None] = print) -> Manifest:
     from toolchain.export.c_array import write_c_array
     from toolchain.export.fold_bn import fold_batchnorm, max_abs_diff
     from toolchain.export.keras_mirror import build_keras_mirror
@@ -228,6 +229,7 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
     float_acc, _ = evaluate(folded, x_test_t, torch.from_numpy(data.y_test))
     t = _stage(timings, "fold_eval", t)
 
+    log(f"exporting: BN folded (float accuracy {float_acc * 100:.2f} %), int8 TFLite, C array, ONNX")
     calib_idx = np.random.default_rng(opts.seed).permutation(len(data.y_train))[:opts.calibration_samples]
     with captured_fds():
         keras_model = build_keras_mirror(folded, data.input_shape, opts.dense_as_conv)
@@ -246,6 +248,8 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
         raise ToolchainError(f"ONNX export differs from the torch model by {onnx_err:.2e}", EXIT_VERIFY)
     t = _stage(timings, "export", t)
 
+    log(f"verifying: TFLite Micro arena by bisection, then LiteRT and TFLite Micro on {len(data.y_test)} test "
+        "images")
     xq = quantize_input(x_test_f, tfl.input_quant.scale, tfl.input_quant.zero_point)
     arena = tflm_min_arena(tflite_path)
     lite = litert_outputs(tfl.data, xq)
@@ -259,6 +263,7 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
                **({"message": at_chance} if at_chance else {})}
     t = _stage(timings, "verify", t)
 
+    log(f"bundle and budget for {profile.name} (int8 TFLite Micro accuracy {acc_micro * 100:.2f} %)")
     model_bytes = len(tfl.data)
     kind = board_kind(profile)
     if kind == "micropython":  # MicroPython boards run the sparse model file: pruned weights cost nothing there

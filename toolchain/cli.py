@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from toolchain import __version__
-from toolchain.errors import EXIT_USAGE, ToolchainError
+from toolchain.errors import EXIT_INTERRUPT, EXIT_USAGE, ToolchainError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -21,6 +21,18 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's default in --help, unless its help already states it or there is nothing to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.required
+                or action.default is None or action.default is False or action.default == []
+                or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def _fraction(text: str) -> float:
     try:
         return float(text)
@@ -29,23 +41,23 @@ def _fraction(text: str) -> float:
 
 
 def _add_fl_options(p: argparse.ArgumentParser, *, rounds: int, clients: int, batch: int, lr: float,
-                    optimizer: str) -> None:
+                    optimizer: str, model_help: str = "zoo model (default: the largest that fits the target)") -> None:
     p.add_argument("--dataset", default="mnist", help="mnist (embedded), fashion-mnist, cifar10 (default: mnist)")
     p.add_argument("--data", metavar="DIR", help="folder with the dataset files (default: the embedded MNIST)")
     p.add_argument("--density", type=_fraction, default=0.1, help="fraction of prunable weights kept, in (0, 1]")
     p.add_argument("--clients", type=int, default=clients, help="number of simulated clients")
     p.add_argument("--per-round", type=int, default=None, help="clients sampled per round (default: all)")
     p.add_argument("--rounds", type=int, default=rounds, help="federated rounds")
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=batch)
-    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per client per round")
+    p.add_argument("--batch-size", type=int, default=batch, help="local mini-batch size")
+    p.add_argument("--lr", type=float, default=lr, help="local learning rate")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=optimizer, help=f"local optimizer (default {optimizer})")
     p.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default=None,
                    help="client data split (default: iid, or dirichlet when --alpha is given)")
     p.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (smaller = more skewed)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, initial weights and sampling")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--model", default=None, help="zoo model (default: the largest that fits the target)")
+    p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--algo-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="algorithm option, repeatable (e.g. prune_end=4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -85,6 +97,44 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+# BuildOptions field -> the build option that sets it, where the names differ
+_REPLAY_DEST = {"dense_as_conv": "keep_fully_connected", "algo_options": "algo_opt"}
+_NOT_REPLAYED = ("out", "quiet", "force")  # where to write, how to show it, and permission are asked anew
+
+
+def _given(argv: Sequence[str], parser: argparse.ArgumentParser) -> set[str]:
+    """Destinations of the options present on the command line (``--opt value`` or ``--opt=value``)."""
+    dests = set()
+    for action in parser._actions:
+        if any(tok == o or tok.startswith(o + "=") for o in action.option_strings for tok in argv):
+            dests.add(action.dest)
+    return dests
+
+
+def _replay(opts, path: str, given: set[str]):
+    """``opts`` with every option recorded in the manifest's ``config`` that the command line did not give."""
+    from dataclasses import fields, replace
+
+    p = Path(path)
+    p = p / "manifest.json" if p.is_dir() else p
+    try:
+        config = json.loads(p.read_text())["config"]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ToolchainError(f"cannot read --config {p} ({getattr(exc, 'strerror', None) or exc})") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ToolchainError(f"--config {p} is not a manifest.json written by `toolchain build` (no 'config')") from None
+    if "alpha" in given or "partition" in given:
+        given = given | {"alpha", "partition"}
+    if "target" in given or "board_file" in given:  # a new board: do not carry the old one's file or name
+        given = given | {"target", "board_file"}
+    keep = {f.name: config[f.name] for f in fields(opts)
+            if f.name in config and f.name not in _NOT_REPLAYED and _REPLAY_DEST.get(f.name, f.name) not in given}
+    if keep.get("board_file") and not Path(keep["board_file"]).is_file():
+        raise ToolchainError(f"the build in {p} used --board-file {keep['board_file']}, which is gone; pass "
+                             "--board-file FILE or --target BOARD")
+    return replace(opts, **keep)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from toolchain.build import BuildOptions, ChanceLevel, build, summary_lines
 
@@ -96,6 +146,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                         alpha=alpha, seed=args.seed, model=args.model, out=args.out, quiet=args.quiet, threads=args.threads,
                         dense_as_conv=not args.keep_fully_connected, algo_options=_algo_options(args.algo_opt),
                         force=args.force, board_file=args.board_file)
+    if args.config:
+        opts = _replay(opts, args.config, _given(args.argv, args.parser))
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     try:
         manifest = build(opts, log=log)
@@ -125,6 +177,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{opts.algo} {opts.model} on {opts.dataset}: accuracy {summary['accuracy'] * 100:.2f} % at density "
           f"{summary['density']:.4f}; device memory {summary['device_memory_bytes']['total']} B; "
           f"up {summary['bytes_up_per_round']:.0f} B / round; output {opts.out}")
+    if summary.get("quality", {}).get("at_chance"):
+        print(f"warning: {summary['quality']['message']}", file=sys.stderr)
     return 0
 
 
@@ -135,11 +189,18 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"toolchain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    p = sub.add_parser("targets", help="list the boards (hw/boards/*.toml)")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("targets", help="list the boards (hw/boards/*.toml and TOOLCHAIN_BOARDS folders)",
+                       formatter_class=DefaultsFormatter)
+    p.add_argument("--json", action="store_true", help="every profile field, as JSON")
     p.set_defaults(func=cmd_targets)
 
-    p = sub.add_parser("build", help="train, prune, quantize, export and verify a model for a board")
+    p = sub.add_parser("build", help="train, prune, quantize, export and verify a model for a board",
+                       formatter_class=DefaultsFormatter,
+                       epilog="exit codes: 0 built, 2 bad input, 3 does not fit the board, 4 verification failed, "
+                              "5 built but at chance level (files kept), 130 interrupted")
+    p.add_argument("--config", metavar="MANIFEST", default=None,
+                   help="replay the build recorded in a manifest.json (or its folder); options given here "
+                        "override it, --out defaults to build/<target> as usual")
     p.add_argument("--target", default=None,
                    help="board name or alias (`toolchain targets`); required unless --board-file is given")
     p.add_argument("--board-file", metavar="FILE", default=None,
@@ -151,9 +212,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-fully-connected", action="store_true",
                    help="export dense layers as FULLY_CONNECTED instead of 1x1 CONV_2D")
     _add_fl_options(p, rounds=5, clients=10, batch=64, lr=0.08, optimizer="sgd")
-    p.set_defaults(func=cmd_build)
+    p.set_defaults(func=cmd_build, parser=p)
 
-    p = sub.add_parser("train", help="run a federated pruning algorithm in simulation")
+    p = sub.add_parser("train", help="run a federated pruning algorithm in simulation",
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--algo", required=True, help=f"one of: {', '.join(ALGORITHMS)}")
     p.add_argument("--out", required=True, help="output folder for metrics.jsonl, summary.json, model.pt, plot")
     p.add_argument("--force", action="store_true",
@@ -162,7 +224,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["inprocess", "flower-sim", "flower"], default="inprocess",
                    help="inprocess (default), flower-sim (Flower simulation, Ray) or flower (SuperLink; docs/flower.md)")
     p.add_argument("--superlink", metavar="HOST:PORT", default=None, help="--engine flower: the SuperLink address")
-    _add_fl_options(p, rounds=20, clients=10, batch=64, lr=0.05, optimizer="sgd")
+    _add_fl_options(p, rounds=20, clients=10, batch=64, lr=0.05, optimizer="sgd",
+                    model_help="zoo model (default: lenet5)")
     p.set_defaults(func=cmd_train)
 
     from hw import emulate, flash
@@ -181,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = make_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # which options were given (build --config)
     try:
         return args.func(args)
     except ToolchainError as exc:
@@ -188,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPT
 
 
 if __name__ == "__main__":
