@@ -21,8 +21,11 @@ def drop(name):
 
 
 class Model:
-    def __init__(self, data, dense=False):
+    def __init__(self, data, dense=False, native=None, layout='auto'):
         # dense=True runs the same kernels over every weight (zeros included): the baseline for benchmarks
+        # native: None = the viper kernels (smf_viper) where the port can run them, else bytecode; False =
+        # bytecode; True = viper or an error. layout (viper only): 'auto' (per layer, cost model),
+        # 'sparse' (kept weights only) or 'dense' (every weight, contiguous loops)
         # after loading: tensors[i] = (h, w, c, buffer, zero_point); input, output: tensor ids;
         # input_size; ops[i] = (kernel, opcode, in0, in1, out, params)
         # imports happen here, at a shallow call depth: the compiler is recursive and the micro:bit stack small
@@ -51,15 +54,28 @@ class Model:
                 if self.ops[i][1] < 3:
                     self.ops[i] = smf_thr.load(self, self.ops[i])
             drop('smf_thr')
+        self.v = None
+        if native is not False:
+            try:  # SyntaxError: no native emitter (WebAssembly); ValueError: .mpy of another architecture
+                import smf_viper
+                self.v = smf_viper
+            except (ImportError, SyntaxError, ValueError):
+                if native:
+                    raise
         for i in range(len(self.ops)):
             o = self.ops[i]
-            self.ops[i] = (getattr(__import__(o[0][0]), o[0][1]),) + o[1:]
+            if not self.v:  # (the native path imports a bytecode kernel only for operators it lacks)
+                self.ops[i] = (getattr(__import__(o[0][0]), o[0][1]),) + o[1:]
         # activation buffers last: the biggest allocations, made once code loading is over
         from array import array
         for i in range(len(self.bufs)):
             self.bufs[i] = array('b', bytearray(self.bufs[i]))  # (bytearray initialisers are copied raw)
         self.acc = array('i', bytearray(4 * self.acc)) if self.acc else None
         self.out = array('b', bytearray(self.out))
+        if self.v:  # native kernels: parameter blocks and per-layer layout (smf_vp, dropped afterwards)
+            import smf_vp
+            smf_vp.prepare(self, layout)
+            drop('smf_vp')
 
     def input_buffer(self):
         # the array('b') whose first input_size entries infer() reads (it may be longer: buffers are shared);
@@ -69,6 +85,8 @@ class Model:
     def infer(self, x=None):
         # x: int8 input as bytes/bytearray (two's complement) or array('b'), or None if input_buffer() was
         # filled; returns the output as array('b'), reused by the next call
+        if self.v:
+            return self.v.infer(self, x)
         if x is not None:
             b = self.input_buffer()
             for i in range(self.input_size):
