@@ -65,8 +65,12 @@ def test_baseline_reaches_target_density_with_equal_masks(toy, algo):
     mem = history[-1].device_memory
     assert mem["activations"] > 0 and mem["total"] == sum(mem[k] for k in
                                                          ("weights", "gradients", "optimizer", "activations", "extra"))
-    if ALGORITHMS[algo].dense_gradients:  # d-sized gradient buffers are accounted
-        assert mem["gradients"] == 4 * (total + sum(p.numel() for n, p in params.items() if n not in s.masks))
+    others = sum(p.numel() for n, p in params.items() if n not in s.masks)
+    for rnd, rec in enumerate(history, 1):  # dense gradients are charged exactly in the rounds that compute them
+        dense = s.dense_gradient_layers(rnd)
+        want = sum(s.masks[n].numel() if n in dense else int(s.masks[n].sum()) for n in s.masks) + others
+        assert rec.device_memory["gradients"] == 4 * want, (algo, rnd)
+        assert bool(dense) == (algo in ("prunefl", "feddst")), (algo, rnd)  # both readjust in rounds 1 and 2
 
 
 def test_dynamic_baselines_change_masks(toy):

@@ -96,8 +96,11 @@ def test_abns_picks_the_min_average_loss_candidate(run):
             model.load_state_dict(s.theta0, strict=False)
             with torch.no_grad():
                 for name, p in model.named_parameters():
-                    if name in cands[c]:
-                        p.mul_(cands[c][name])
+                    if name in cands[c]:  # theta0 * m, each unit's kept weights rescaled to its dense norm
+                        w0 = s.theta0[name].flatten(1)
+                        kept = (s.theta0[name] * cands[c][name]).flatten(1)
+                        scale = torch.nan_to_num(w0.norm(dim=1) / kept.norm(dim=1), posinf=0.0)
+                        p.copy_((kept * scale[:, None]).view_as(p))
             FedTiny._load_bn(model, s._bn_agg_flat, c)
             model.eval()
             with torch.no_grad():
@@ -116,8 +119,7 @@ def test_candidates_are_identical_on_devices_and_hit_the_density(run):
         assert all(masks_equal(a, b) for a, b in zip(cands, server, strict=True))
     for m in server:
         assert kept_count(m) == keep_count(total, 0.1)  # exact_count=1 (default)
-        first = s.fixed_dense[0]
-        assert bool(m[first].all())  # first conv dense
+        assert s.fixed_dense == []  # default: the first conv is pruned like every layer (dense_first_conv=0)
         for n in s.adjustable:  # per-layer densities within rho' * [0.5, 1.5] before the +-1 nudge
             assert m[n].sum() >= 1
 
@@ -198,6 +200,7 @@ def test_authors_preset(toy):
     s = FedTiny(TrainConfig(density=0.1, algo_options={"preset": "authors"}))
     assert s.opt("num_candidates") == 1 and s.opt("pretrain") == 1 and s.opt("weighted_grads") == 0
     assert s.opt("delta") == 10 and s.opt("t_end") == 100 and s.opt("alpha") == 0.1
+    assert s.opt("dense_first_conv") == 1 and s.opt("candidate_base") == "uniform" and s.opt("sparse_init") == "none"
 
 
 @pytest.mark.parametrize("base", ["uniform", "erk"])
@@ -213,3 +216,16 @@ def test_candidate_pool_hits_density(base):
     total = sum(m.numel() for m in s.candidate_masks()[0].values())
     for m in s.candidate_masks():  # authors' rule without the exact nudge: within 2 % of rho
         assert abs(kept_count(m) / total - 0.05) / 0.05 < 0.02
+
+
+def test_round1_memory_counts_the_abns_phase(run):
+    """Round 1's peak is the larger of ABNS (dense theta0 + working copy, candidate bitmaps and BN statistics,
+    forward activations) and sparse training; at batch 1 the dense copies dominate (docs/memory.md)."""
+    history, s, fed = run
+    model = s.model
+    dense = 4 * sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers() if b.is_floating_point())
+    b1 = history[0].device_memory_batch1
+    assert b1["weights"] == 2 * dense and b1["gradients"] == 0 and b1["optimizer"] == 0
+    assert b1["extra"] >= 3 * sum((m.numel() + 7) // 8 for m in s.masks.values())
+    assert history[1].device_memory_batch1["total"] < b1["total"]  # later rounds train sparse

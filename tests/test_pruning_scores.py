@@ -82,7 +82,9 @@ def test_cosine_schedule_and_adjust_rounds():
     assert cosine_rate(0.1, 0, 100) == pytest.approx(0.1)
     assert cosine_rate(0.1, 50, 100) == pytest.approx(0.05)
     assert cosine_rate(0.1, 100, 100) == pytest.approx(0.0) and cosine_rate(0.1, 101, 100) == 0.0
-    assert [t for t in range(1, 40) if is_adjust_round(t, 10, 30)] == [10, 20, 30]
+    # t_end is exclusive: alpha is 0 there, so round t_end is not an adjustment (issue 14)
+    assert [t for t in range(1, 40) if is_adjust_round(t, 10, 30)] == [10, 20]
+    assert all(cosine_rate(0.1, t, 30) > 0 for t in range(1, 40) if is_adjust_round(t, 10, 30))
     masks = {"a": torch.tensor([True] * 10 + [False] * 90), "b": torch.tensor([True] * 9 + [False])}
     counts = swap_counts(masks, ["a", "b"], 0.15)
     assert counts == {"a": math.ceil(0.15 * 10), "b": 1}  # b is capped by its single inactive slot

@@ -8,6 +8,7 @@ the parameters themselves. The other terms follow the formulas in ``docs/memory.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import torch
@@ -68,24 +69,27 @@ def sparse_tensor_bytes(numel: int, nnz: int) -> int:
 
 
 def training_memory(model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Tensor, optimizer: str = "sgd",
-                    momentum: float = 0.9, dense_gradients: bool = False,
+                    momentum: float = 0.9, dense_gradient_layers: Collection[str] = (),
                     extra_activation_bytes: int = 0, extra_bytes: int = 0) -> MemoryReport:
-    """Device memory to train ``model`` under ``masks`` on batch ``(x, y)``.
+    """Device memory to train ``model`` under ``masks`` on batch ``(x, y)`` (the rules of docs/memory.md).
 
-    ``dense_gradients`` marks methods that materialise a dense gradient for every prunable tensor
-    (e.g. gradient-based regrowth over all positions); otherwise only kept entries carry a gradient.
+    A masked tensor's gradient costs its kept entries (a device computes dW only where W is kept), except
+    for the tensors in ``dense_gradient_layers``: those whose dense gradient the method computes in this
+    round (growth scores, importances) are charged in full. Optimizer state covers the trained entries
+    only (kept weights + unmasked parameters): a dense gradient used for scoring is not stepped.
     """
-    weights = grads = 0
+    weights = grads = trained = 0
     for name, p in model.named_parameters():
         if name in masks:
             nnz = int(masks[name].sum())
             weights += sparse_tensor_bytes(p.numel(), nnz)
-            grads += (p.numel() if dense_gradients else nnz) * F32
+            grads += (p.numel() if name in dense_gradient_layers else nnz) * F32
+            trained += nnz
         else:
             weights += p.numel() * F32
             grads += p.numel() * F32
+            trained += p.numel()
     weights += sum(b.numel() * b.element_size() for b in model.buffers() if b.is_floating_point())
-    trained = grads // F32
     if optimizer == "adam":
         opt = 2 * trained * F32
     elif optimizer == "sgd" and momentum > 0:

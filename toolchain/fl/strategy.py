@@ -20,6 +20,7 @@ from toolchain.fl.local import evaluate, local_train
 from toolchain.fl.masks import Masks, apply_masks, dense_masks, density
 from toolchain.fl.memory import MemoryReport, training_memory
 from toolchain.fl.messages import TrainIns, TrainRes
+from toolchain.fl.sparse_init import check_sparse_init, rescale_kept
 
 
 @dataclass
@@ -51,7 +52,6 @@ class Strategy:
     """Dense FedAvg with masks; subclasses add pruning."""
 
     name = "fedavg"
-    dense_gradients = False  # memory accounting: does a client hold a dense gradient?
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -62,8 +62,16 @@ class Strategy:
     def setup(self, model: nn.Module, ctx: ServerContext) -> None:
         self.model = model
         self.ctx = ctx
+        opts = getattr(self, "opts", None) or self.cfg.algo_options  # a method's merged options (presets) win
+        self.sparse_init = check_sparse_init(str(opts.get("sparse_init", "rescale")))
         self.masks = self.initial_masks(model, ctx)
+        self.init_sparse_weights(float_state(model))
+
+    def init_sparse_weights(self, reference: dict[str, torch.Tensor]) -> None:
+        """Apply the first sparse mask to untrained weights ``reference`` (``toolchain/fl/sparse_init.py``)."""
         apply_masks(self.model, self.masks)
+        if self.sparse_init != "none":
+            rescale_kept(self.model, self.masks, reference, kaiming=self.sparse_init == "kaiming")
 
     def initial_masks(self, model: nn.Module, ctx: ServerContext) -> Masks:
         return dense_masks(model)
@@ -126,9 +134,19 @@ class Strategy:
         raise NotImplementedError
 
     def device_memory(self, rnd: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> MemoryReport:
-        """Device memory to train one round of this method on batch ``(x, y)`` (backprop by default)."""
-        return training_memory(model, self.masks, x, y, self.cfg.optimizer, self.cfg.momentum, self.dense_gradients,
-                               extra_bytes=self.extra_device_bytes(rnd))
+        """Peak device memory of round ``rnd`` on batch ``(x, y)``: the largest of the round's phases
+        (``memory_phases``; backprop training under the round's mask by default). docs/memory.md."""
+        return max(self.memory_phases(rnd, model, x, y), key=lambda m: m.total)
+
+    def memory_phases(self, rnd: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[MemoryReport]:
+        """One report per phase a device goes through in round ``rnd`` (e.g. FedTiny's round-1 selection)."""
+        return [training_memory(model, self.masks, x, y, self.cfg.optimizer, self.cfg.momentum,
+                                self.dense_gradient_layers(rnd), extra_bytes=self.extra_device_bytes(rnd))]
+
+    def dense_gradient_layers(self, rnd: int) -> list[str]:
+        """Masked tensors whose *dense* gradient a device computes in round ``rnd`` (growth or importance
+        scores); they are charged in full. Plain sparse training computes kept entries only."""
+        return []
 
     def extra_device_bytes(self, rnd: int) -> int:
         """Device memory a method needs beyond weights/grads/optimizer/activations (e.g. top-K buffers)."""

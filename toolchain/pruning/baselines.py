@@ -107,6 +107,9 @@ class RandomERK(StaticMask):
 
 class Magnitude(StaticMask):
     name = "magnitude"
+    # ERK layer budgets by default: a global magnitude ranking of an untrained network empties whole layers
+    # (scores.magnitude_masks); ``scope=global`` / ``local`` keep the other readings available.
+    default_options = {**StaticMask.default_options, "scope": "erk"}
 
     def score_masks(self, model: nn.Module, ctx: ServerContext) -> Masks:
         return magnitude_masks(model, self.cfg.density, str(self.opts["scope"]))
@@ -133,9 +136,10 @@ class SynFlow(StaticMask):
 
 class PruneFL(Strategy):
     name = "prunefl"
-    dense_gradients = True  # the squared-gradient importance covers every prunable weight
+    # initial_scope: the initial magnitude mask keeps ERK layer counts by default; "global" (one ranking over
+    # every layer) emptied LeNet-5's fc1 at 5 % even after pre-training, leaving the run at chance (issue 14)
     default_options: dict[str, Any] = {"delta": 10, "t_end": 100, "alpha": 0.1, "rule": "importance",
-                                       "pretrain_epochs": 3, "pretrain_lr": 1e-3}
+                                       "pretrain_epochs": 3, "pretrain_lr": 1e-3, "initial_scope": "erk"}
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -144,7 +148,7 @@ class PruneFL(Strategy):
     def initial_masks(self, model: nn.Module, ctx: ServerContext) -> Masks:
         server_pretrain(model, *ctx.extra["fewshot"], int(self.opts["pretrain_epochs"]),
                         float(self.opts["pretrain_lr"]), self.cfg.batch_size, self.cfg.seed)
-        return magnitude_masks(model, self.cfg.density)
+        return magnitude_masks(model, self.cfg.density, str(self.opts["initial_scope"]))
 
     def _adjusting(self, rnd: int) -> bool:
         return is_adjust_round(rnd, int(self.opts["delta"]), int(self.opts["t_end"]))
@@ -201,13 +205,20 @@ class PruneFL(Strategy):
         # squared-gradient accumulator over all prunable weights, held in the rounds that report it
         return sum(m.numel() for m in self.masks.values()) * F32 if self._adjusting(rnd) else 0
 
+    def dense_gradient_layers(self, rnd: int) -> list[str]:
+        # the importance of every weight needs every step's dense gradient, in the rounds that report it
+        return list(self.masks) if self._adjusting(rnd) else []
+
 
 class FedDST(Strategy):
     name = "feddst"
-    dense_gradients = True  # RigL-style growth on each device needs a dense gradient
     # official dst.py defaults: --readjustment-ratio 0.5, --rounds-between-readjustments 10,
     # --rate-decay-end rounds // 2 (t_end = 0 below means "rounds // 2")
-    default_options: dict[str, Any] = {"delta": 10, "t_end": 0, "alpha": 0.5}
+    # readjust_at: fraction of the local steps after which a device readjusts its mask. dst.py readjusts after
+    # the last step (1.0): at E = 1 the grown weights then reach the server as exact zeros and its magnitude
+    # re-prune of the union admits them by index order, not by gradient (355/355 grown values were 0, issue
+    # 14). At 0.5 (default) the grown weights train for the second half of the local steps first.
+    default_options: dict[str, Any] = {"delta": 10, "t_end": 0, "alpha": 0.5, "readjust_at": 0.5}
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -218,6 +229,10 @@ class FedDST(Strategy):
         masks = random_erk_masks(model, self.cfg.density, torch.Generator().manual_seed(self.cfg.seed + 31))
         self.layer_counts = {n: int(m.sum()) for n, m in masks.items()}
         return masks
+
+    def dense_gradient_layers(self, rnd: int) -> list[str]:
+        # growth on the device ranks every inactive position: one mini-batch's dense gradient, readjust rounds only
+        return list(self.masks) if is_adjust_round(rnd, int(self.opts["delta"]), self.t_end) else []
 
     def round_config(self, rnd: int) -> dict[str, Any]:
         config = super().round_config(rnd)
@@ -230,18 +245,29 @@ class FedDST(Strategy):
         masks = {n: m.clone() for n, m in ins.masks.items()}
         apply_masks(model, masks)
         rate = float(ins.config.get("readjust", 0.0))
-        res = local_train(model, masks, data.x, data.y, self.cfg, ins.config["lr"], generator,
-                          keep_last_grads=rate > 0)
-        if rate > 0:
-            # after local training (dst.py readjusts at the end of the last local epoch): per layer prune
-            # ceil(rate * nnz) smallest |theta|, grow as many largest |g| (last mini-batch), grown = 0
-            params = dict(model.named_parameters())
-            counts = swap_counts(masks, list(masks), rate)
-            top = topk_inactive_gradients(res.last_grads, masks, counts)
-            sparse_g = {n: torch.zeros(masks[n].numel()).index_put_((i,), v).view(masks[n].shape)
+        params = dict(model.named_parameters())
+
+        def readjust(current: Masks, grads: dict[str, torch.Tensor]) -> Masks:
+            # per layer prune ceil(rate * nnz) smallest |theta|, grow as many largest |g| (one mini-batch), grown = 0
+            counts = swap_counts(current, list(current), rate)
+            top = topk_inactive_gradients(grads, current, counts)
+            sparse_g = {n: torch.zeros(current[n].numel()).index_put_((i,), v).view(current[n].shape)
                         for n, (i, v, _s) in top.items()}
-            masks, _ = prune_and_grow(params, masks, sparse_g, counts)
-            apply_masks(model, masks)
+            return prune_and_grow(params, current, sparse_g, counts)[0]
+
+        at = float(self.opts["readjust_at"])
+        if rate > 0 and at < 1.0:
+            def hook(step: int, total: int, grads: dict[str, torch.Tensor]) -> Masks | None:
+                return readjust(masks, grads) if step == min(total - 1, int(at * total)) else None
+
+            res = local_train(model, masks, data.x, data.y, self.cfg, ins.config["lr"], generator, mask_update=hook)
+            masks = res.masks
+        else:
+            res = local_train(model, masks, data.x, data.y, self.cfg, ins.config["lr"], generator,
+                              keep_last_grads=rate > 0)
+            if rate > 0:  # dst.py: after the last local step
+                masks = readjust(masks, res.last_grads)
+                apply_masks(model, masks)
         state = float_state(model)
         extras = {}
         for n, m in masks.items():  # the device's own mask travels with its values (index encoded)

@@ -1,9 +1,13 @@
 """Federated dynamic prune/grow machinery (RigL-style, as in FedTiny and FedMef), reusable.
 
 Round-based schedule (algorithms.md §0.3, §1.7.5): adjustments happen in rounds t with
-``t % delta == 0`` and ``t <= t_end``; the adjustment rate is
+``t % delta == 0`` and ``t < t_end``; the adjustment rate is
 
-    alpha_t = (alpha / 2) * (1 + cos(pi * t / t_end))          (0 after t_end)
+    alpha_t = (alpha / 2) * (1 + cos(pi * t / t_end))          (0 from t_end on)
+
+``t_end`` is exclusive, as in RigL: alpha_t is 0 at t = t_end, so a round t_end "adjustment" would swap
+nothing yet still cost the devices a dense gradient and a top-K upload (issue 14). With the authors'
+delta = 10 and t_end = 100 the adjustments are rounds 10..90, the same masks as before.
 
 and layer l swaps ``k_l = ceil(alpha_t * nnz_l)`` connections (capped so it never exceeds the active
 or the inactive count of the layer).
@@ -52,7 +56,7 @@ def cosine_rate(alpha: float, t: int, t_end: int) -> float:
 
 
 def is_adjust_round(t: int, delta: int, t_end: int) -> bool:
-    return delta > 0 and t % delta == 0 and t <= t_end
+    return delta > 0 and t % delta == 0 and t < t_end
 
 
 def swap_counts(masks: Masks, names: list[str], rate: float) -> dict[str, int]:
@@ -201,6 +205,10 @@ class DynamicPruning(Strategy):
 
     def extra_device_bytes(self, rnd: int) -> int:
         return topk_buffer_bytes(self.round_counts(rnd), self.masks)
+
+    def dense_gradient_layers(self, rnd: int) -> list[str]:
+        # the top-K of inactive gradients comes from the adjusted layers' dense gradient (last mini-batch)
+        return [n for n, k in self.round_counts(rnd).items() if k > 0]
 
     # ---- client ----------------------------------------------------------------------------------
     def local_step(self, ins: TrainIns, data: ClientData, model: nn.Module, generator: torch.Generator,

@@ -32,11 +32,13 @@ from torch import nn
 
 from toolchain.errors import ToolchainError
 from toolchain.fl.masks import Masks, apply_masks, dense_masks, prunable_names
+from toolchain.fl.memory import MemoryReport, measure_forward_peak_bytes
 from toolchain.fl.messages import TrainIns, TrainRes
+from toolchain.fl.sparse_init import rescale_kept
 from toolchain.fl.strategy import ClientData, ServerContext, float_state
 from toolchain.pruning.baselines import server_pretrain
 from toolchain.pruning.blocks import block_for_adjustment, model_blocks
-from toolchain.pruning.dynamic import DynamicPruning
+from toolchain.pruning.dynamic import F32, DynamicPruning
 from toolchain.pruning.scores import _erk_raw, keep_count, layer_topk
 
 # Authors' code ([AUTH] fedlottery ``main_fedavg.py``) defaults that are algorithm options. Run-level
@@ -45,6 +47,7 @@ from toolchain.pruning.scores import _erk_raw, keep_count, layer_topk
 AUTHORS_PRESET: dict[str, Any] = {
     "num_candidates": 1, "pretrain": 1, "pretrain_epochs": 3, "n_shots": 5, "weighted_grads": 0,
     "exact_count": 0, "delta": 10, "t_end": 100, "alpha": 0.1, "granularity": "block",
+    "dense_first_conv": 1, "candidate_base": "uniform", "sparse_init": "none",
 }
 
 
@@ -67,8 +70,11 @@ class FedTiny(DynamicPruning):
     default_options: dict[str, Any] = {
         **DynamicPruning.default_options,
         "num_candidates": 5, "val_ratio": 0.1, "bn_passes": 10, "density_tol": 0.02, "max_draws": 10000,
-        "dense_first_conv": 1, "exact_count": 1, "pretrain": 0, "pretrain_epochs": 3, "pretrain_lr": 1e-3,
-        "n_shots": 5, "granularity": "block", "candidate_base": "uniform",
+        # Defaults chosen for tiny models (docs/fedtiny.md "Defaults"): the first conv is pruned like the rest
+        # (dense, its 432 weights took 56 % of ResNet-8's budget at 1 %), and candidates centre on ERK layer
+        # densities (uniform densities left LeNet-5's classifier 42 weights at 5 %: 90.6 % vs 94.4 % for ERK).
+        "dense_first_conv": 0, "exact_count": 1, "pretrain": 0, "pretrain_epochs": 3, "pretrain_lr": 1e-3,
+        "n_shots": 5, "granularity": "block", "candidate_base": "erk",
     }
 
     def __init__(self, cfg) -> None:
@@ -189,8 +195,7 @@ class FedTiny(DynamicPruning):
             self._device_store[data.cid] = (theta0, cands)
             out: dict[str, torch.Tensor] = {}
             for c, mask in enumerate(cands):
-                model.load_state_dict(theta0, strict=False)
-                apply_masks(model, mask)
+                self._start_model(model, theta0, mask)
                 model.train()  # BN refreshes its running statistics; momentum as configured (0.1)
                 with torch.no_grad():
                     for _ in range(int(self.opt("bn_passes"))):
@@ -203,8 +208,7 @@ class FedTiny(DynamicPruning):
         theta0, cands = self._device_store.pop(data.cid)
         metrics: dict[str, float] = {}
         for c, mask in enumerate(cands):
-            model.load_state_dict(theta0, strict=False)
-            apply_masks(model, mask)
+            self._start_model(model, theta0, mask)
             self._load_bn(model, ins.weights, c)
             model.eval()
             loss, correct = 0.0, 0
@@ -216,6 +220,15 @@ class FedTiny(DynamicPruning):
             metrics[f"loss_c{c}"] = loss
             metrics[f"correct_c{c}"] = correct
         return TrainRes(data.cid, {}, len(vy), metrics)
+
+    def _start_model(self, model: nn.Module, theta0: dict[str, torch.Tensor], mask: Masks) -> None:
+        """The model a candidate would start training from: theta0 * m, rescaled as the server will
+        (``sparse_init``), so ABNS scores the same network the server then picks."""
+        model.load_state_dict(theta0, strict=False)
+        apply_masks(model, mask)
+        init = str(self.opts.get("sparse_init", "rescale"))
+        if init != "none":
+            rescale_kept(model, mask, theta0, kaiming=init == "kaiming")
 
     @staticmethod
     def _load_bn(model: nn.Module, stats: dict[str, torch.Tensor], c: int) -> None:
@@ -240,11 +253,26 @@ class FedTiny(DynamicPruning):
         self.model.load_state_dict(self.theta0, strict=False)
         self._load_bn(self.model, self._bn_agg_flat, best)
         self.set_masks(self.candidate_masks()[best])
+        self.init_sparse_weights(self.theta0)  # theta0 * m, rescaled per unit (sparse_init)
         self.abns_done = True
         self.abns_result = {"selected": best, "avg_loss": avg_loss, "avg_accuracy": avg_acc}
         metrics = {"abns_selected": float(best), "abns_loss": avg_loss[best]}
         metrics.update({f"abns_loss_c{c}": v for c, v in enumerate(avg_loss)})
         return metrics
+
+    def memory_phases(self, rnd: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[MemoryReport]:
+        """Round 1 adds the ABNS phase (docs/memory.md): the device holds dense theta0 and a working copy
+        (``client_setup`` loads theta0 into the model and masks it per candidate), the candidate masks as
+        bitmaps, every candidate's BN statistics, and the activations of a forward pass (no gradients)."""
+        phases = super().memory_phases(rnd, model, x, y)
+        if rnd == 1 and self.abns_result:
+            dense = sum(p.numel() for p in model.parameters()) * F32
+            dense += sum(b.numel() * b.element_size() for b in model.buffers() if b.is_floating_point())
+            c = len(self.candidates)
+            bitmaps = c * sum((m.numel() + 7) // 8 for m in self.masks.values())
+            bn_stats = c * sum(2 * bn.num_features * F32 for bn in bn_modules(model).values())
+            phases.append(MemoryReport(2 * dense, 0, 0, measure_forward_peak_bytes(model, x), bitmaps + bn_stats))
+        return phases
 
     # ---- progressive pruning -----------------------------------------------------------------------
     def adjust_layers(self, rnd: int) -> list[str]:

@@ -132,8 +132,16 @@ def layer_topk(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def magnitude_masks(model: nn.Module, density: float, scope: str = "global") -> Masks:
-    """One-shot magnitude pruning: keep the largest |theta|."""
-    return topk_masks({n: p.detach().abs() for n, p in _prunable(model).items()}, density, scope)
+    """One-shot magnitude pruning: keep the largest |theta|.
+
+    ``scope="erk"`` keeps, in every layer, its ERK count (``erk_counts``) of largest |theta| ([LIB]'s
+    ``ERK_magnitude``). On an *untrained* network a global ranking compares init scales, not importance:
+    PyTorch's init has std ~ 1/sqrt(fan_in), so LeNet-5's 400-input fc1 loses every weight at 5 % and the
+    network is cut in two (measured: fc1 kept 0 of 48000)."""
+    scores = {n: p.detach().abs() for n, p in _prunable(model).items()}
+    if scope == "erk":
+        return {n: layer_topk(scores[n], k) for n, k in erk_counts(model, density).items()}
+    return topk_masks(scores, density, scope)
 
 
 def snip_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, density: float, scope: str = "global") -> Masks:
