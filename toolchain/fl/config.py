@@ -17,6 +17,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     optimizer: str = "sgd"  # "sgd" or "adam"
+    augment: str = "none"  # "none", "flip" or "flip-crop" (random horizontal flip, + 4-pixel padded random crop)
     lr_decay: float = 1.0  # lr at round t = lr * lr_decay ** (t - 1)
     partition: str = "iid"  # "iid", "dirichlet", "shards"
     alpha: float = 0.5

@@ -6,6 +6,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,9 +32,10 @@ class RoundRecord:
     bytes_down: int
     bytes_up_per_client: float
     bytes_down_per_client: float
-    device_memory: dict[str, int]
+    device_memory: dict[str, int]  # at the training batch (docs/memory.md)
     seconds: float
     extra: dict[str, float] = field(default_factory=dict)
+    device_memory_batch1: dict[str, int] = field(default_factory=dict)  # the same, training on one sample
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -100,34 +102,81 @@ def close_round(strategy: Strategy, fed: Federation, cfg: TrainConfig, rnd: int,
     bs = min(cfg.batch_size, len(probe.y))
     probe_model.load_state_dict(strategy.model.state_dict())
     mem = strategy.device_memory(rnd, probe_model, probe.x[:bs], probe.y[:bs])
+    mem1 = strategy.device_memory(rnd, probe_model, probe.x[:1], probe.y[:1])  # how the papers count
     if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
         ev = strategy.evaluate(fed.eval_x, fed.eval_y)
     else:
         ev = {"accuracy": float("nan"), "loss": float("nan")}
     train_loss = metrics.pop("train_loss", float("nan"))
     return RoundRecord(rnd, ev["accuracy"], ev["loss"], train_loss, density(strategy.masks), sampled, up, down,
-                       up / len(sampled), down / len(sampled), mem.as_dict(), time.perf_counter() - t0, metrics)
+                       up / len(sampled), down / len(sampled), mem.as_dict(), time.perf_counter() - t0, metrics,
+                       mem1.as_dict())
+
+
+@dataclass
+class _RunState:
+    """Everything a run carries from one round to the next: what a checkpoint holds.
+
+    The strategy (model, masks, method state) and the server RNG are pickled in one object so the
+    strategy's reference to the RNG (``ctx.rng``) still points at the same generator after a resume.
+    """
+
+    strategy: Strategy
+    rng: np.random.Generator
+    client_masks: dict[int, dict[str, torch.Tensor]]
+    history: list[RoundRecord]
+    torch_rng: torch.Tensor
+    np_rng: tuple
+
+
+def _save_checkpoint(path: Path, state: _RunState) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a run killed mid-write keeps the previous checkpoint
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig) -> _RunState | None:
+    if not path.is_file():
+        return None
+    state: _RunState = torch.load(path, weights_only=False)  # our own file, written by _save_checkpoint
+    if state.strategy.cfg.as_dict() != cfg.as_dict():
+        raise ValueError(f"checkpoint {path} was written for another configuration; delete it to start over")
+    return state
 
 
 def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainConfig,
-             on_round: Callable[[RoundRecord], None] | None = None, progress: bool = True) -> list[RoundRecord]:
-    """Run ``cfg.rounds`` rounds of ``strategy`` over ``fed``; returns one record per round."""
+             on_round: Callable[[RoundRecord], None] | None = None, progress: bool = True,
+             checkpoint: Path | None = None) -> list[RoundRecord]:
+    """Run ``cfg.rounds`` rounds of ``strategy`` over ``fed``; returns one record per round.
+
+    With ``checkpoint``, the run state is saved there (atomically) after every round, and a run that
+    finds a checkpoint resumes after its last round: the result is bit-identical to an uninterrupted
+    run (tests/test_fl_engine.py). ``on_round`` is called only for rounds run in this call.
+    """
     from tqdm import tqdm
 
-    seed_everything(cfg.seed)
     torch.set_num_threads(max(1, cfg.threads))
-    rng = np.random.default_rng(cfg.seed)
-    server_sel = rng.permutation(len(fed.clients[0].y))[: min(256, len(fed.clients[0].y))]
-    ctx = ServerContext(cfg, [len(c.y) for c in fed.clients], rng,
-                        fed.clients[0].x[torch.from_numpy(server_sel)], fed.clients[0].y[torch.from_numpy(server_sel)])
-    ctx.extra["fewshot"] = fewshot_set(fed, int(cfg.algo_options.get("n_shots", 5)), cfg.seed)
-    strategy.setup(model, ctx)
-    client_model = copy.deepcopy(model)
-    client_masks: dict[int, dict[str, torch.Tensor]] = {}  # what each client last received
-    history: list[RoundRecord] = []
+    state = _load_checkpoint(checkpoint, cfg) if checkpoint is not None else None
+    if state is None:
+        seed_everything(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        server_sel = rng.permutation(len(fed.clients[0].y))[: min(256, len(fed.clients[0].y))]
+        ctx = ServerContext(cfg, [len(c.y) for c in fed.clients], rng, fed.clients[0].x[torch.from_numpy(server_sel)],
+                            fed.clients[0].y[torch.from_numpy(server_sel)])
+        ctx.extra["fewshot"] = fewshot_set(fed, int(cfg.algo_options.get("n_shots", 5)), cfg.seed)
+        strategy.setup(model, ctx)
+        client_masks: dict[int, dict[str, torch.Tensor]] = {}  # what each client last received
+        history: list[RoundRecord] = []
+    else:
+        # the caller's strategy object becomes the resumed one (callers read strategy.model / .masks after)
+        strategy.__dict__.update(state.strategy.__dict__)
+        rng, client_masks, history = state.rng, state.client_masks, state.history
+        torch.set_rng_state(state.torch_rng)
+        np.random.set_state(state.np_rng)
+    client_model = copy.deepcopy(strategy.model)
     per_round = min(cfg.per_round, cfg.clients)
-    bar = tqdm(range(1, cfg.rounds + 1), desc=f"{strategy.name} rounds", unit="round", disable=not progress,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(range(len(history) + 1, cfg.rounds + 1), desc=f"{strategy.name} rounds", unit="round",
+               disable=not progress, leave=False, dynamic_ncols=True)
     for rnd in bar:
         t0 = time.perf_counter()
         sampled = sorted(int(c) for c in rng.choice(cfg.clients, per_round, replace=False))
@@ -164,6 +213,9 @@ def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainCo
         rec = close_round(strategy, fed, cfg, rnd, sampled, results, setup_metrics, up, down, t0, client_model)
         history.append(rec)
         bar.set_postfix(acc=f"{rec.accuracy:.4f}", density=f"{rec.density:.3f}")
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, _RunState(strategy, rng, client_masks, history, torch.get_rng_state(),
+                                                   np.random.get_state()))
         if on_round:
             on_round(rec)
     return history

@@ -1,0 +1,383 @@
+"""Resumable benchmark grids for federated pruning: methods x densities x seeds, mean +- std.
+
+Grids:
+
+- ``cifar10``: the benchmark of issue 14 item 4. CIFAR-10 (the full 50k training set, the full 10k test
+  set), ResNet-8, 100 clients, 10 per round, Dirichlet 0.5; FedAvg (dense) and FedTiny, FedDST, FedMef,
+  PruneFL, SNIP, random ERK at 1 % and 5 %; seeds 0, 1, 2. SGD (momentum 0.9, weight decay 5e-4), lr 0.05
+  decayed by 0.997 per round, batch 20, one local epoch, flip + crop augmentation, 300 rounds; dynamic
+  methods adjust every 10 rounds until round 150.
+- ``mnist``: the MNIST / LeNet-5 quick protocol of the issue's acceptance command: exactly
+  ``toolchain train``'s defaults with ``--clients 10 --per-round 4 --rounds 5``, every method, 1 % and
+  5 %, seeds 0, 1, 2.
+
+Each run is saved to ``bench/results/fl_grid_<grid>/<method>_d<density>_s<seed>.json`` the moment it
+finishes, and a re-run skips finished runs. A run in progress writes a checkpoint after every round
+(``.cache/fl_grid/<grid>/``, outside git) and resumes from it, so the grid can be filled over several
+sessions; several processes can work on one grid at once (each claims a run with a lock file).
+``--report`` renders ``bench/results/fl_grid_<grid>.{json,md,png}`` from whatever has finished, with the
+runs still in progress listed, machine, wall time and seeds.
+
+Run:  ``nice -n 10 .venv/bin/python bench/fl_grid.py --grid cifar10 --data /work/shared/data/cifar10``
+      (start it twice to use two cores), then ``.venv/bin/python bench/fl_grid.py --grid cifar10 --report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.datasets import load_dataset  # noqa: E402
+from models.zoo import build_model  # noqa: E402
+from toolchain.fl import Federation, TrainConfig, simulate  # noqa: E402
+from toolchain.fl.quality import chance_accuracy  # noqa: E402
+from toolchain.fl.simulator import seed_everything  # noqa: E402
+from toolchain.pruning import make_strategy  # noqa: E402
+from toolchain.train import TrainOptions  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+CACHE = ROOT / ".cache" / "fl_grid"
+
+
+def _cli_defaults(**overrides: Any) -> dict[str, Any]:
+    """The TrainConfig that ``toolchain train`` builds from its defaults (plus the issue's flags)."""
+    opts = TrainOptions(algo="fedavg", out="-", **overrides)
+    cfg = opts.config().as_dict()
+    cfg.pop("density"), cfg.pop("seed"), cfg.pop("algo_options")
+    return cfg
+
+
+GRIDS: dict[str, dict[str, Any]] = {
+    "cifar10": {
+        "dataset": "cifar10", "model": "resnet8",
+        "methods": ["fedavg", "fedtiny", "feddst", "fedmef", "prunefl", "snip", "random"],
+        "densities": [0.01, 0.05], "seeds": [0, 1, 2],
+        "train": {"rounds": 300, "clients": 100, "per_round": 10, "local_epochs": 1, "batch_size": 20,
+                  "optimizer": "sgd", "lr": 0.05, "lr_decay": 0.997, "momentum": 0.9, "weight_decay": 5e-4,
+                  "partition": "dirichlet", "alpha": 0.5, "augment": "flip-crop", "eval_every": 10},
+        "algo_options": {"delta": 10, "t_end": 150},
+        # FedMef's headline row uses the paper's components only (its 1-bit ReLU cache is an extra of ours)
+        "per_method": {"feddst": {"alpha": 0.5}, "fedmef": {"relu_bits": 0}},
+    },
+    "mnist": {
+        "dataset": "mnist", "model": "lenet5",
+        "methods": ["fedavg", "fedtiny", "feddst", "fedmef", "prunefl", "snip", "synflow", "random", "magnitude"],
+        "densities": [0.01, 0.05], "seeds": [0, 1, 2],
+        "train": _cli_defaults(clients=10, per_round=4, rounds=5),
+        "algo_options": {},
+        "per_method": {},
+    },
+}
+
+
+def machine_info() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpus": os.cpu_count(), "torch_threads": 1,
+            "processor": platform.processor() or platform.machine(), "device": "cpu"}
+
+
+def run_key(method: str, density: float, seed: int) -> str:
+    return f"{method}_d{density:g}_s{seed}"
+
+
+def grid_runs(grid: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """Every (method, density, seed) of a grid, seed-major so a partial grid covers every cell first."""
+    out = []
+    for seed in grid["seeds"]:
+        if "fedavg" in grid["methods"]:
+            out.append(("fedavg", 1.0, seed))
+        out += [(m, d, seed) for d in grid["densities"] for m in grid["methods"] if m != "fedavg"]
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(lock: Path) -> bool:
+    """Take ``lock`` for this process (O_EXCL); a lock left by a dead process is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _pid_alive(pid):
+                return False
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def memory_figures(hist: list) -> dict[str, Any]:
+    """The three figures of docs/memory.md, each the peak over every round (round 1 included)."""
+    peak = max(hist, key=lambda r: r.device_memory["total"]).device_memory
+    model_terms = max(r.device_memory["weights"] + r.device_memory["gradients"] + r.device_memory["optimizer"]
+                      + r.device_memory["extra"] for r in hist)
+    b1 = max((r.device_memory_batch1 for r in hist), key=lambda m: m.get("total", 0))
+    return {"total_at_train_batch": peak["total"], "weights_grads_optimizer": model_terms, "total_at_batch1": b1["total"],
+            "peak_breakdown": peak, "peak_breakdown_batch1": b1}
+
+
+def run_one(grid_name: str, grid: dict[str, Any], data, method: str, density: float, seed: int) -> dict[str, Any]:
+    opts = {**grid["algo_options"], **grid["per_method"].get(method, {})}
+    cfg = TrainConfig(**grid["train"], density=density, seed=seed, algo_options=opts)
+    fed = Federation.from_dataset(data, cfg)
+    seed_everything(seed)
+    model = build_model(grid["model"], data.input_shape, data.num_classes)
+    strategy = make_strategy(method, cfg)
+    ckpt = CACHE / grid_name / f"{run_key(method, density, seed)}.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    hist = simulate(strategy, model, fed, cfg, progress=False, checkpoint=ckpt)
+    evaluated = [r for r in hist if r.accuracy == r.accuracy]
+    return {
+        "grid": grid_name, "method": method, "density_target": density, "seed": seed,
+        "accuracy": hist[-1].accuracy, "best_accuracy": max(r.accuracy for r in evaluated),
+        "chance_accuracy": chance_accuracy(fed.eval_y.numpy(), data.num_classes),
+        "density": hist[-1].density, "rounds": len(hist),
+        "curve": [[r.round, r.accuracy] for r in evaluated],
+        "memory": memory_figures(hist),
+        "bytes_up_per_client_round": float(np.mean([r.bytes_up_per_client for r in hist])),
+        "bytes_down_per_client_round": float(np.mean([r.bytes_down_per_client for r in hist])),
+        "abns": {k: v for k, v in hist[0].extra.items() if k.startswith("abns")},
+        "config": cfg.as_dict(), "machine": machine_info(),
+        # rounds run by this process (a resumed run's earlier rounds are in the sum of its round records)
+        "wall_s_this_process": time.perf_counter() - t0, "wall_s": sum(r.seconds for r in hist),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def fill(grid_name: str, data_dir: str | None, methods: list[str] | None, max_runs: int | None) -> int:
+    grid = GRIDS[grid_name]
+    out = RESULTS / f"fl_grid_{grid_name}"
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(grid["dataset"], data_dir)
+    done = 0
+    for method, density, seed in grid_runs(grid):
+        if methods and method not in methods:
+            continue
+        key = run_key(method, density, seed)
+        result = out / f"{key}.json"
+        lock = CACHE / grid_name / f"{key}.lock"
+        if result.exists() or not claim(lock):
+            continue
+        try:
+            t0 = time.perf_counter()
+            print(f"[{time.strftime('%H:%M:%S')}] {grid_name} {key}: start", flush=True)
+            res = run_one(grid_name, grid, data, method, density, seed)
+            tmp = result.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(res, indent=1) + "\n")
+            tmp.replace(result)  # saved the moment it finishes; the checkpoint is no longer needed
+            (CACHE / grid_name / f"{key}.pt").unlink(missing_ok=True)
+            print(f"[{time.strftime('%H:%M:%S')}] {grid_name} {key}: acc {res['accuracy']:.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        finally:
+            lock.unlink(missing_ok=True)
+        done += 1
+        if max_runs and done >= max_runs:
+            break
+    return done
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def progress_of(grid_name: str) -> list[dict[str, Any]]:
+    """Runs with a checkpoint but no result yet: how far they are (read from the checkpoint's history)."""
+    rows = []
+    for ckpt in sorted((CACHE / grid_name).glob("*.pt")):
+        try:
+            state = torch.load(ckpt, weights_only=False)
+        except Exception:  # noqa: BLE001 (a checkpoint being written; skip it in the report)
+            continue
+        evaluated = [r for r in state.history if r.accuracy == r.accuracy]
+        rows.append({"run": ckpt.stem, "round": len(state.history), "rounds": state.strategy.cfg.rounds,
+                     "last_accuracy": evaluated[-1].accuracy if evaluated else None})
+    return rows
+
+
+def summarize(grid_name: str) -> dict[str, Any]:
+    grid = GRIDS[grid_name]
+    runs = [json.loads(p.read_text()) for p in sorted((RESULTS / f"fl_grid_{grid_name}").glob("*.json"))]
+    cells: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in runs:
+        cells.setdefault((r["method"], r["density_target"]), []).append(r)
+    rows = []
+    for (method, density), rs in sorted(cells.items(), key=lambda kv: (kv[0][1] != 1.0, kv[0][1],
+                                                                       grid["methods"].index(kv[0][0]))):
+        acc = _mean_std([r["accuracy"] for r in rs])
+        rows.append({
+            "method": method, "density": density, "seeds": sorted(r["seed"] for r in rs), "n": len(rs),
+            "accuracy_mean": acc[0], "accuracy_std": acc[1],
+            "at_chance": sum(r["accuracy"] < r["chance_accuracy"] + 0.05 for r in rs),
+            **{k: float(np.mean([r["memory"][k] for r in rs]))
+               for k in ("total_at_train_batch", "weights_grads_optimizer", "total_at_batch1")},
+            "bytes_up_per_client_round": float(np.mean([r["bytes_up_per_client_round"] for r in rs])),
+            "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
+        })
+    total = len(grid_runs(grid))
+    return {"grid": grid_name, "settings": {k: grid[k] for k in ("dataset", "model", "train", "algo_options",
+                                                                  "per_method", "seeds", "densities", "methods")},
+            "finished_runs": len(runs), "total_runs": total, "rows": rows, "in_progress": progress_of(grid_name),
+            "machines": sorted({json.dumps(r["machine"], sort_keys=True) for r in runs}),
+            "cpu_s_of_finished_runs": sum(r["wall_s"] for r in runs), "runs": runs}
+
+
+def claims(summary: dict[str, Any]) -> list[str]:
+    """Each paper claim of issue 14 item 5 that the finished cells can speak to, as table lines."""
+    by = {(r["method"], r["density"]): r for r in summary["rows"]}
+    lines = []
+    for d in summary["settings"]["densities"]:
+        tiny = by.get(("fedtiny", d))
+        base = [r for (m, dd), r in by.items() if dd == d and m not in ("fedtiny", "fedavg")]
+        if tiny and base:
+            best = max(base, key=lambda r: r["accuracy_mean"])
+            gap = 100 * (tiny["accuracy_mean"] - best["accuracy_mean"])
+            verdict = "reproduced" if gap >= 0 else "missed"
+            lines.append(f"| FedTiny >= best baseline at {d:g} (paper +2.61) | FedTiny {100 * tiny['accuracy_mean']:.2f} "
+                         f"vs {best['method']} {100 * best['accuracy_mean']:.2f}: {gap:+.2f} points "
+                         f"(n = {tiny['n']}, {best['n']}) | {verdict} |")
+        mef = by.get(("fedmef", d))
+        for other in ("feddst", "fedtiny"):
+            o = by.get((other, d))
+            if mef and o:
+                ratio = mef["total_at_batch1"] / o["total_at_batch1"]
+                gap = 100 * (mef["accuracy_mean"] - o["accuracy_mean"])
+                ok = ratio <= 0.715 and gap >= -0.5
+                lines.append(f"| FedMef footprint <= 0.715x {other}'s, accuracy within 0.5 at {d:g} | footprint "
+                             f"{ratio:.3f}x (batch 1), accuracy {gap:+.2f} points | {'reproduced' if ok else 'missed'} |")
+    return lines
+
+
+def markdown(s: dict[str, Any]) -> str:
+    st, tr = s["settings"], s["settings"]["train"]
+    lines = [f"# Federated pruning grid `{s['grid']}`: {st['dataset']} / {st['model']}", "",
+             f"{tr['clients']} clients, {tr['per_round']} per round, {tr['partition']} (alpha {tr['alpha']}), "
+             f"{tr['rounds']} rounds, E = {tr['local_epochs']}, batch {tr['batch_size']}, {tr['optimizer']} lr {tr['lr']}"
+             f" (decay {tr.get('lr_decay', 1.0)}/round), augmentation {tr.get('augment', 'none')}; dynamic-method "
+             f"options {st['algo_options']} {st['per_method']}; seeds {st['seeds']}; evaluated on the full test set.",
+             "", f"Finished runs: **{s['finished_runs']} of {s['total_runs']}** "
+             f"(CPU time of finished runs {s['cpu_s_of_finished_runs'] / 3600:.1f} h). Machines: "
+             + "; ".join(f"{json.loads(m)['processor']} x{json.loads(m)['cpus']}, {json.loads(m)['device']}"
+                         for m in s["machines"]) + ".", "",
+             "Memory (docs/memory.md, peak over all rounds, round 1 included): **total** at the training batch; "
+             "**w+g+opt** = weights + gradients + optimizer state + method buffers; **batch 1** = everything when "
+             "training on one sample (how the papers count).", "",
+             "| method | density | seeds | final accuracy % (mean +- std) | at chance | total KiB | w+g+opt KiB | "
+             "batch 1 KiB | up B/client/round | wall s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in s["rows"]:
+        lines.append(f"| {r['method']} | {r['density']:g} | {r['n']} | {100 * r['accuracy_mean']:.2f} +- "
+                     f"{100 * r['accuracy_std']:.2f} | {r['at_chance']}/{r['n']} | {r['total_at_train_batch'] / 1024:.0f} | "
+                     f"{r['weights_grads_optimizer'] / 1024:.1f} | {r['total_at_batch1'] / 1024:.1f} | "
+                     f"{r['bytes_up_per_client_round']:.0f} | {r['wall_s_mean']:.0f} |")
+    c = claims(s)
+    if c:
+        lines += ["", "## Paper claims on the finished cells", "", "| claim | measured | verdict |", "|---|---|---|", *c]
+    if s["in_progress"]:
+        lines += ["", "## In progress (checkpointed, resumed by the next run of this script)", "",
+                  "| run | round | last evaluated accuracy |", "|---|---|---|"]
+        lines += [f"| {p['run']} | {p['round']} / {p['rounds']} | "
+                  + (f"{100 * p['last_accuracy']:.2f} %" if p["last_accuracy"] is not None else "-") + " |"
+                  for p in s["in_progress"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(s: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in s["settings"]["methods"]:
+        rows = sorted((r for r in s["rows"] if r["method"] == method), key=lambda r: r["density"])
+        if not rows:
+            continue
+        if method == "fedavg":
+            ax.axhline(100 * rows[0]["accuracy_mean"], color="k", ls="--", lw=1, label="fedavg (dense)")
+            continue
+        ax.errorbar([r["density"] for r in rows], [100 * r["accuracy_mean"] for r in rows],
+                    yerr=[100 * r["accuracy_std"] for r in rows], marker="o", capsize=3, label=method,
+                    lw=2.5 if method == "fedtiny" else 1.2)
+    ax.set_xscale("log")
+    ax.set_xticks(s["settings"]["densities"], [f"{d:g}" for d in s["settings"]["densities"]])
+    ax.set_xlabel("density")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title(f"{s['settings']['dataset']} / {s['settings']['model']} ({s['finished_runs']}/{s['total_runs']} runs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    for r in s["runs"]:
+        if r["seed"] == s["settings"]["seeds"][0]:
+            pts = r["curve"]
+            bx.plot([p[0] for p in pts], [100 * p[1] for p in pts], lw=1,
+                    label=f"{r['method']} {r['density_target']:g}")
+    bx.set_xlabel("round")
+    bx.set_ylabel("test accuracy (%)")
+    bx.set_title(f"curves, seed {s['settings']['seeds'][0]}")
+    bx.grid(alpha=0.3)
+    if s["runs"]:
+        bx.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(grid_name: str) -> dict[str, Any]:
+    s = summarize(grid_name)
+    stem = RESULTS / f"fl_grid_{grid_name}"
+    compact = {k: v for k, v in s.items() if k != "runs"}
+    stem.with_suffix(".json").write_text(json.dumps(compact, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(s))
+    plot(s, stem.with_suffix(".png"))
+    return s
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--grid", choices=list(GRIDS), default="mnist")
+    p.add_argument("--data", default=None, help="dataset folder (CIFAR-10 binary version for --grid cifar10)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the grid's methods")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many finished runs")
+    p.add_argument("--report", action="store_true", help="render the table/plot from the finished runs and exit")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    if args.report:
+        print(markdown(report(args.grid)))
+        return 0
+    methods = args.methods.split(",") if args.methods else None
+    n = fill(args.grid, args.data, methods, args.max_runs)
+    report(args.grid)
+    print(f"{n} run(s) finished by this process; report in bench/results/fl_grid_{args.grid}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
