@@ -18,6 +18,7 @@ from models.datasets import load_dataset
 from models.zoo import build_model
 from toolchain.errors import ToolchainError
 from toolchain.fl import Federation, RoundRecord, TrainConfig, simulate
+from toolchain.fl.quality import chance_accuracy, chance_message
 from toolchain.fl.simulator import seed_everything
 from toolchain.outdir import check_out, replace_dir, staging_dir
 from toolchain.pruning import ALGORITHMS, make_strategy
@@ -36,8 +37,8 @@ class TrainOptions:
     rounds: int = 20
     local_epochs: int = 1
     batch_size: int = 64
-    lr: float = 0.1
-    optimizer: str = "sgd"
+    lr: float = 0.01  # the CLI's defaults (docs/training.md "Defaults")
+    optimizer: str = "adam"
     partition: str = "iid"
     alpha: float = 0.5
     seed: int = 0
@@ -92,19 +93,40 @@ def summarize(history: list[RoundRecord], strategy) -> dict[str, Any]:
     }
 
 
+def quality(accuracy: float, labels, num_classes: int) -> dict[str, Any]:
+    """The chance-level verdict of a run (toolchain/fl/quality.py) for summary.json."""
+    chance = chance_accuracy(labels, num_classes)
+    message = chance_message(accuracy, chance)
+    return {"chance_accuracy": chance, "at_chance": message is not None, "message": message}
+
+
 def plot_accuracy(history: list[RoundRecord], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     pts = [(r.round, r.accuracy * 100) for r in history if r.accuracy == r.accuracy]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    rounds = [r.round for r in history]
+    fig, (ax, dx, mx) = plt.subplots(1, 3, figsize=(12, 3.5))
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
-    ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
+    dx.plot(rounds, [100 * r.density for r in history], marker="o", ms=3, color="tab:green")
+    dx.set_ylabel("density (% of prunable weights kept)")
+    dx.set_title("density")
+    for key, label in (("total", "total"), ("activations", "activations")):
+        mx.plot(rounds, [r.device_memory[key] / 1024 for r in history], marker="o", ms=3, label=label)
+    mx.plot(rounds, [(r.device_memory["total"] - r.device_memory["activations"]) / 1024 for r in history],
+            marker="o", ms=3, label="weights + grads + optimizer + buffers")
+    mx.set_ylabel("device memory (KiB, docs/memory.md)")
+    mx.set_title("training memory per device")
+    mx.legend(fontsize=7)
+    for a in (ax, dx, mx):
+        a.set_xlabel("round")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -129,6 +151,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
             history = simulate(strategy, model, fed, cfg, progress=not opts.quiet,
                                on_round=lambda r: (f.write(json.dumps(r.as_dict()) + "\n"), f.flush()))
         summary = summarize(history, strategy)
+        summary["quality"] = quality(summary["accuracy"], fed.eval_y.numpy(), data.num_classes)
         summary["config"] = {**asdict(opts), "train": cfg.as_dict()}
         (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         torch.save({"arch": strategy.model.arch, "state_dict": strategy.model.state_dict(), "masks": strategy.masks,
