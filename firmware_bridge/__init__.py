@@ -17,6 +17,7 @@ from .messages import (
     RoundResult,
     RoundStart,
     RoundUpdate,
+    Signed,
     Status,
     decode,
     encode,
@@ -30,14 +31,17 @@ from .security import (
     bundle_header,
     check_round,
     check_update,
+    device_key,
     model_transfer,
+    seal,
+    unseal,
 )
 from .serial_link import LinkStats, SerialLink
 
 __all__ = [
     "VERSION", "Ack", "DeviceSlot", "Error", "Frame", "FrameDecoder", "Hello", "LinkError", "LinkStats", "Message",
     "ModelBegin", "ModelChunk", "ModelCommit", "ModelReceiver", "MqttConfig", "MqttDevice", "MqttHost", "Ping",
-    "ProtocolError", "RoundLimits", "RoundResult", "RoundStart", "RoundUpdate", "SerialLink", "Signer", "Status",
+    "ProtocolError", "RoundLimits", "RoundResult", "RoundStart", "RoundUpdate", "SerialLink", "Signed", "Signer", "Status",
     "TlsOptions", "Verifier", "bundle_header", "check_round", "check_update", "cobs_decode", "cobs_encode", "crc32",
-    "decode", "encode", "encode_frame", "model_transfer",
+    "decode", "device_key", "encode", "encode_frame", "model_transfer", "seal", "unseal",
 ]

@@ -33,6 +33,7 @@ from toolchain.zo import ClientReply, aggregate, derive, learning_rate
 from .errors import ProtocolError
 from .messages import (
     CAP_HMAC,
+    CAP_SIGNED,
     E_BAD_MESSAGE,
     E_NO_MODEL,
     E_RANGE,
@@ -53,7 +54,7 @@ from .messages import (
     Status,
     encode,
 )
-from .security import Signer, model_transfer
+from .security import Signer, model_transfer, seal
 
 AGGREGATORS = ("clip", "median", "mean")
 
@@ -164,9 +165,12 @@ class Wal:
 class Coordinator:
     def __init__(self, fleet: Fleet, cfg: RoundConfig, out_dir: Path, *, model: bytes | None = None,
                  signer: Signer | None = None, progress: TextIO | None = sys.stderr,
-                 now: Callable[[], float] = time.monotonic) -> None:
+                 now: Callable[[], float] = time.monotonic, key_for: Callable[[str], bytes] | None = None) -> None:
         self.fleet, self.cfg, self.now = fleet, cfg, now
         self.model, self.signer = model, signer
+        # per-device keys (security.device_key of a master): models are signed, and ROUND_START / ROUND_UPDATE
+        # sealed, with the receiving device's own key; without it, with the signer's (fleet-wide) HMAC key
+        self.key_for = key_for
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.progress = progress
@@ -252,7 +256,21 @@ class Coordinator:
         self._say("evict", f"{victim.device_id}: dropped (never ready) to make room for {d}")
         return True
 
+    def _key(self, d: str) -> bytes | None:
+        if self.key_for is not None:
+            return self.key_for(d)
+        return self.signer.hmac_key if self.signer is not None else None
+
     def _send(self, d: str, msg: Message | RoundUpdate) -> None:
+        s = self.devices.get(d)
+        if isinstance(msg, RoundStart | RoundUpdate) and s is not None and s.caps & CAP_SIGNED:
+            key = self._key(d)
+            if key is None:  # it would refuse an unsealed one (ERROR AUTH) and we cannot seal it
+                if not s.refuses:
+                    s.refuses = "takes only signed rounds and serve has no key (--hmac-key)"
+                    self._log(f"{d}: {s.refuses}; left out")
+                return
+            msg = seal(key, d, s.session or 0, msg)
         self.fleet.send(d, encode(msg))
 
     def ready(self, d: str) -> bool:
@@ -269,13 +287,14 @@ class Coordinator:
             return
         s.synced = self.now()
         if s.model_id != self.cfg.model_id:
-            if self.model is None or self.signer is None or not s.caps & CAP_HMAC:
+            if self.model is None or (self.signer is None and self.key_for is None) or not s.caps & CAP_HMAC:
                 s.info["sync"] = "cannot receive the model (flash it)"
                 return
             s.transfer += 1
             self._log(f"{s.device_id}: sending model {self.cfg.model_id} ({len(self.model)} bytes)")
             chunk = max(16, min(self.cfg.chunk_size, s.max_message - 8))
-            for m in model_transfer(self.model, self.cfg.model_id, self.signer, chunk_size=chunk, fmt=FMT_SMF):
+            signer = Signer(hmac_key=self.key_for(s.device_id)) if self.key_for is not None else self.signer
+            for m in model_transfer(self.model, self.cfg.model_id, signer, chunk_size=chunk, fmt=FMT_SMF):
                 self._send(s.device_id, m)
             # ... and a PING: its STATUS confirms the install even if MQTT dedupe drops an ACK equal to an
             # older one (a rebooted device repeats ACK(0x04, id) and ACK(0x12, r) payloads it sent before)
@@ -545,9 +564,13 @@ class Coordinator:
             # Devices whose state is unknown (rebooted, or all of them on a resume) get one resend_s to answer
             # their PING; after that only devices known to be behind are waited for (an id flood's silent ids
             # must not hold serve up).
+            # A coordinator that knows no device yet (started again after the last round) listens for the whole
+            # grace: the devices' HELLO / STATUS (queued for its persistent session, or answers to its PINGs)
+            # take a moment to arrive.
             grace = min(self.now() + self.cfg.resend_s, drain)
-            self.step(0.5)
-            while self.unsynced(unknown=self.now() < grace) and self.now() < drain and not self._aborted:
+            while self.now() < drain and not self._aborted:
+                if not self.unsynced(unknown=self.now() < grace) and (self.devices or self.now() >= grace):
+                    break
                 self.step()
             left = self.unsynced()
             if left:

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .messages import (
+    CAP_SIGNED,
+    E_AUTH,
     E_BAD_MESSAGE,
     E_INTERNAL,
     E_NO_MODEL,
@@ -28,6 +30,7 @@ from .messages import (
     ST_IDLE,
     ST_TRAINING,
     T_ROUND_UPDATE,
+    T_SIGNED,
     Ack,
     Error,
     Hello,
@@ -39,12 +42,13 @@ from .messages import (
     RoundResult,
     RoundStart,
     RoundUpdate,
+    Signed,
     Status,
     decode,
     encode,
 )
 from .mqtt_link import MqttConfig, RawMqttDevice
-from .security import ModelReceiver, RoundLimits, Verifier, check_round, check_update
+from .security import ModelReceiver, RoundLimits, Verifier, check_round, check_update, unseal
 
 RUNTIME_VERSION = (0, 2, 0)
 
@@ -61,12 +65,15 @@ class Agent:
     def __init__(self, cfg: MqttConfig, device_id: str, tuner: Any, xs: Sequence[Any], ys: Sequence[int], *,
                  model_id: int = 1, caps: int = 0, board: str = "python", firmware: str = "",
                  verifier: Verifier | None = None, heartbeat_s: float = 30.0, k_max: int = 128,
-                 load: Callable[[bytes], Any] | None = None, model_fmt: int = FMT_ONNX) -> None:
+                 load: Callable[[bytes], Any] | None = None, model_fmt: int = FMT_ONNX,
+                 round_key: bytes | None = None) -> None:
         self.tuner, self.xs, self.ys = tuner, list(xs), list(ys)
         self.model_id = model_id if tuner is not None else 0
         self.applied = 0
         self.state = ST_IDLE
-        self.caps = caps
+        # with a (per-device) key, ROUND_START / ROUND_UPDATE count only inside a SIGNED whose tag verifies
+        self.round_key = round_key
+        self.caps = caps | (CAP_SIGNED if round_key else 0)
         self.heartbeat_s = heartbeat_s
         self.board = board
         self.firmware = firmware or f"python {sys.version.split()[0]}"
@@ -98,6 +105,24 @@ class Agent:
             msg = decode(raw)
         except Exception:  # noqa: BLE001 - ProtocolError and anything a hostile payload triggers
             self.send(Error(E_BAD_MESSAGE, raw[1] if len(raw) > 1 else 0, 0, "malformed"))
+            return
+        signed = False
+        if isinstance(msg, Signed):
+            inner = unseal(self.round_key, self.device_id, self.session, msg) if self.round_key else None
+            if inner is None:
+                self.send(Error(E_AUTH, T_SIGNED, 0, "bad signature" if self.round_key else "no key"))
+                return
+            try:
+                msg = decode(inner)
+            except Exception:  # noqa: BLE001 - signed by the host, but still checked like any payload
+                self.send(Error(E_BAD_MESSAGE, T_SIGNED, 0, "malformed inner message"))
+                return
+            if not isinstance(msg, RoundStart | RoundUpdate):
+                self.send(Error(E_BAD_MESSAGE, T_SIGNED, 0, "SIGNED carries rounds only"))
+                return
+            signed = True
+        if self.round_key and isinstance(msg, RoundStart | RoundUpdate) and not signed:
+            self.send(Error(E_AUTH, msg.TYPE, msg.round_id, "unsigned; this device takes signed rounds"))
             return
         if isinstance(msg, Ping):
             self.hello()

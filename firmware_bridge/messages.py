@@ -29,6 +29,7 @@ T_MODEL_COMMIT = 0x04
 T_ROUND_START = 0x10
 T_ROUND_RESULT = 0x11
 T_ROUND_UPDATE = 0x12  # protocol 1.1
+T_SIGNED = 0x13  # host -> device: a ROUND_START / ROUND_UPDATE with an HMAC tag (devices with CAP_SIGNED)
 T_STATUS = 0x20
 T_PING = 0x21
 T_ACK = 0x30
@@ -53,6 +54,8 @@ CAP_ED25519 = 0x04
 CAP_FMT_SMF = 0x08
 CAP_FMT_TFLITE = 0x10
 CAP_FMT_ONNX = 0x20
+CAP_SIGNED = 0x40  # holds a per-device key: takes ROUND_START / ROUND_UPDATE only inside SIGNED (0x13)
+SIGNED_TAG_LEN = 16
 
 # STATUS states; OFFLINE is what the MQTT last will says.
 ST_OFFLINE = 0
@@ -416,6 +419,35 @@ class RoundUpdate:
 
 
 @dataclass(frozen=True)
+class Signed:
+    """Host -> device: ``inner`` (a whole message, ``version | type | payload``: ROUND_START or ROUND_UPDATE) with
+    ``tag`` = the first 16 bytes of HMAC-SHA256(device key, ``"TMS1" | session u16 | len(id) u8 | id | inner``)
+    (``firmware_bridge.security.seal``). The device's boot session and id are in the tag, so a message recorded
+    for another device or an earlier boot does not verify. The receiver checks the tag before decoding ``inner``.
+    """
+
+    TYPE: ClassVar[int] = T_SIGNED
+    tag: bytes
+    inner: bytes
+
+    def payload(self) -> bytes:
+        self._check()
+        return bytes(self.tag) + bytes(self.inner)
+
+    def _check(self) -> None:
+        if len(self.tag) != SIGNED_TAG_LEN:
+            raise ProtocolError(f"SIGNED tag must be {SIGNED_TAG_LEN} bytes")
+        if len(self.inner) < 2 or self.inner[1] == T_SIGNED:
+            raise ProtocolError("SIGNED carries one whole message, not another SIGNED")
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Signed:
+        m = cls(r.bytes(SIGNED_TAG_LEN), r.rest())
+        m._check()
+        return m
+
+
+@dataclass(frozen=True)
 class Status:
     """Device -> host heartbeat (and the retained MQTT status; the last will is ``Status(ST_OFFLINE)``)."""
 
@@ -506,11 +538,12 @@ class Error:
             raise ProtocolError("error text is not ASCII") from None
 
 
-Message = (Hello | ModelBegin | ModelChunk | ModelCommit | RoundStart | RoundResult | RoundUpdate | Status | Ping | Ack
-           | Error)
+Message = (Hello | ModelBegin | ModelChunk | ModelCommit | RoundStart | RoundResult | RoundUpdate | Signed | Status | Ping
+           | Ack | Error)
 MESSAGE_TYPES: dict[int, type] = {
     cls.TYPE: cls
-    for cls in (Hello, ModelBegin, ModelChunk, ModelCommit, RoundStart, RoundResult, RoundUpdate, Status, Ping, Ack, Error)
+    for cls in (Hello, ModelBegin, ModelChunk, ModelCommit, RoundStart, RoundResult, RoundUpdate, Signed, Status, Ping,
+                Ack, Error)
 }
 
 

@@ -29,14 +29,18 @@ from .messages import (
     E_SEQUENCE,
     FMT_SMF,
     MAX_K,
+    SIGNED_TAG_LEN,
     T_MODEL_COMMIT,
     Ack,
     Error,
+    Message,
     ModelBegin,
     ModelChunk,
     ModelCommit,
     RoundStart,
     RoundUpdate,
+    Signed,
+    encode,
 )
 
 BUNDLE_MAGIC = b"TMB1"
@@ -51,6 +55,31 @@ def bundle_header(model_id: int, fmt: int, size: int, sha256: bytes) -> bytes:
 
 def hmac_tag(key: bytes, header: bytes) -> bytes:
     return hmac.new(key, header, hashlib.sha256).digest()
+
+
+def device_key(master: bytes, device_id: str) -> bytes:
+    """The per-device HMAC key provisioned on device ``device_id`` (its ``local.json`` ``key``, the Jetson agent's
+    ``--round-key``): HMAC-SHA256(master, "tinyml-device-key" 0x00 id). The host keeps only ``master``; a device
+    holds only its own key, so a key taken from one board neither signs models nor rounds for another."""
+    return hmac.new(master, b"tinyml-device-key\x00" + device_id.encode("ascii"), hashlib.sha256).digest()
+
+
+def _signed_input(device_id: str, session: int, inner: bytes) -> bytes:
+    d = device_id.encode("ascii")
+    return b"TMS1" + struct.pack("<HB", session & 0xFFFF, len(d)) + d + bytes(inner)
+
+
+def seal(key: bytes, device_id: str, session: int, msg: Message | bytes) -> Signed:
+    """``msg`` (ROUND_START / ROUND_UPDATE) for device ``device_id`` in boot session ``session``, tagged."""
+    inner = encode(msg) if not isinstance(msg, bytes | bytearray) else bytes(msg)
+    tag = hmac.new(key, _signed_input(device_id, session, inner), hashlib.sha256).digest()[:SIGNED_TAG_LEN]
+    return Signed(tag, inner)
+
+
+def unseal(key: bytes, device_id: str, session: int, msg: Signed) -> bytes | None:
+    """The inner message bytes if the tag verifies (constant-time compare), else None."""
+    want = hmac.new(key, _signed_input(device_id, session, msg.inner), hashlib.sha256).digest()[:SIGNED_TAG_LEN]
+    return bytes(msg.inner) if hmac.compare_digest(want, bytes(msg.tag)) else None
 
 
 @dataclass(frozen=True)

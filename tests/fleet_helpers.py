@@ -121,10 +121,12 @@ class MicrobitDevice:
 
 
 def wasm_board(m: FleetModel, device: str, idx: np.ndarray, key: bytes, heartbeat_ms: int = 30000,
-               **kw: object) -> WasmBoard:
-    """A WebAssembly board provisioned with config, head, data and key but no model (it arrives over the link)."""
+               with_model: bool = False, extra: dict[str, bytes] | None = None, **kw: object) -> WasmBoard:
+    """A WebAssembly board provisioned with config, head, data and key but no model (it arrives over the link),
+    or with ``with_model`` the model as if flashed; ``extra`` files (name -> bytes) override."""
     lib = {f"/lib/{p.name}": p.read_bytes() for p in sorted(DEV.glob("*.py"))}
-    files = {**lib, **{"/" + k: v for k, v in local_files(m, device, idx, key).items()}}
+    files = {**lib, **{"/" + k: v for k, v in local_files(m, device, idx, key, with_model=with_model).items()},
+             **{"/" + k: v for k, v in (extra or {}).items()}}
     return WasmBoard(files, app_boot(heartbeat_ms=heartbeat_ms), **kw)  # type: ignore[arg-type]
 
 
@@ -133,7 +135,7 @@ class JetsonProcess:
 
     def __init__(self, m: FleetModel, device: str, idx: np.ndarray, workdir: Path, broker: str, fleet: str,
                  heartbeat_s: float = 30.0, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, key: bytes | None = None) -> None:
         import json
 
         self.bundle = workdir / "bundle"
@@ -146,7 +148,7 @@ class JetsonProcess:
         (self.local / "data.bin").write_bytes(feats.tobytes())
         (self.local / "local.json").write_text(json.dumps(
             {"device": device, "n": len(idx), "size": int(feats.shape[1]), "labels": [int(v) for v in m.y[idx]],
-             "model_id": 1}))
+             "model_id": 1, **({"key": key.hex()} if key else {})}))
         self.args = [sys.executable, "-m", "device_runtime.jetson.agent", "--broker", broker, "--fleet", fleet,
                      "--device", device, "--bundle", str(self.bundle), "--local", str(self.local),
                      "--heartbeat", str(heartbeat_s), *(extra_args or [])]

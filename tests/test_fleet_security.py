@@ -137,3 +137,76 @@ def test_robust_aggregate_rules() -> None:
     assert float(np.abs(agg.scalars).max()) > 1e5
     with pytest.raises(ValueError, match="unknown aggregator"):
         robust_aggregate(honest, "trim")
+
+
+def test_per_device_keys_and_signed_rounds(tmp_path: Path, mosquitto) -> None:  # noqa: ANN001, F811
+    """Each device holds only its own key (device_key(master, id)): the WebAssembly board (app.py, behind the
+    gateway) gets its model signed with its key and both it and a Jetson take ROUND_START / ROUND_UPDATE only
+    sealed with theirs. A stranger on the broker publishes the issue's forged ROUND_UPDATE (lr 10, gbar 1e6) on
+    their down topics, unsigned and sealed with the master or the other device's key: every one is refused with
+    ERROR(AUTH) and no device moves off the fleet's version."""
+    from fleet_helpers import wasm_board
+
+    from firmware_bridge import Error, MqttHost, RoundUpdate, Signer, device_key, seal
+    from firmware_bridge.gateway import Gateway
+    from hw.emulators import wasm
+
+    if not wasm.available():
+        pytest.skip("MicroPython WebAssembly not installed (npm ci)")
+    master = b"fleet-master-key"
+    fleet_name = "lab"
+    mcfg = MqttConfig(port=mosquitto.port, fleet=fleet_name)
+    m = make_model()
+    idx = m.split(2)
+    board = wasm_board(m, "wasm-1", idx[1], device_key(master, "wasm-1"))
+    gw = Gateway([board.port], mcfg)
+    jet = JetsonProcess(m, "jet-0", idx[0], tmp_path / "j0", f"127.0.0.1:{mosquitto.port}", fleet_name,
+                        key=device_key(master, "jet-0"))
+    spy = MqttHost(mcfg, client_id="spy", keep_history=True)  # a stranger: reads every up, writes any down
+    spy.start()
+    fleet = coord = None
+    out = tmp_path / "coord"
+    try:
+        fleet = MqttFleet(mcfg)
+        cfg = RoundConfig(rounds=3, k=8, lr=1.0, batch=32, min_devices=2, deadline_s=60, resend_s=3)
+        coord = Coordinator(fleet, cfg, out, model=m.smf, progress=sys.stderr,
+                            key_for=lambda d: device_key(master, d))
+        c = coord
+        assert not c.run(until=lambda: c.round == 2 and c._open, timeout=200), c.summary()
+        sessions = {d: c.devices[d].session for d in ("jet-0", "wasm-1")}
+        forged = RoundUpdate(2, 1, 10.0, (1e6,) * 8)
+        for d, other in (("jet-0", "wasm-1"), ("wasm-1", "jet-0")):
+            spy.send(d, forged)
+            spy.send(d, seal(master, d, sessions[d] or 0, forged))
+            spy.send(d, seal(device_key(master, other), d, sessions[d] or 0, forged))
+        # (the second and third refusals are the same bytes: the spy's host-side dedupe shows them once)
+        refused = spy.wait_until(lambda s: all(d in s and len({h for h in s[d].history if isinstance(h, Error)
+                                                               and h.code == 8}) >= 2 for d in ("jet-0", "wasm-1")), 30)
+        assert refused, "\n".join(f"{d}: {[h for h in spy.slots[d].history if not hasattr(h, 'scalars')]}"
+                                   for d in ("jet-0", "wasm-1") if d in spy.slots)
+        assert c.run(timeout=200), c.summary()
+        rounds = read_rounds(out)
+        assert all(sorted(r["devices"]) == ["jet-0", "wasm-1"] for r in rounds)
+        losses = [r["loss"] for r in rounds]
+        assert losses[-1] < losses[0] and max(losses) < 2 * losses[0], losses
+        assert {d: c.devices[d].applied for d in ("jet-0", "wasm-1")} == {"jet-0": 3, "wasm-1": 3}
+        assert c.devices["wasm-1"].transfer >= 1  # its model, signed with its own key
+        # the model signed for jet-0's key is refused by wasm-1 (keys are per device)
+        for msg in model_transfer_for(m.smf, Signer(hmac_key=device_key(master, "jet-0"))):
+            spy.send("wasm-1", msg)
+        assert spy.wait_until(lambda s: any(isinstance(h, Error) and (h.code, h.ref_type) == (8, 4)
+                                            for h in s["wasm-1"].history), 30)
+    finally:
+        for obj in (coord, fleet):
+            if obj is not None:
+                obj.close()
+        spy.stop()
+        gw.close()
+        board.close()
+        jet.close()
+
+
+def model_transfer_for(model: bytes, signer: object) -> list:
+    from firmware_bridge import model_transfer
+
+    return model_transfer(model, 9, signer, chunk_size=64)  # type: ignore[arg-type]

@@ -71,7 +71,7 @@ def test_device_mqtt_link(tmp_path: Path, mosquitto) -> None:  # noqa: ANN001, F
         # announces itself: HELLO on up, STATUS retained on status (device id from the topic = HELLO's)
         assert fleet.host.wait_until(lambda s: DEVICE in s and s[DEVICE].hello is not None, 30), board.log.decode()
         hello = fleet.host.slots[DEVICE].hello
-        assert (hello.device_id, hello.board, hello.caps) == (DEVICE, "wasm", 0x0B)
+        assert (hello.device_id, hello.board, hello.caps) == (DEVICE, "wasm", 0x4B)  # + 0x40: signed rounds only
         assert observer.wait_until(lambda s: DEVICE in s and s[DEVICE].status is not None, 10)
         st = observer.slots[DEVICE].status
         assert observer.slots[DEVICE].online and (st.state, st.model_id, st.round_id) == (ST_IDLE, 0, 0)

@@ -44,6 +44,7 @@ class ServeOptions:
     clip: float = 3.0
     max_devices: int = 256
     auth: dict = field(default_factory=dict)  # MqttConfig username / password / tls (mqtt_link.auth_from_args)
+    per_device_keys: bool = False  # --hmac-key is the master: each device's key is security.device_key(master, id)
 
 
 def broker_address(text: str) -> tuple[str, int]:
@@ -128,6 +129,8 @@ def check_serve_options(opts: ServeOptions) -> tuple[bytes | None, bytes | None]
         raise ToolchainError(f"--hmac-key {opts.hmac_key} holds only white space")
     if model is not None and key is None:
         raise ToolchainError("--model needs --hmac-key (devices never accept an unsigned model)")
+    if opts.per_device_keys and key is None:
+        raise ToolchainError("--per-device-keys needs --hmac-key (the fleet's master key)")
     return model, key
 
 
@@ -156,7 +159,14 @@ def serve(opts: ServeOptions) -> dict:
                       master_seed=opts.seed, per_round=opts.per_round, min_results=opts.min_results,
                       min_devices=opts.min_devices, deadline_s=opts.deadline, model_id=opts.model_id,
                       aggregator=opts.aggregator, clip=opts.clip, max_devices=opts.max_devices)
-    coord = Coordinator(fleet, cfg, opts.out, model=model, signer=signer, progress=sys.stderr)
+    key_for = None
+    if opts.per_device_keys:
+        from firmware_bridge.security import device_key
+
+        master = key
+        key_for = (lambda d: device_key(master, d)) if master is not None else None  # noqa: E731
+    coord = Coordinator(fleet, cfg, opts.out, model=model, signer=None if key_for else signer, progress=sys.stderr,
+                        key_for=key_for)
     t0 = time.monotonic()
     try:
         done = coord.run(timeout=opts.timeout)
@@ -263,7 +273,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         min_results=args.min_results, min_devices=args.min_devices, deadline=args.deadline,
                         seed=args.seed, model=Path(args.model) if args.model else None, model_id=args.model_id,
                         hmac_key=Path(args.hmac_key) if args.hmac_key else None, timeout=args.timeout,
-                        aggregator=args.aggregator, clip=args.clip, max_devices=args.max_devices, auth=_auth(args))
+                        aggregator=args.aggregator, clip=args.clip, max_devices=args.max_devices, auth=_auth(args),
+                        per_device_keys=args.per_device_keys)
     result = serve(opts)
     print(json.dumps(result))
     return 0 if result["done"] else 1
@@ -309,7 +320,10 @@ def add_parsers(sub: argparse._SubParsersAction, fraction: Callable[[str], float
     p.add_argument("--seed", type=int, default=2024, help="master seed of the round seeds")
     p.add_argument("--model", default=None, help="model.smf to install on devices that lack it (HMAC-signed)")
     p.add_argument("--model-id", type=int, default=1)
-    p.add_argument("--hmac-key", default=None, help="file with the devices' HMAC key")
+    p.add_argument("--hmac-key", default=None,
+                   help="file with the devices' HMAC key (with --per-device-keys: the master the device keys derive from)")
+    p.add_argument("--per-device-keys", action="store_true",
+                   help="each device holds its own key, device_key(master, id): models and rounds are signed per device")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds (resume later)")
     p.add_argument("--aggregator", choices=["clip", "median", "mean"], default="clip",
                    help="server step: clip each update to --clip x the round's lower median norm (default), "

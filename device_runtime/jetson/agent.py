@@ -5,7 +5,8 @@
 
 ``--bundle``: ``model.onnx`` + ``config.json`` (the on-device bundle; default: the folder of this file when it is
 a bundle); ``--local``: the device's own data,
-``local.json`` (``{"device", "n", "size", "labels", "model_id"}``) + ``data.bin`` (n x size int8 inputs).
+``local.json`` (``{"device", "n", "size", "labels", "model_id"}``, optionally ``"key"``: the device's round key
+in hex) + ``data.bin`` (n x size int8 inputs).
 New models arrive as ONNX with an Ed25519 signature (``--ed25519-public``); unsigned ones are rejected.
 The bundle carries the ``firmware_bridge`` modules imported here (docs/jetson.md "Running the agent from the bundle").
 """
@@ -86,7 +87,10 @@ def make_agent(cfg: MqttConfig, device: str, bundle: Path, local: Path, *, verif
 
     import onnxruntime
 
-    return Agent(cfg, device, tuner, xs, [int(v) for v in loc["labels"]], model_id=model_id,
+    # local.json "key" (hex): the device's own key (security.device_key of the fleet's master, provisioned with
+    # its data); with it, ROUND_START / ROUND_UPDATE are taken only signed (docs/fleet.md "Keys per device")
+    round_key = bytes.fromhex(loc["key"]) if loc.get("key") else None
+    return Agent(cfg, device, tuner, xs, [int(v) for v in loc["labels"]], model_id=model_id, round_key=round_key,
                  caps=CAP_SHA256 | CAP_ED25519 | CAP_FMT_ONNX, board="jetson-orin-nano",
                  firmware=f"onnxruntime {onnxruntime.__version__}", verifier=verifier, heartbeat_s=heartbeat_s,
                  k_max=int(spec.get("k_max", 128)), load=load)

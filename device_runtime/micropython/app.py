@@ -130,6 +130,13 @@ class App:
     def handle(s):
         p = s.p
         r = p.rx
+        a = 0
+        if r[3] == 1 and r[4] == 19:  # SIGNED: a ROUND_START / ROUND_UPDATE with the host's tag
+            a = s.unseal()
+            if a < 0:
+                return s.err(8, 19, 0)
+        if not a and s.mt and r[3] == 1 and r[4] in (16, T_UPD):
+            return s.err(8, r[4], 0)  # a device with a key takes rounds only signed (a forged update: refused)
         t, v = p.msg()
         if t == 33:  # PING: HELLO (a new host learns who we are) + STATUS
             s.hello()
@@ -154,6 +161,28 @@ class App:
                     s.ack(4, v[0])
         else:
             s.err(1, r[4] if r[3] == 1 else 0, 0)
+
+    def unseal(s):
+        # SIGNED (0x13) = tag[16] | inner message; tag = HMAC-SHA256(key, 'TMS1' | session u16 | len(id) u8 | id |
+        # inner)[:16] with the device's own key (docs/protocol.md). Verified: the inner message replaces it in
+        # p.rx (1); else -1. Holds only the inner message's copy and the HMAC's buffers.
+        import hmac_sha256
+        p = s.p
+        r = p.rx
+        n = p.mlen - 18
+        if n < 2 or r[22] == 19:
+            return -1
+        m = bytes(r[21:21 + n])
+        d = s.ids[0]
+        t = hmac_sha256.hmac(s.mt.key, b'TMS1' + struct.pack('<HB', s.ses & 65535, len(d)) + d + m)
+        x = 0
+        for i in range(16):
+            x |= t[i] ^ r[5 + i]  # no early exit
+        if x:
+            return -1
+        r[3:3 + n] = m
+        p.mlen = n
+        return 1
 
     def round(s, v):
         rid = v[0]

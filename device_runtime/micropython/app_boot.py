@@ -1,7 +1,8 @@
 # Start app.py on a port with json + hashlib (WebAssembly, ESP32, RP2040), from provisioned files:
 #   config.json (bundle spec), head.bin, local.json {"device": id, "n": samples, "size": bytes per sample,
 #   "labels": [...], "key": HMAC key hex, "model_id": id of a provisioned model.smf or 0}, data.bin
-#   (n x size int8 inputs), optionally model.smf. The model can also arrive over the protocol (app_mt).
+#   (n x size int8 inputs), optionally model.smf (+ model.tag: HMAC-SHA256 of its bundle header with the key,
+#   checked before it is loaded). The model can also arrive over the protocol (app_mt, which writes model.tag).
 import gc
 import json
 
@@ -40,11 +41,15 @@ def start(out, board, fw, root='', heap=None, session=0, seq=0, raw=0, hb=30000)
         return ft.FineTuner(Model(path), spec)
 
     tuner = None
+    key = binascii.unhexlify(loc['key'])
     mid = loc.get('model_id', 0)
-    if mid:
+    if mid and app_mt.boot_ok(key, mid, root + 'model.smf'):
         tuner = install(root + 'model.smf')
-    caps = 0x01 | 0x02 | 0x08  # native sha256, verifies HMAC, runs .smf
-    mt = app_mt.MT(binascii.unhexlify(loc['key']), install, root + 'model.smf')
+    elif mid:
+        print('model.smf does not match model.tag: not loaded (the host sends it again)')
+        mid = 0
+    caps = 0x01 | 0x02 | 0x08 | 0x40  # native sha256, verifies HMAC, runs .smf, takes rounds only signed (key)
+    mt = app_mt.MT(key, install, root + 'model.smf')
     ids = (loc['device'].encode(), board.encode(), fw.encode())
     gc.collect()
     return app.App(out, tuner, data, ids, caps, loc.get('max_message', 600), spec.get('k_max', 64), seq, session,

@@ -11,6 +11,26 @@ except ImportError:
 import hmac_sha256
 
 
+def boot_ok(key, mid, path):
+    # a provisioned model before it is loaded: False if model.tag is there and is not the HMAC of the model's
+    # bundle header (flipped bits, a swapped file); True without model.tag (flashed by a tool that writes none)
+    try:
+        t = open(path[:-3] + 'tag', 'rb').read()
+    except OSError:
+        return True
+    h = hashlib.sha256()
+    n = 0
+    f = open(path, 'rb')
+    while 1:
+        d = f.read(256)
+        if not d:
+            break
+        h.update(d)
+        n += len(d)
+    f.close()
+    return len(t) == 32 and hmac_sha256.model_ok(key, mid, 1, n, h.digest(), t, 0, hashlib.sha256)
+
+
 class MT:
     def __init__(s, key, install, path='model.smf', maxsize=1 << 20):
         # install(path) -> the new FineTuner (or raises); key: the device's HMAC key (bytes)
@@ -76,6 +96,9 @@ class MT:
         except OSError:
             pass
         os.rename(s.path + '.tmp', s.path)
+        f = open(s.path[:-3] + 'tag', 'wb')  # checked again at boot (boot_ok)
+        f.write(bytes(p.rx[42:74]))
+        f.close()
         try:
             return s.install(s.path)
         except MemoryError:
