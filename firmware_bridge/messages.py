@@ -568,3 +568,50 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     msg = cls.parse(r)
     r.end()
     return msg
+
+
+_NAMES = {T_HELLO: "HELLO", T_MODEL_BEGIN: "MODEL_BEGIN", T_MODEL_CHUNK: "MODEL_CHUNK", T_MODEL_COMMIT: "MODEL_COMMIT",
+          T_ROUND_START: "ROUND_START", T_ROUND_RESULT: "ROUND_RESULT", T_ROUND_UPDATE: "ROUND_UPDATE",
+          T_SIGNED: "SIGNED", T_STATUS: "STATUS", T_PING: "PING", T_ACK: "ACK", T_ERROR: "ERROR"}
+STATE_NAMES = {ST_OFFLINE: "offline", ST_IDLE: "idle", ST_LOADING: "loading", ST_TRAINING: "training",
+               ST_ERROR: "error"}
+ERROR_NAMES = {E_BAD_MESSAGE: "BAD_MESSAGE", E_VERSION: "VERSION", E_UNSUPPORTED: "UNSUPPORTED", E_RANGE: "RANGE",
+               E_NO_MEMORY: "NO_MEMORY", E_SEQUENCE: "SEQUENCE", E_HASH: "HASH", E_AUTH: "AUTH",
+               E_NO_MODEL: "NO_MODEL", E_BUSY: "BUSY", E_INTERNAL: "INTERNAL"}
+
+
+def describe(msg: Message) -> str:
+    """One line for people (``toolchain fleet-status``, logs): the message's name and its fields that matter."""
+    name = _NAMES.get(msg.TYPE, f"0x{msg.TYPE:02x}")
+    if isinstance(msg, Hello):
+        return (f"{name} {msg.device_id} board {msg.board} firmware '{msg.firmware}' caps 0x{msg.caps:02x} "
+                f"session {msg.session} max_message {msg.max_message}")
+    if isinstance(msg, Status):
+        return (f"{name} {STATE_NAMES.get(msg.state, msg.state)} model {msg.model_id} version {msg.round_id} "
+                f"uptime {msg.uptime_s}s heap {msg.free_heap}")
+    if isinstance(msg, RoundStart):
+        seed = f"seed 0x{msg.round_seed:08x}" if msg.round_seed is not None else f"{len(msg.seeds)} seeds"
+        return f"{name} round {msg.round_id} k {msg.k} mu {msg.mu:.3g} lr {msg.lr:.3g} batch {msg.batch} {seed}"
+    if isinstance(msg, RoundResult):
+        return f"{name} round {msg.round_id} loss {msg.loss:.4f} n {msg.n_samples} k {len(msg.scalars)}"
+    if isinstance(msg, RoundUpdate):
+        big = max((abs(g) for g in msg.gbar), default=0.0)
+        return f"{name} round {msg.round_id} lr {msg.lr:.3g} k {len(msg.gbar)} max|gbar| {big:.3g}"
+    if isinstance(msg, Signed):
+        try:
+            inner = describe(decode(msg.inner))
+        except ProtocolError as exc:
+            inner = f"malformed ({exc})"
+        return f"{name}[{inner}]"
+    if isinstance(msg, ModelBegin):
+        return f"{name} model {msg.model_id} size {msg.size} chunk {msg.chunk_size} fmt {msg.fmt} auth {msg.auth}"
+    if isinstance(msg, ModelChunk):
+        return f"{name} model {msg.model_id} index {msg.index} ({len(msg.data)} bytes)"
+    if isinstance(msg, ModelCommit):
+        return f"{name} model {msg.model_id} auth {msg.auth}"
+    if isinstance(msg, Ack):
+        return f"{name} {_NAMES.get(msg.ref_type, hex(msg.ref_type))} {msg.ref_id}"
+    if isinstance(msg, Error):
+        return (f"{name} {ERROR_NAMES.get(msg.code, msg.code)} about {_NAMES.get(msg.ref_type, hex(msg.ref_type))} "
+                f"{msg.ref_id} '{msg.text}'")
+    return name

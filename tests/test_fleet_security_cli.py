@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,17 @@ from fleet_helpers import wasm_board  # noqa: E402
 from fleet_model import make_model  # noqa: E402
 from mosquitto_fixture import free_port, mosquitto, mosquitto_factory  # noqa: E402, F401
 
-from firmware_bridge import Error, MqttConfig, MqttHost, Ping, RoundStart, SerialLink, decode, encode  # noqa: E402
+from firmware_bridge import (  # noqa: E402
+    Error,
+    MqttConfig,
+    MqttHost,
+    Ping,
+    RoundResult,
+    RoundStart,
+    SerialLink,
+    decode,
+    encode,
+)
 from hw.emulators import wasm  # noqa: E402
 
 NOWHERE = f"127.0.0.1:{free_port()}"  # nothing listens: validation must come first
@@ -227,3 +238,53 @@ def test_jetson_agent_checks_its_model_at_start(tmp_path: Path, mosquitto) -> No
     finally:
         p.terminate()
         p.wait(10)
+
+
+def test_fleet_status_decodes_the_topics(mosquitto, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001, F811
+    """``toolchain fleet-status``: who is online (retained STATUS, last will), model and version, last result and
+    loss, last error; ``--follow`` prints each message decoded."""
+    from firmware_bridge import Hello, MqttDevice, Status
+    from firmware_bridge.messages import ST_IDLE
+    from toolchain.cli import main
+
+    cfg = MqttConfig(port=mosquitto.port, fleet="st")
+    a, b = MqttDevice(cfg, "dev-a"), MqttDevice(cfg, "dev-b")
+    a.start()
+    b.start()
+    try:
+        a.send(Hello("dev-a", "esp32", "micropython 1.29", (0, 2, 0), 1000, 600, 0x4B, 7))
+        a.set_status(Status(ST_IDLE, 42, 1000, 2, 1))
+        a.send(RoundResult(3, (0.5,) * 8, 0.8125, 32))
+        a.send(Error(4, 0x10, 3, "out of range: k"))
+        b.set_status(Status(ST_IDLE, 5, 1000, 0, 0))
+        time.sleep(0.3)
+        b.client.loop_stop()
+        b.client.socket().close()  # the connection drops: the broker publishes the will (OFFLINE, retained)
+    except Exception:
+        a.stop()
+        raise
+    time.sleep(0.5)
+    try:
+        assert main(["fleet-status", "--broker", f"127.0.0.1:{mosquitto.port}", "--fleet", "st", "--seconds", "1"]) == 0
+        out = capsys.readouterr().out
+        lines = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
+        assert "dev-a" in lines and "dev-b" in lines, out
+        assert "online  idle     model 1 version 2 up 42s" in lines["dev-a"], out
+        assert "OFFLINE" in lines["dev-b"], out
+        # follow: the next messages as they arrive
+        done = threading.Event()
+
+        def later() -> None:
+            time.sleep(0.7)
+            a.send(RoundResult(4, (0.25,) * 8, 0.75, 32))
+            done.set()
+
+        threading.Thread(target=later, daemon=True).start()
+        assert main(["fleet-status", "--broker", f"127.0.0.1:{mosquitto.port}", "--fleet", "st", "--seconds", "2",
+                     "--follow"]) == 0
+        out = capsys.readouterr().out
+        assert done.is_set() and "tinyml/st/dev-a/up ROUND_RESULT round 4 loss 0.7500 n 32 k 8" in out, out
+        assert "last result: round 4 loss 0.7500 n 32" in out, out
+        assert main(["fleet-status", "--broker", f"127.0.0.1:{mosquitto.port}", "--fleet", "a/#"]) == 2
+    finally:
+        a.stop()

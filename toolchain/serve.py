@@ -8,10 +8,12 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from toolchain.errors import ToolchainError
 
@@ -266,6 +268,122 @@ def _auth(args: argparse.Namespace) -> dict:
         raise ToolchainError(str(exc)) from None
 
 
+def fleet_status(broker: str, fleet: str, prefix: str = "tinyml", seconds: float = 3.0, follow: bool = False,
+                 auth: dict | None = None, out: TextIO = sys.stdout) -> int:
+    """``toolchain fleet-status``: the fleet's topics for people. Listens ``seconds`` (retained STATUS arrive at
+    once) and prints one line per device: online or not, state, model and version, uptime, the last round it
+    answered and its loss, its last error; with ``follow``, every message as it comes (``mosquitto_sub -F '%t %x'``
+    decoded). A clean session with a random client id: it leaves nothing queued on the broker."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from firmware_bridge.messages import (
+        STATE_NAMES,
+        Error,
+        Hello,
+        RoundResult,
+        RoundStart,
+        RoundUpdate,
+        Status,
+        decode,
+        describe,
+    )
+
+    host, port = broker_address(broker)
+    check_topic_level(fleet, "--fleet")
+    check_topic_level(prefix, "--prefix")
+    _finite("--seconds", seconds, 0.0, 1e9, lo_open=True)
+    rows: dict[str, dict] = {}
+    lock = threading.Lock()
+    connected = threading.Event()
+    refused: list[str] = []
+
+    def on_connect(c: mqtt.Client, u: object, f: object, rc: object, p: object) -> None:
+        if getattr(rc, "is_failure", False):
+            refused.append(str(rc))
+            return
+        c.subscribe([(f"{prefix}/{fleet}/+/{leaf}", 1) for leaf in ("up", "status", "down")])
+        connected.set()
+
+    def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
+        parts = m.topic.split("/")
+        if len(parts) != 4:
+            return
+        dev, leaf = parts[2], parts[3]
+        try:
+            msg = decode(m.payload)
+            text = describe(msg)
+        except Exception as exc:  # noqa: BLE001 - anything on the broker is untrusted: shown, never fatal
+            msg, text = None, f"undecodable {bytes(m.payload[:24]).hex()} ({exc})"
+        with lock:
+            if follow:
+                print(f"{time.strftime('%H:%M:%S')} {m.topic} {text}", file=out, flush=True)
+            if len(rows) >= 4096 and dev not in rows:
+                return  # (an id flood: the table stays bounded)
+            r = rows.setdefault(dev, {"online": None, "state": "?", "model": "?", "version": "?", "uptime": "?",
+                                      "board": "", "result": "", "asked": "", "error": "", "last": ""})
+            r["last"] = f"{leaf}: {text}"
+            if isinstance(msg, Status):
+                r.update(online=msg.state != 0, state=STATE_NAMES.get(msg.state, str(msg.state)),
+                         model=msg.model_id, version=msg.round_id, uptime=f"{msg.uptime_s}s")
+            elif isinstance(msg, Hello) and leaf == "up":
+                r.update(online=True, board=f"{msg.board} ({msg.firmware})")
+            elif isinstance(msg, RoundResult):
+                r["result"] = f"round {msg.round_id} loss {msg.loss:.4f} n {msg.n_samples}"
+            elif isinstance(msg, RoundStart | RoundUpdate) or (msg is not None and msg.TYPE == 0x13):
+                r["asked"] = text
+            elif isinstance(msg, Error):
+                r["error"] = text
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"fleet-status-{os.getpid()}", clean_session=True,
+                    protocol=mqtt.MQTTv311)
+    if auth and auth.get("username"):
+        c.username_pw_set(auth["username"], auth.get("password"))
+    if auth and auth.get("tls") is not None:
+        import ssl
+
+        t = auth["tls"]
+        c.tls_set(ca_certs=t.ca_certs, certfile=t.certfile, keyfile=t.keyfile, cert_reqs=ssl.CERT_REQUIRED)
+    c.on_connect, c.on_message = on_connect, on_message
+    try:
+        c.connect(host, port, keepalive=30)
+    except (OSError, ValueError) as exc:
+        raise ToolchainError(f"cannot reach the MQTT broker at {broker}: {exc}; start mosquitto or fix --broker") from None
+    c.loop_start()
+    try:
+        t0 = time.monotonic()
+        while not connected.is_set() and not refused and time.monotonic() - t0 < 10:
+            time.sleep(0.02)
+        if not connected.is_set():
+            raise ToolchainError(f"the MQTT broker at {broker} refused fleet-status: {refused[0] if refused else 'no answer'}")
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    with lock:
+        if not follow or rows:
+            print(f"fleet {prefix}/{fleet}: {len(rows)} device(s) seen in {seconds:g} s", file=out)
+        for dev in sorted(rows):
+            r = rows[dev]
+            online = {True: "online", False: "OFFLINE", None: "?"}[r["online"]]
+            line = (f"{dev:<20} {online:<7} {r['state']:<8} model {r['model']} version {r['version']} "
+                    f"up {r['uptime']}")
+            for key, label in (("result", "last result"), ("asked", "last asked"), ("error", "last error"),
+                               ("board", "board")):
+                if r[key]:
+                    line += f"; {label}: {r[key]}"
+            print(line, file=out)
+    return 0
+
+
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    return fleet_status(args.broker, args.fleet, args.prefix, args.seconds, args.follow, auth=_auth(args))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     opts = ServeOptions(transport=args.transport, out=Path(args.out), ports=args.port or [], broker=args.broker,
                         fleet=args.fleet, baud=args.baud, rounds=args.rounds, k=args.k, mu=args.mu, lr=args.lr,
@@ -346,3 +464,12 @@ def add_parsers(sub: argparse._SubParsersAction, fraction: Callable[[str], float
     p.add_argument("--seconds", type=float, default=None, help="run this long (default: until Ctrl-C)")
     add_auth_args(p)
     p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("fleet-status", help="decode a fleet's MQTT topics: who is online, which round, last loss")
+    p.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker HOST:PORT")
+    p.add_argument("--fleet", default="default")
+    p.add_argument("--prefix", default="tinyml")
+    p.add_argument("--seconds", type=float, default=3.0, help="listen this long, then print the table")
+    p.add_argument("--follow", action="store_true", help="also print every message as it arrives, decoded")
+    add_auth_args(p)
+    p.set_defaults(func=cmd_fleet_status)
