@@ -102,12 +102,15 @@ class ReplTuner:
 
 def repl_agent(cfg: MqttConfig, device_id: str, repl: RawRepl, labels: Sequence[int], cols: int, *,
                board: str = "microbit", firmware: str = "micropython 1.9.2", model_id: int = 1,
-               heartbeat_s: float = 30.0, k_max: int = 16) -> Agent:
-    """An MQTT fleet device for the board behind ``repl`` (already holding its files; see the module doc)."""
+               heartbeat_s: float = 30.0, k_max: int = 16, round_key: bytes | None = None) -> Agent:
+    """An MQTT fleet device for the board behind ``repl`` (already holding its files; see the module doc).
+    ``round_key``: the device's own key; the proxy (the trusted host next to the board, which cannot hash in its
+    heap) then takes ROUND_START / ROUND_UPDATE for it only signed (docs/protocol.md SIGNED)."""
     tuner = ReplTuner(repl, len(labels))
     tuner.boot(cols)
     return Agent(cfg, device_id, tuner, list(range(len(labels))), list(labels), model_id=model_id, caps=0,
-                 board=board, firmware=firmware + " (raw REPL)", heartbeat_s=heartbeat_s, k_max=k_max)
+                 board=board, firmware=firmware + " (raw REPL)", heartbeat_s=heartbeat_s, k_max=k_max,
+                 round_key=round_key)
 
 
 _SIZES = "import os\nL=os.listdir()\nfor n in {names!r}:\n print(n,os.size(n) if n in L else -1)\ndel L\n"
@@ -123,7 +126,8 @@ class MicrobitProxy:
     """
 
     def __init__(self, cfg: MqttConfig, port: str, device_id: str | None = None, *, model_id: int = 1,
-                 heartbeat_s: float = 30.0, log: Callable[[str], None] | None = None) -> None:
+                 heartbeat_s: float = 30.0, log: Callable[[str], None] | None = None,
+                 key_for: Callable[[str], bytes | None] | None = None) -> None:
         from hw.flash_board import connect, identify, read_file, run, soft_reset
         from toolchain.errors import ToolchainError
 
@@ -161,7 +165,7 @@ class MicrobitProxy:
             soft_reset(self.repl)  # a fresh heap for compiling zo.py and ft.py
             try:
                 self.agent = repl_agent(cfg, device_id, self.repl, labels, cols, model_id=model_id,
-                                        heartbeat_s=heartbeat_s)
+                                        heartbeat_s=heartbeat_s, round_key=key_for(device_id) if key_for else None)
             except DeviceError as exc:
                 last = exc.traceback.strip().splitlines()[-1] if exc.traceback.strip() else "error"
                 raise ToolchainError(f"the micro:bit on {port} could not load its fine-tuner ({last}); reset it, "

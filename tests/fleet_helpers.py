@@ -87,7 +87,8 @@ def microbit_files(m: FleetModel, idx: np.ndarray) -> dict[str, bytes]:
 class MicrobitDevice:
     """QEMU micro:bit running ft.py + zo.py, on MQTT through the raw-REPL proxy (firmware_bridge.repl_proxy)."""
 
-    def __init__(self, m: FleetModel, device: str, idx: np.ndarray, cfg: MqttConfig, heartbeat_s: float = 30.0) -> None:
+    def __init__(self, m: FleetModel, device: str, idx: np.ndarray, cfg: MqttConfig, heartbeat_s: float = 30.0,
+                 round_key: bytes | None = None) -> None:
         from test_zo_contract import soft_reset
 
         from firmware_bridge.repl_proxy import repl_agent
@@ -103,7 +104,7 @@ class MicrobitDevice:
                 self.repl.put_file(name, data)
             soft_reset(self.repl)  # import on a fresh heap, as at boot
             self.agent = repl_agent(cfg, device, self.repl, [int(v) for v in m.y[idx]], m.head.cols,
-                                    heartbeat_s=heartbeat_s)
+                                    heartbeat_s=heartbeat_s, round_key=round_key)
         except Exception:
             self.close()
             raise

@@ -210,3 +210,41 @@ def model_transfer_for(model: bytes, signer: object) -> list:
     from firmware_bridge import model_transfer
 
     return model_transfer(model, 9, signer, chunk_size=64)  # type: ignore[arg-type]
+
+
+def test_microbit_proxy_takes_signed_rounds_only(tmp_path: Path, mosquitto) -> None:  # noqa: ANN001, F811
+    """The QEMU micro:bit behind the raw-REPL proxy with its own key (gateway --device-keys): rounds sealed by the
+    coordinator run on the board, a forged ROUND_UPDATE on its topic is refused (AUTH) before the board sees it."""
+    from fleet_helpers import MicrobitDevice
+
+    from firmware_bridge import Error, MqttHost, RoundUpdate, device_key
+    from hw.emulators import microbit
+
+    if not microbit.available():
+        pytest.skip("QEMU micro:bit not installed")
+    master = b"fleet-master-key"
+    mcfg = MqttConfig(port=mosquitto.port, fleet="mb")
+    m = make_model()
+    mb = MicrobitDevice(m, "microbit-1", m.split(3)[2][:16], mcfg, round_key=device_key(master, "microbit-1"))
+    spy = MqttHost(mcfg, client_id="spy", keep_history=True)
+    spy.start()
+    fleet = coord = None
+    try:
+        fleet = MqttFleet(mcfg)
+        cfg = RoundConfig(rounds=2, k=4, lr=1.0, batch=16, min_devices=1, deadline_s=120, resend_s=5)
+        coord = Coordinator(fleet, cfg, tmp_path / "coord", progress=sys.stderr,
+                            key_for=lambda d: device_key(master, d))
+        c = coord
+        assert not c.run(until=lambda: c.round == 2 and c._open, timeout=200), c.summary()
+        spy.send("microbit-1", RoundUpdate(2, 1, 10.0, (1e6,) * 4))
+        assert spy.wait_until(lambda s: "microbit-1" in s and any(
+            isinstance(h, Error) and (h.code, h.ref_type) == (8, 0x12) for h in s["microbit-1"].history), 30)
+        assert c.run(timeout=300), c.summary()
+        assert [r["devices"] for r in read_rounds(tmp_path / "coord")] == [["microbit-1"]] * 2
+        assert c.devices["microbit-1"].caps & 0x40 and c.devices["microbit-1"].applied == 2
+    finally:
+        for obj in (coord, fleet):
+            if obj is not None:
+                obj.close()
+        spy.stop()
+        mb.close()

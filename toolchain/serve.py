@@ -194,7 +194,7 @@ def microbit_arg(text: str) -> tuple[str, str | None]:
 
 def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str = "tinyml", baud: int = 115200,
             seconds: float | None = None, microbits: list[tuple[str, str | None]] | None = None, model_id: int = 1,
-            heartbeat: float = 30.0, auth: dict | None = None) -> int:
+            heartbeat: float = 30.0, auth: dict | None = None, device_keys: Path | None = None) -> int:
     """Bridge serial boards (app.py) and micro:bits (raw-REPL proxy) onto the MQTT fleet until interrupted."""
     from firmware_bridge import LinkError, MqttConfig
     from firmware_bridge.gateway import Gateway
@@ -210,6 +210,17 @@ def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str =
     _int("--baud", baud, 50, 10_000_000)
     _int("--model-id", model_id, 1, (1 << 30) - 1)
     _finite("--heartbeat", heartbeat, 0.0, 1e6, lo_open=True)
+    key_for = None
+    if device_keys is not None:
+        if not device_keys.is_dir():
+            raise ToolchainError(f"--device-keys {device_keys} is not a folder (one <device id>.key file, hex, each)")
+
+        def key_for(dev: str) -> bytes:
+            path = device_keys / f"{dev}.key"
+            try:
+                return bytes.fromhex(path.read_text().strip())
+            except (OSError, ValueError) as exc:
+                raise ToolchainError(f"cannot use {path} (the micro:bit {dev}'s key, hex): {exc}") from None
     every = [*ports, *(p for p, _ in microbits)]
     for p in every:
         check_port(p)
@@ -245,7 +256,8 @@ def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str =
                                      "programs using the port") from None
         for p, dev in microbits:
             log(f"{p}: starting the micro:bit proxy (identify, files, fine-tuner import)")
-            proxies.append(MicrobitProxy(cfg, p, dev, model_id=model_id, heartbeat_s=heartbeat, log=log))
+            proxies.append(MicrobitProxy(cfg, p, dev, model_id=model_id, heartbeat_s=heartbeat, log=log,
+                                         key_for=key_for))
         t0 = time.monotonic()
         while seconds is None or time.monotonic() - t0 < seconds:
             time.sleep(0.2)
@@ -401,7 +413,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     return gateway(args.port or [], args.broker, args.fleet, baud=args.baud, seconds=args.seconds,
                    microbits=[microbit_arg(m) for m in args.microbit or []], model_id=args.model_id,
-                   heartbeat=args.heartbeat, auth=_auth(args))
+                   heartbeat=args.heartbeat, auth=_auth(args),
+                   device_keys=Path(args.device_keys) if args.device_keys else None)
 
 
 def add_auth_args(ap: argparse.ArgumentParser) -> None:
@@ -461,6 +474,9 @@ def add_parsers(sub: argparse._SubParsersAction, fraction: Callable[[str], float
     p.add_argument("--baud", type=int, default=115200)
     p.add_argument("--model-id", type=int, default=1, help="id of the model flashed on the micro:bits")
     p.add_argument("--heartbeat", type=float, default=30.0, help="micro:bit STATUS heartbeat, seconds")
+    p.add_argument("--device-keys", default=None,
+                   help="folder of <device id>.key files (hex): the micro:bits' own keys; the proxy then takes their "
+                        "rounds only signed (boards running app.py hold their key themselves)")
     p.add_argument("--seconds", type=float, default=None, help="run this long (default: until Ctrl-C)")
     add_auth_args(p)
     p.set_defaults(func=cmd_gateway)
