@@ -33,6 +33,7 @@ from toolchain.fl.simulator import seed_everything
 from toolchain.manifest import Budget, Manifest, artifact_entry
 from toolchain.outdir import check_out, replace_dir, staging_dir
 from toolchain.pruning import ALGORITHMS, make_strategy
+from toolchain.report import board_table, confusion, layer_table, write_report
 from toolchain.select import (
     Estimate,
     advise,
@@ -174,7 +175,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Manifest:
         timings["total"] = round(time.perf_counter() - t_start, 2)
         manifest.timings_s = timings
         manifest.write(staging / "manifest.json")
-        (staging / "report.md").write_text(render_report(manifest, history))
+        log("report: report.md and plots/")
+        write_report(staging, manifest.as_dict(), [r.as_dict() for r in history])
         replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -274,12 +276,16 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
 
         bundle_files = write_bundle(staging, profile, calibration=data.preprocessing.apply(data.x_train[calib_idx]))
     t = _stage(timings, "bundle", t)
-    fp = footprint(profile, staging, arena, live_activations(model, data.input_shape))
+    acts = live_activations(model, data.input_shape)
+    fp = footprint(profile, staging, arena, acts)
     budget = Budget(profile.ram_bytes, profile.flash_bytes, fp.ram_needed, fp.flash_needed, fp.flash_parts,
                     kind=kind, ram_parts=fp.ram_parts, estimate=estimate.as_dict())
     if not budget.fits:
         advice = advise(profile, model_name, opts.density, data.input_shape, estimate_fn, user_model=True)
         raise BudgetError(budget_message(profile, model_name, opts.density, fp, advice, estimated=False))
+    smf_path = staging / "model.smf"
+    layers = layer_table(model, masks, data.input_shape, smf_path.read_bytes() if smf_path.is_file() else None)
+    boards = board_table(staging, profile, fp.as_dict(), arena, acts)
     notes = []
     if mismatch:
         notes.append(f"LiteRT and TFLite Micro int8 outputs differ in {mismatch} entries")
@@ -308,46 +314,8 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
         artifacts=artifacts,
         config={**asdict(opts), "train": train_config(opts).as_dict(), "ops": sorted(set(tfl.ops))},
         board=profile.as_dict(), timings_s=timings, toolchain_version=__version__, notes=notes, quality=quality,
+        layers=layers, confusion=confusion(data.y_test, micro.argmax(1), data.num_classes), boards=boards,
     )
-
-
-def render_report(m: Manifest, history) -> str:
-    acc = m.accuracy
-    lines = [
-        f"# Build report: {m.model['name']} for {m.target}",
-        "",
-        f"Algorithm `{m.algorithm}` on `{m.dataset}`, density {m.density:.4f} "
-        f"({m.model['kept_weights']} of {m.model['prunable_weights']} prunable weights kept).",
-        "",
-        *([f"**Not usable: {m.quality['message']}** (exit code 5; the files are kept for inspection.)", ""]
-          if m.quality.get("at_chance") else []),
-        "| measure | value |",
-        "|---|---|",
-        f"| accuracy, float (BN folded) | {acc['float'] * 100:.2f} % |",
-        f"| accuracy, int8 LiteRT | {acc['tflite_int8'] * 100:.2f} % |",
-        f"| accuracy, int8 TFLite Micro | {acc['tflm_int8'] * 100:.2f} % |",
-        f"| LiteRT vs TFLite Micro outputs | {'identical' if m.int8_agreement['litert_vs_tflm_identical'] else 'differ'}"
-        f" ({m.int8_agreement['mismatched_outputs']} of {m.int8_agreement['compared_outputs']} differ) |",
-        f"| TFLite Micro minimum arena | {m.arena_bytes} B |",
-        f"| model flash (.tflite) | {m.flash_bytes} B |",
-        f"| deployed model files | {', '.join(f'{k} {v} B' for k, v in m.budget.deployed.items())} |",
-        f"| budget RAM needed / available | {m.budget.ram_needed} / {m.budget.ram_bytes} B |",
-        f"| budget flash needed / available | {m.budget.flash_needed} / {m.budget.flash_bytes} B |",
-        f"| fits {m.target} | {'yes' if m.budget.fits else 'no'} |",
-        "",
-        "## Rounds",
-        "",
-        "| round | accuracy | density | bytes up / client | bytes down / client |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [f"| {r.round} | {r.accuracy * 100:.2f} % | {r.density:.4f} | {r.bytes_up_per_client:.0f} | "
-              f"{r.bytes_down_per_client:.0f} |" for r in history]
-    lines += ["", "## Artifacts", "", "| file | bytes | sha256 |", "|---|---|---|"]
-    lines += [f"| {a['path']} | {a['bytes']} | `{a['sha256'][:16]}...` |" for a in m.artifacts.values()]
-    if m.notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in m.notes]
-    lines += ["", f"Stage timings (s): {json.dumps(m.timings_s)}", ""]
-    return "\n".join(lines)
 
 
 def summary_lines(m: Manifest) -> list[str]:
@@ -358,8 +326,11 @@ def summary_lines(m: Manifest) -> list[str]:
         f"int8 TFLite Micro {acc['tflm_int8'] * 100:.2f} %",
         f"  int8 LiteRT vs TFLite Micro: {m.int8_agreement['mismatched_outputs']} of "
         f"{m.int8_agreement['compared_outputs']} outputs differ",
-        f"  memory     arena {m.arena_bytes} B, model {m.flash_bytes} B; budget RAM {m.budget.ram_needed}/"
-        f"{m.budget.ram_bytes} B, flash {m.budget.flash_needed}/{m.budget.flash_bytes} B -> "
-        f"{'fits' if m.budget.fits else 'DOES NOT FIT'}",
+        f"  on {m.target:<8} RAM {m.budget.ram_needed}/{m.budget.ram_bytes} B, flash {m.budget.flash_needed}/"
+        f"{m.budget.flash_bytes} B ({m.budget.kind} rule) -> {'fits' if m.budget.fits else 'DOES NOT FIT'}; "
+        f"estimated before training: RAM {m.budget.estimate.get('ram_needed', '-')} B, flash "
+        f"{m.budget.estimate.get('flash_needed', '-')} B",
+        f"  files      model.tflite {m.flash_bytes} B, TFLite Micro arena {m.arena_bytes} B"
+        + (f", model.smf {m.artifacts['model.smf']['bytes']} B" if "model.smf" in m.artifacts else ""),
         f"  time       {m.timings_s.get('total', 0):.1f} s",
     ]

@@ -58,6 +58,10 @@ class Manifest:
     notes: list[str] = field(default_factory=list)
     # chance-level guard (toolchain.fl.quality): chance, accuracy (int8 TFLite Micro), at_chance, message
     quality: dict[str, Any] = field(default_factory=dict)
+    # for report.md (toolchain.report): per prunable layer, the int8 confusion matrix, this build on every board
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    confusion: list[list[int]] = field(default_factory=list)
+    boards: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
