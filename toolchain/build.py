@@ -152,6 +152,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Manifest:
     t = _stage(timings, "data", t)
 
     # the budget gate, before training: the same exporters and counting rules as the final check
+    log(f"estimating the model's size on {profile.name} (the exporters on the untrained model)")
     estimate_fn = _estimator(opts, profile, data)
     estimate = select_model(profile, data.input_shape, opts.density, estimate_fn, opts.model)
     model_name = estimate.model

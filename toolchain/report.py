@@ -89,11 +89,14 @@ def board_table(build_dir: Path, target: BoardProfile, target_fp: dict[str, Any]
         kind = board_kind(p)
         try:
             if kind == "micropython":
-                if not (build_dir / "model.smf").is_file():
-                    continue
                 with tempfile.TemporaryDirectory() as tmp:
-                    for f in ("model.smf", "model.tflite"):
-                        shutil.copy(build_dir / f, Path(tmp) / f)
+                    shutil.copy(build_dir / "model.tflite", Path(tmp) / "model.tflite")
+                    if (build_dir / "model.smf").is_file():
+                        shutil.copy(build_dir / "model.smf", Path(tmp) / "model.smf")
+                    else:  # a TFLite Micro build: the sparse file a MicroPython board would get
+                        from toolchain.export.sparse_format import tflite_to_smf
+
+                        (Path(tmp) / "model.smf").write_bytes(tflite_to_smf((build_dir / "model.tflite").read_bytes()))
                     write_bundle(Path(tmp), p)
                     fp = footprint(p, Path(tmp)).as_dict()
             else:
