@@ -29,6 +29,7 @@ from toolchain.errors import ToolchainError
 # Files `toolchain build` writes besides those its manifest lists in `artifacts`.
 BUILD_EXTRA = ("manifest.json", "report.md")
 BUILD_EXTRA_DIRS = ("plots",)  # report figures (PNG), re-rendered by `toolchain report`
+BUILD_EXTRA_SUFFIXES = ("-bundle.tar.gz",)  # `toolchain flash --target jetson` writes <target>-bundle.tar.gz here
 TRAIN_FILES = ("summary.json", "metrics.jsonl", "model.pt")
 TRAIN_SUFFIXES = (".png",)  # plots of a training run
 
@@ -51,7 +52,8 @@ def build_owned(folder: Path) -> tuple[bool, list[str]]:
             and isinstance(m.get("artifacts"), dict)):
         return False, []
     ours = set(BUILD_EXTRA) | {str(a.get("path")) for a in m["artifacts"].values() if isinstance(a, dict)}
-    strays = [f for f in _files(folder) if f not in ours and f.split("/")[0] not in BUILD_EXTRA_DIRS]
+    strays = [f for f in _files(folder) if f not in ours and f.split("/")[0] not in BUILD_EXTRA_DIRS
+              and not ("/" not in f and f.endswith(BUILD_EXTRA_SUFFIXES))]
     return True, strays
 
 
