@@ -224,8 +224,12 @@ def render(m: dict[str, Any], rounds: list[dict[str, Any]], plots: dict[str, str
     for label, need, have in (("RAM", "ram_needed", "ram_bytes"), ("flash", "flash_needed", "flash_bytes")):
         lines.append(f"| {label} | {_kb(b[need])} | {_kb(b[have])} | {_pct(b[need], b[have])} | "
                      f"{_kb(est.get(need)) if est else '-'} |")
+    ram_rule = {"micropython": " (the engine's heap for this model, from its data layout; the firmware and engine "
+                               "code are outside the board's figure)",
+                "tflm": " (the TFLite Micro arena, measured)", "onnx": " (ONNX weights + float32 activations)"}
     lines += [f"| latency | {LATENCY} | | | |", "", f"**{'Fits' if b['fits'] else 'Does not fit'}.** "
-              f"RAM: {', '.join(f'{k} {v} B' for k, v in (b.get('ram_parts') or {}).items())}.", ""]
+              f"RAM: {', '.join(f'{k} {v} B' for k, v in (b.get('ram_parts') or {}).items())}"
+              f"{ram_rule.get(b.get('kind', ''), '')}.", ""]
     flash_parts = b.get("deployed") or {}
     if flash_parts:
         model_files = {k: v for k, v in flash_parts.items() if k.startswith("model") or k.endswith((".smc", ".bin"))}
