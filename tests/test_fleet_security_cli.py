@@ -105,22 +105,31 @@ def test_bad_input_is_one_clean_line(argv: list[str], words: str, tmp_path: Path
 @pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")
 def test_device_errors_carry_text(tmp_path: Path) -> None:
     """Every ERROR app.py puts on the wire says what it is (before: an empty text)."""
+    from firmware_bridge import Hello, seal
+
     m = make_model()
     board = wasm_board(m, "dev-e", m.split(2)[0], b"key")
     link = None
     try:
         link = SerialLink.open(board.port, max_message=600)
-        link.send(encode(RoundStart(1, 4, 1e-3, 0.5, 1, 8, round_seed=5)))  # no model yet
+        hello = None
+        while not isinstance(hello, Hello):
+            hello = link.recv_message(60)
+            assert hello is not None, board.log.decode()
+        ses = hello.session
+        link.send(encode(seal(b"key", "dev-e", ses, RoundStart(1, 4, 1e-3, 0.5, 1, 8, round_seed=5))))  # no model
         link.send(b"\x01\x7f")  # unknown type
-        link.send(encode(RoundStart(1, 4, 2.0, 0.5, 1, 8, round_seed=5)))  # mu out of range
+        link.send(encode(seal(b"key", "dev-e", ses, RoundStart(1, 4, 2.0, 0.5, 1, 8, round_seed=5))))  # mu range
+        link.send(encode(RoundStart(1, 4, 1e-3, 0.5, 1, 8, round_seed=5)))  # unsigned
         errors = []
-        while len(errors) < 3:
+        while len(errors) < 4:
             raw = link.recv(60)
             assert raw is not None, board.log.decode()
             msg = decode(raw)
             if isinstance(msg, Error):
                 errors.append(msg)
-        assert [(e.code, e.text) for e in errors] == [(9, "no model"), (1, "bad message"), (4, "out of range")]
+        assert [(e.code, e.text) for e in errors] == [(9, "no model"), (1, "bad message"), (4, "out of range"),
+                                                      (8, "bad signature")]
     finally:
         if link is not None:
             link.close()

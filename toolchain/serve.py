@@ -281,7 +281,7 @@ def _auth(args: argparse.Namespace) -> dict:
 
 
 def fleet_status(broker: str, fleet: str, prefix: str = "tinyml", seconds: float = 3.0, follow: bool = False,
-                 auth: dict | None = None, out: TextIO = sys.stdout) -> int:
+                 auth: dict | None = None, out: TextIO | None = None) -> int:
     """``toolchain fleet-status``: the fleet's topics for people. Listens ``seconds`` (retained STATUS arrive at
     once) and prints one line per device: online or not, state, model and version, uptime, the last round it
     answered and its loss, its last error; with ``follow``, every message as it comes (``mosquitto_sub -F '%t %x'``
@@ -301,6 +301,7 @@ def fleet_status(broker: str, fleet: str, prefix: str = "tinyml", seconds: float
         describe,
     )
 
+    out = out or sys.stdout  # (at call time: a default bound at import would keep a replaced stdout)
     host, port = broker_address(broker)
     check_topic_level(fleet, "--fleet")
     check_topic_level(prefix, "--prefix")

@@ -218,9 +218,57 @@ class App:
 
 
 def run(a, read):
-    # serial main loop: read() -> bytes or None (non-blocking)
-    while 1:
-        d = read()
-        if d:
-            a.feed(d)
-        a.tick()
+    # serial main loop: read(n) -> at most n bytes, or None / b'' if none wait (non-blocking: uart.read, or
+    # stdin_reader() where the link is the REPL's UART). Ctrl-C from mpremote or a terminal stops it: 0x03 is
+    # a data byte of the protocol, so the C-level Ctrl-C is off while it runs (kbd_intr(-1)), and '\r' 0x03
+    # between frames is taken as the interrupt instead (a host's frame starts with its COBS code byte, 1..8,
+    # never '\r'). Between frames it reads one byte at a time, so it stops right after the 0x03 and leaves
+    # what follows (mpremote's Ctrl-A) to the REPL: `mpremote connect PORT exec ...` works on a running app.
+    try:
+        import micropython
+        micropython.kbd_intr(-1)
+    except (ImportError, AttributeError):
+        micropython = None
+    p = a.p
+    t = time.ticks_ms()
+    try:
+        while 1:
+            if p.rn or p.skip:  # inside a frame
+                d = read(256)
+                if not d and time.ticks_diff(time.ticks_ms(), t) > 200:
+                    p.rn = p.skip = 0  # a frame nobody finishes (the host went away): between frames again
+            else:
+                d = read(1)
+                if d == b'\r':
+                    e = None
+                    for _i in range(50):
+                        e = read(1)
+                        if e:
+                            break
+                        time.sleep_ms(1)
+                    if e == b'\x03':
+                        raise KeyboardInterrupt
+                    d = d + (e or b'')
+            if d:
+                t = time.ticks_ms()
+                a.feed(d)
+            a.tick()
+    finally:
+        if micropython:
+            micropython.kbd_intr(3)
+
+
+def stdin_reader():
+    # read(n) for run() on ports whose protocol UART is the REPL's stdin (select.poll on sys.stdin)
+    import select
+    import sys
+    q = select.poll()
+    q.register(sys.stdin, select.POLLIN)
+    b = sys.stdin.buffer
+
+    def read(n):
+        r = b''
+        while len(r) < n and q.poll(0):
+            r += b.read(1)
+        return r
+    return read
