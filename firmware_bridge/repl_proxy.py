@@ -127,8 +127,8 @@ class MicrobitProxy:
 
     def __init__(self, cfg: MqttConfig, port: str, device_id: str | None = None, *, model_id: int = 1,
                  heartbeat_s: float = 30.0, log: Callable[[str], None] | None = None,
-                 key_for: Callable[[str], bytes | None] | None = None) -> None:
-        from hw.flash_board import connect, identify, read_file, run, soft_reset
+                 key_for: Callable[[str], bytes | None] | None = None, sums: dict[str, str] | None = None) -> None:
+        from hw.flash_board import board_sha256, connect, identify, read_file, run, soft_reset
         from toolchain.errors import ToolchainError
 
         log = log or (lambda _m: None)
@@ -149,6 +149,13 @@ class MicrobitProxy:
             if missing:
                 raise ToolchainError(f"the micro:bit on {port} lacks {', '.join(missing)}; copy the bundle's zo.py, "
                                      "ft.py, spec.py, head.bin and its data set d.bin + y.bin onto it (docs/fleet.md)")
+            # the flashed files before the fine-tuner is imported: sha256 against the SHA256SUMS of the flash
+            # (``sums``), hashed here from the bytes read back (no hashlib on the board, the pure SHA-256 does
+            # not fit its heap). It catches a corrupted or wrong flash; a board that lies is not in its reach.
+            for name, want in sorted((sums or {}).items()):
+                if name in BOARD_FILES and board_sha256(self.repl, name, info) != want.lower():
+                    raise ToolchainError(f"{name} on the micro:bit on {port} does not match its SHA256SUMS line "
+                                         "(corrupted or another build); flash the bundle again")
             n, cols = sizes["y.bin"], sizes["d.bin"] // max(1, sizes["y.bin"])
             if n < 1 or cols * n != sizes["d.bin"]:
                 raise ToolchainError(f"the micro:bit on {port} has d.bin of {sizes['d.bin']} B for {n} labels in y.bin; "

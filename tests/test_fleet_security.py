@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +249,44 @@ def test_microbit_proxy_takes_signed_rounds_only(tmp_path: Path, mosquitto) -> N
                 obj.close()
         spy.stop()
         mb.close()
+
+
+def test_microbit_flash_checked_before_the_fine_tuner_loads(tmp_path: Path, mosquitto) -> None:  # noqa: ANN001, F811
+    """gateway --microbit-sums: the proxy hashes the micro:bit's flashed files (read back over the raw REPL) and
+    refuses, in one line, a head.bin with a flipped byte; the intact one is served."""
+    import hashlib
+
+    from fleet_helpers import microbit_files
+
+    from firmware_bridge.repl_proxy import MicrobitProxy
+    from hw.emulators import microbit
+    from hw.emulators.microbit import QemuMicrobit
+    from hw.repl import RawRepl
+    from toolchain.errors import ToolchainError
+
+    if not microbit.available():
+        pytest.skip("QEMU micro:bit not installed")
+    m = make_model()
+    files = microbit_files(m, m.split(3)[2][:16])
+    sums = {n: hashlib.sha256(files[n]).hexdigest() for n in ("head.bin", "spec.py")}
+    bad = bytearray(files["head.bin"])
+    bad[len(bad) // 2] ^= 0x01
+    qemu = QemuMicrobit()
+    try:
+        time.sleep(0.5)
+        repl = RawRepl(qemu.port, timeout=60)
+        repl.enter_raw()
+        for name, data in {**files, "head.bin": bytes(bad)}.items():
+            repl.put_file(name, data)
+        repl.close()
+        cfg = MqttConfig(port=mosquitto.port, fleet="mb")
+        with pytest.raises(ToolchainError, match="head.bin on the micro:bit .* does not match its SHA256SUMS"):
+            MicrobitProxy(cfg, qemu.port, "mb-x", sums=sums)
+        repl = RawRepl(qemu.port, timeout=60)
+        repl.enter_raw()
+        repl.put_file("head.bin", files["head.bin"])
+        repl.close()
+        proxy = MicrobitProxy(cfg, qemu.port, "mb-x", sums=sums)
+        proxy.close()
+    finally:
+        qemu.stop()

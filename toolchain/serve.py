@@ -194,7 +194,8 @@ def microbit_arg(text: str) -> tuple[str, str | None]:
 
 def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str = "tinyml", baud: int = 115200,
             seconds: float | None = None, microbits: list[tuple[str, str | None]] | None = None, model_id: int = 1,
-            heartbeat: float = 30.0, auth: dict | None = None, device_keys: Path | None = None) -> int:
+            heartbeat: float = 30.0, auth: dict | None = None, device_keys: Path | None = None,
+            microbit_sums: Path | None = None) -> int:
     """Bridge serial boards (app.py) and micro:bits (raw-REPL proxy) onto the MQTT fleet until interrupted."""
     from firmware_bridge import LinkError, MqttConfig
     from firmware_bridge.gateway import Gateway
@@ -221,6 +222,15 @@ def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str =
                 return bytes.fromhex(path.read_text().strip())
             except (OSError, ValueError) as exc:
                 raise ToolchainError(f"cannot use {path} (the micro:bit {dev}'s key, hex): {exc}") from None
+    sums = None
+    if microbit_sums is not None:
+        try:
+            lines = microbit_sums.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ToolchainError(f"cannot read --microbit-sums {microbit_sums}: {exc}") from None
+        sums = {ln.split()[1].lstrip("*"): ln.split()[0] for ln in lines if len(ln.split()) == 2}
+        if not sums or not all(len(h) == 64 for h in sums.values()):
+            raise ToolchainError(f"--microbit-sums {microbit_sums} is not a sha256sum file ('<hex>  <name>' lines)")
     every = [*ports, *(p for p, _ in microbits)]
     for p in every:
         check_port(p)
@@ -257,7 +267,7 @@ def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str =
         for p, dev in microbits:
             log(f"{p}: starting the micro:bit proxy (identify, files, fine-tuner import)")
             proxies.append(MicrobitProxy(cfg, p, dev, model_id=model_id, heartbeat_s=heartbeat, log=log,
-                                         key_for=key_for))
+                                         key_for=key_for, sums=sums))
         t0 = time.monotonic()
         while seconds is None or time.monotonic() - t0 < seconds:
             time.sleep(0.2)
@@ -415,7 +425,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return gateway(args.port or [], args.broker, args.fleet, baud=args.baud, seconds=args.seconds,
                    microbits=[microbit_arg(m) for m in args.microbit or []], model_id=args.model_id,
                    heartbeat=args.heartbeat, auth=_auth(args),
-                   device_keys=Path(args.device_keys) if args.device_keys else None)
+                   device_keys=Path(args.device_keys) if args.device_keys else None,
+                   microbit_sums=Path(args.microbit_sums) if args.microbit_sums else None)
 
 
 def add_auth_args(ap: argparse.ArgumentParser) -> None:
@@ -478,6 +489,9 @@ def add_parsers(sub: argparse._SubParsersAction, fraction: Callable[[str], float
     p.add_argument("--device-keys", default=None,
                    help="folder of <device id>.key files (hex): the micro:bits' own keys; the proxy then takes their "
                         "rounds only signed (boards running app.py hold their key themselves)")
+    p.add_argument("--microbit-sums", default=None,
+                   help="SHA256SUMS of the micro:bits' flashed files (zo.py, ft.py, spec.py, head.bin, ...): checked "
+                        "before the fine-tuner is loaded")
     p.add_argument("--seconds", type=float, default=None, help="run this long (default: until Ctrl-C)")
     add_auth_args(p)
     p.set_defaults(func=cmd_gateway)
