@@ -262,7 +262,7 @@ def test_bae_drives_marked_weights_to_zero_within_budget():
 
 
 def test_marks_are_active_weights_and_travel_in_the_instruction():
-    cfg = TrainConfig(rounds=1, clients=2, per_round=2, density=0.2, algo_options={"delta": 2, "t_end": 10})
+    cfg = TrainConfig(rounds=2, clients=2, per_round=2, density=0.2, algo_options={"delta": 2, "t_end": 10})
     model = build_model("mlp", (4, 4, 1), 3, hidden=(32,))
     strategy = make_strategy("fedmef", cfg)
     from toolchain.fl.strategy import ServerContext
@@ -358,3 +358,12 @@ def test_cli_train_fedmef_saves_a_rebuildable_nsconv_model(tmp_path, mnist):
     rebuilt.load_state_dict(saved["state_dict"])  # strict: mask buffers, gains and biases included
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds[0]["extra"].get("swapped", 0) > 0
+
+
+def test_no_bae_window_for_an_adjustment_after_the_last_round():
+    """A 5-round run with delta = 10 never adjusts, so nothing is extruded (issue 14: 54.8 % at 1 % before)."""
+    cfg = TrainConfig(rounds=5, density=0.2, algo_options={"delta": 10, "t_end": 300})
+    strategy = make_strategy("fedmef", cfg)
+    assert all(strategy.window_target(r) is None for r in range(1, 6))
+    cfg10 = TrainConfig(rounds=10, density=0.2, algo_options={"delta": 10, "t_end": 300})
+    assert make_strategy("fedmef", cfg10).window_target(1) == 10

@@ -36,7 +36,7 @@ class TrainOptions:
     per_round: int | None = None
     rounds: int = 20
     local_epochs: int = 1
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 0.01  # the CLI's defaults (docs/training.md "Defaults")
     optimizer: str = "adam"
     partition: str = "iid"

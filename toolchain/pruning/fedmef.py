@@ -119,6 +119,10 @@ class FedMef(DynamicPruning):
         if delta <= 0 or w <= 0:
             return None
         target = math.ceil(rnd / delta) * delta
+        # An adjustment after the last round never happens: extruding weights for it only starves the final
+        # model (a 5-round run spent all 5 rounds squeezing 30 % of its weights toward 0: 54.8 % at 1 %).
+        if target > self.cfg.rounds:
+            return None
         if is_adjust_round(target, delta, t_end) and target - w < rnd <= target:
             return target
         return None
