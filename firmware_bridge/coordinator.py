@@ -116,7 +116,7 @@ class RoundConfig:
     # coordinate-wise median; "mean" the plain n-weighted mean (one bad client can move the model anywhere).
     aggregator: str = "clip"
     clip: float = 3.0
-    max_devices: int = 256  # tracked device ids; an id flood evicts never-ready strangers, not known devices
+    max_devices: int = 256  # tracked device ids; an id flood evicts ids that are not ready, not the round's devices
     final_wait_s: float = 30.0  # after the last round: wait this long for online devices to ack the last update
 
 
@@ -183,7 +183,7 @@ class Coordinator:
         self.late: list[tuple[int, str]] = []
         self.errors: list[tuple[str, Error]] = []
         self.rejected: list[tuple[int, str, str]] = []  # (round, device, why): results that did not count
-        self.evicted = 0  # never-ready device ids dropped to stay within cfg.max_devices
+        self.evicted = 0  # device ids (not ready, not asked) dropped to stay within cfg.max_devices
         self._said: dict[str, int] = {}
         self.wal = Wal(self.out / "wal.jsonl")
         self.round = 1
@@ -253,7 +253,7 @@ class Coordinator:
         victim = min(stale, key=lambda s: s.last_seen)
         del self.devices[victim.device_id]
         self.evicted += 1
-        self._say("evict", f"{victim.device_id}: dropped (never ready) to make room for {d}")
+        self._say("evict", f"{victim.device_id}: dropped (not ready, not asked) to make room for {d}")
         return True
 
     def _key(self, d: str) -> bytes | None:
@@ -359,9 +359,12 @@ class Coordinator:
                 self._log(f"{d}: refuses round {msg.ref_id} ({s.refuses}); left out until it reboots")
                 if self._open and d in self.participants[self.round]:
                     self.participants[self.round].remove(d)
+                # (uplink messages are as authentic as the broker's ACL makes them: only before the first close,
+                # where it is the parameters' fault, does serve give up on its own)
                 known = [x for x in self.devices.values() if x.model_id is not None]
-                if known and all(x.refuses for x in known):
-                    self.fatal = f"every device refuses the round parameters ({s.refuses}); change --k/--mu/--lr/--batch"
+                if known and all(x.refuses for x in known) and not self.updates:
+                    self.fatal = (f"every device refuses the round parameters ({s.refuses}); "
+                                  "change --k/--mu/--lr/--batch")
                     self._log(self.fatal)
                     self.abort()
             elif msg.code == E_BAD_MESSAGE and msg.ref_type == T_ROUND_UPDATE and not s.no_update:
@@ -563,10 +566,9 @@ class Coordinator:
                 drain = min(drain, end)
             # Devices whose state is unknown (rebooted, or all of them on a resume) get one resend_s to answer
             # their PING; after that only devices known to be behind are waited for (an id flood's silent ids
-            # must not hold serve up).
-            # A coordinator that knows no device yet (started again after the last round) listens for the whole
-            # grace: the devices' HELLO / STATUS (queued for its persistent session, or answers to its PINGs)
-            # take a moment to arrive.
+            # must not hold serve up). A coordinator that knows no device yet (started again after the last
+            # round) listens for that whole grace: HELLO / STATUS (queued for its persistent session, or answers
+            # to its PINGs) take a moment to arrive.
             grace = min(self.now() + self.cfg.resend_s, drain)
             while self.now() < drain and not self._aborted:
                 if not self.unsynced(unknown=self.now() < grace) and (self.devices or self.now() >= grace):
@@ -587,7 +589,8 @@ class Coordinator:
     # -- inspection -------------------------------------------------------------------------------------------
     def summary(self) -> dict:
         return {"round": self.round, "closed": sorted(self.updates), "duplicates": self.duplicates,
-                "late": self.late, "rejected": self.rejected[-20:], "evicted": self.evicted, "devices": {d: asdict(s) for d, s in self.devices.items()}}
+                "late": self.late, "rejected": self.rejected[-20:], "evicted": self.evicted,
+                "devices": {d: asdict(s) for d, s in self.devices.items()}}
 
 
 def read_rounds(out_dir: Path) -> list[dict]:

@@ -18,7 +18,13 @@ from fleet_model import make_model  # noqa: E402
 from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
 
 from firmware_bridge import MqttConfig, MqttDevice, RoundResult  # noqa: E402
-from firmware_bridge.coordinator import Coordinator, RoundConfig, counted_results, read_rounds, robust_aggregate  # noqa: E402
+from firmware_bridge.coordinator import (  # noqa: E402
+    Coordinator,
+    RoundConfig,
+    counted_results,
+    read_rounds,
+    robust_aggregate,
+)
 from firmware_bridge.fleet import MqttFleet  # noqa: E402
 from toolchain.zo import ClientReply  # noqa: E402
 
@@ -30,7 +36,8 @@ def _wal(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "wal.jsonl").read_text().splitlines()]
 
 
-def test_forged_results_from_strangers_and_for_other_rounds_are_rejected(tmp_path: Path, mosquitto) -> None:  # noqa: ANN001, F811
+def test_forged_results_from_strangers_and_for_other_rounds_are_rejected(  # noqa: F811
+        tmp_path: Path, mosquitto) -> None:  # noqa: ANN001, F811
     fleet_name = "lab"
     mcfg = MqttConfig(port=mosquitto.port, fleet=fleet_name)
     m = make_model()

@@ -148,7 +148,8 @@ def serve(opts: ServeOptions) -> dict:
         try:
             fleet = SerialFleet(opts.ports, baudrate=opts.baud)
         except Exception as exc:  # noqa: BLE001 - SerialException, OSError, termios.error: one line for the user
-            raise ToolchainError(f"cannot open {', '.join(opts.ports)}: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
+            why = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            raise ToolchainError(f"cannot open {', '.join(opts.ports)}: {why}; "
                                  "check the port and close other programs using it") from None
     else:
         host, port = broker_address(opts.broker)
@@ -252,7 +253,8 @@ def gateway(ports: list[str], broker: str, fleet: str = "default", prefix: str =
         try:
             probe.start(timeout=10)
         except Exception as exc:  # noqa: BLE001 - LinkError, ssl.SSLError, OSError
-            raise ToolchainError(f"the MQTT broker at {broker} refuses the gateway: {str(exc).splitlines()[0]}") from None
+            raise ToolchainError(f"the MQTT broker at {broker} refuses the gateway: "
+                                 f"{str(exc).splitlines()[0]}") from None
         probe.client.disconnect()
         probe.client.loop_stop()
     gw: Gateway | None = None
@@ -371,14 +373,16 @@ def fleet_status(broker: str, fleet: str, prefix: str = "tinyml", seconds: float
     try:
         c.connect(host, port, keepalive=30)
     except (OSError, ValueError) as exc:
-        raise ToolchainError(f"cannot reach the MQTT broker at {broker}: {exc}; start mosquitto or fix --broker") from None
+        raise ToolchainError(f"cannot reach the MQTT broker at {broker}: {exc}; start mosquitto or fix "
+                             "--broker") from None
     c.loop_start()
     try:
         t0 = time.monotonic()
         while not connected.is_set() and not refused and time.monotonic() - t0 < 10:
             time.sleep(0.02)
         if not connected.is_set():
-            raise ToolchainError(f"the MQTT broker at {broker} refused fleet-status: {refused[0] if refused else 'no answer'}")
+            why = refused[0] if refused else "no answer"
+            raise ToolchainError(f"the MQTT broker at {broker} refused fleet-status: {why}")
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             time.sleep(0.05)
@@ -464,9 +468,11 @@ def add_parsers(sub: argparse._SubParsersAction, fraction: Callable[[str], float
     p.add_argument("--model", default=None, help="model.smf to install on devices that lack it (HMAC-signed)")
     p.add_argument("--model-id", type=int, default=1)
     p.add_argument("--hmac-key", default=None,
-                   help="file with the devices' HMAC key (with --per-device-keys: the master the device keys derive from)")
+                   help="file with the devices' HMAC key (with --per-device-keys: the master the device keys "
+                        "derive from)")
     p.add_argument("--per-device-keys", action="store_true",
-                   help="each device holds its own key, device_key(master, id): models and rounds are signed per device")
+                   help="each device holds its own key, device_key(master, id): models and rounds are signed per "
+                        "device")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds (resume later)")
     p.add_argument("--aggregator", choices=["clip", "median", "mean"], default="clip",
                    help="server step: clip each update to --clip x the round's lower median norm (default), "
