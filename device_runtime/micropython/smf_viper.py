@@ -20,11 +20,20 @@ import micropython
 from smf_q import mbqm as _mbqm
 
 
+def _big(x, m0, m1, s, zo, lo, hi):
+    # rq's rare case (|acc| >= 2**30), in Python ints: the value may not fit a machine word, the clamped
+    # result does
+    v = _mbqm(x, m0 & 0x7FFF, (m1 << 1) | (m0 >> 15), s) + zo
+    return lo if v < lo else (hi if v > hi else v)
+
+
 @micropython.viper
 def rq(acc: ptr32, y: ptr8, P: ptr32, R: ptr32):
     # y[yo + e*ys] = clamp(MBQM(acc[e]) + zout) for e < n; P = n, yo, ys, q0, qs, zout, lo, hi, S;
-    # element e uses R[q0 + e*qs ...] = tlo, thi, ml, mh, sh: acc <= tlo gives lo, acc >= thi gives hi
-    # (limits found at load, smf_thr) without the exact requantization
+    # element e uses R[q0 + e*qs ...] = tlo, thi, m0, m1, sh (multiplier m = m1 * 2**16 + m0): acc <= tlo
+    # gives lo, acc >= thi gives hi (limits found at load, smf_thr) without the exact requantization;
+    # tlo = -2**31, thi = 2**31 - 1: no limits (an int8 layer's int32 accumulator never reaches those).
+    # Parameters are reloaded only when they change (qs != 0: one set per element, fully connected rows).
     n = P[0]
     o = P[1]
     ys = P[2]
@@ -34,19 +43,27 @@ def rq(acc: ptr32, y: ptr8, P: ptr32, R: ptr32):
     zo = (P[5] << S) >> S
     lo = (P[6] << S) >> S
     hi = (P[7] << S) >> S
+    t0 = (R[q] << S) >> S
+    t1 = (R[q + 1] << S) >> S
+    m0 = uint(R[q + 2])
+    m1 = uint(R[q + 3])
+    s = (R[q + 4] << S) >> S
+    nz = uint(1) << 30
     e = 0
     while e < n:
+        if qs:
+            t0 = (R[q] << S) >> S
+            t1 = (R[q + 1] << S) >> S
+            m0 = uint(R[q + 2])
+            m1 = uint(R[q + 3])
+            s = (R[q + 4] << S) >> S
+            q += qs
         x = (acc[e] << S) >> S
-        t0 = (R[q] << S) >> S
-        t1 = (R[q + 1] << S) >> S
         if x <= t0:
             r = lo
         elif x >= t1:
             r = hi
         else:
-            ml = R[q + 2]
-            mh = R[q + 3]
-            s = (R[q + 4] << S) >> S
             a = x
             if x < 0:
                 a = 0 - x
@@ -60,33 +77,21 @@ def rq(acc: ptr32, y: ptr8, P: ptr32, R: ptr32):
             elif a >> 30:
                 big = 1
             if big:  # |acc| >= 2**30: never seen with int8 models; exact with big ints (allocates)
-                v = int(_mbqm(x, ml, mh, s))
+                r = int(_big((acc[e] << S) >> S, int(m0), int(m1), s, zo, lo, hi))
             else:
-                # SaturatingRoundingDoublingHighMul in 15-bit digits: (|x|*m + 2**30 - ng) >> 31
-                ng = 0
+                # SaturatingRoundingDoublingHighMul: (|x| * m + 2**30 - [x < 0]) >> 31, in 16-bit halves
+                # with unsigned products (below 2**32 on 32-bit ports), then the sign
+                ua = uint(a)
+                a0 = ua & 0xFFFF
+                a1 = ua >> 16
+                lw = a0 * m0
+                md = a1 * m0 + a0 * m1
+                nd = nz
                 if x < 0:
-                    ng = 1
-                a1 = a >> 15
-                a0 = a & 0x7FFF
-                m1 = mh & 0x7FFF
-                t = a0 * ml
-                d1 = (t >> 15) + 0x8000 - ng
-                if ng:
-                    d1 += ((t & 0x7FFF) + 0x7FFF) >> 15
-                t = a0 * m1
-                d1 += t & 0x7FFF
-                d2 = t >> 15
-                t = a1 * ml
-                d1 += t & 0x7FFF
-                d2 += (t >> 15) + (d1 >> 15)
-                t = a1 * m1
-                d2 += t & 0x7FFF
-                d3 = t >> 15
-                if mh >> 15:
-                    d2 += a0
-                    d3 += a1
-                v = (d3 << 14) + (d2 >> 1)
-                if ng:
+                    nd = nz - 1
+                s1 = (lw >> 16) + (md & 0xFFFF) + (nd >> 16) + (((lw & 0xFFFF) + (nd & 0xFFFF)) >> 16)
+                v = int((((md >> 16) + a1 * m1 + (s1 >> 16)) << 1) | ((s1 >> 15) & 1))
+                if x < 0:
                     v = 0 - v
                 if s < 0:  # RoundingDivideByPOT(v, -s): half away from zero
                     ex = 0 - s
@@ -101,14 +106,13 @@ def rq(acc: ptr32, y: ptr8, P: ptr32, R: ptr32):
                             h += 1
                         if rm > h:
                             v += 1
-            r = v + zo
-            if r < lo:
-                r = lo
-            elif r > hi:
-                r = hi
+                r = v + zo
+                if r < lo:
+                    r = lo
+                elif r > hi:
+                    r = hi
         y[o] = r
         o += ys
-        q += qs
         e += 1
 
 
@@ -158,6 +162,66 @@ def conv_ws(a: int, x: ptr8, acc: ptr32, G: ptr32, R: ptr32, K: ptr16, T: ptr32,
             i0 += rs
             oy -= 1
         j += 1
+
+
+@micropython.viper
+def conv_oss(j: int, x: ptr8, acc: ptr32, G: ptr32, R: ptr32, O: ptr16, T: ptr32, oc: int, Kv: ptr8, K: ptr16):
+    # output-stationary sparse convolution of output channel oc: per output pixel, a dot product over the
+    # channel's kept weights only (Kv[j], input offset O[j] = (ky*W + kx)*C + ci from the window's corner);
+    # inside the interior (G[18..21]: output rows/columns whose window lies in the input) without bounds
+    # checks, at the border only the taps inside the input (K[j] & 0xFF: tap, T: its in-bounds outputs).
+    # The sum stays in a local: cheaper per MAC than conv_ws's read-modify-write of acc.
+    OH = G[0]
+    OW = G[1]
+    z = G[5]
+    S = G[8]
+    Wd = G[10]
+    C = G[11]
+    sy = G[14]
+    sx = G[15]
+    q = oc << 3
+    b = (R[q + 7] << S) >> S
+    p0 = R[q + 5]
+    p1 = R[q + 6]
+    a = 0
+    oy = 0
+    while oy < OH:
+        inrow = 0
+        if oy >= G[18]:
+            if oy < G[19]:
+                inrow = 1
+        ox = 0
+        while ox < OW:
+            s = b
+            d = ((oy * sy - G[16]) * Wd + ox * sx - G[17]) * C  # input index of the window's corner
+            inside = 0
+            if inrow:
+                if ox >= G[20]:
+                    if ox < G[21]:
+                        inside = 1
+            j = p0
+            if inside:
+                if z:
+                    while j < p1:
+                        s += ((Kv[j] ^ 0x80) - 0x80) * ((x[d + O[j]] ^ 0x80) - z)
+                        j += 1
+                else:
+                    while j < p1:
+                        s += ((Kv[j] ^ 0x80) - 0x80) * (x[d + O[j]] ^ 0x80)
+                        j += 1
+            else:
+                while j < p1:
+                    t = (K[j] & 0xFF) * 5
+                    if oy >= T[t]:
+                        if oy < T[t + 1]:
+                            if ox >= T[t + 2]:
+                                if ox < T[t + 3]:
+                                    s += ((Kv[j] ^ 0x80) - 0x80) * ((x[d + O[j]] ^ 0x80) - z)
+                    j += 1
+            acc[a] = s
+            a += 1
+            ox += 1
+        oy += 1
 
 
 @micropython.viper
@@ -401,7 +465,9 @@ def pad(x: ptr8, y: ptr8, G: ptr32):
 
 
 def conv(m, op):
-    x, y, G, R, K, T, P, Kv = op[5]
+    # per output channel: a kernel by layout (Kv None: dense; O None: weight-stationary; else
+    # output-stationary sparse), then the requantization
+    x, y, G, R, K, T, P, Kv, O = op[5]
     acc = m.acc
     OC = G[2]
     n = P[0]
@@ -412,8 +478,10 @@ def conv(m, op):
             continue
         if Kv is None:
             conv_os(0, x, acc, G, R, K, T, oc)
-        else:
+        elif O is None:
             conv_ws(0, x, acc, G, R, K, T, oc, Kv)
+        else:
+            conv_oss(0, x, acc, G, R, O, T, oc, Kv, K)
         P[1] = oc
         P[3] = q
         rq(acc, y, P, R)

@@ -1,9 +1,9 @@
 # Loader for the native kernels (smf_viper), run once by smf.Model after the bytecode loaders and dropped
 # afterwards: turns each operator's decoded rows into the viper parameter blocks (see smf_viper) and picks
-# a per-layer layout. Layout 'sparse' visits kept weights only (weight-stationary convolution, CSR fully
-# connected rows); 'dense' visits every weight with contiguous loops (output-stationary convolution);
-# 'auto' picks, per layer, the one the cost model (COST, fitted to instruction counts measured on a
-# Cortex-M3 under QEMU, docs/device-engine.md) predicts to be cheaper.
+# a per-layer layout. 'sparse' visits kept weights only (output-stationary convolution, CSR fully
+# connected rows); 'ws' too, with the weight-stationary convolution loop; 'dense' visits every weight with
+# contiguous loops; 'auto' picks, per layer, the one the cost model (COST, fitted to instruction counts
+# measured on a Cortex-M3 under QEMU, docs/device-engine.md) predicts to be cheapest.
 import gc
 import sys
 from array import array
@@ -12,16 +12,18 @@ import smf_viper as V
 S = 32 if sys.maxsize > (1 << 32) else 0  # sign extension of ptr32 loads on 64-bit ports
 LO = -(1 << 31)
 HI = (1 << 31) - 1
-# Cost model of 'auto': instructions of a layer = a * MACs + b * inner loops + c * outputs, per layout and
-# kind, fitted by bench/engine_speed.py to per-layer instruction counts on a Cortex-M3 (MicroPython 1.28,
-# QEMU -icount; bench/results/engine_speed.md). MACs and inner loops are those the layout runs: kept weights
-# x the output pixels each reaches (sparse) or every weight (dense); an inner loop is one output row of a
-# kept weight (sparse convolution) or one window row of an output pixel (dense convolution).
-COST = {
-    'sparse conv': (58.0, 0.0, 0.0),
-    'dense conv': (50.0, 0.0, 0.0),
-    'sparse fc': (16.0, 0.0, 900.0),
-    'dense fc': (14.0, 0.0, 2200.0),
+# Cost model of layout 'auto': a layer's instructions = c0 * f0 + c1 * f1 + c2 * f2 (+ the same for all) per layout, with f the
+# layout's loop counts: 'ws' (weight-stationary sparse convolution): MACs, inner loops (one per output row
+# a kept weight reaches); 'sparse' (output-stationary sparse convolution): kept weights x interior output
+# pixels, kept weights x border pixels; 'dense' (output-stationary, every weight): MACs, window rows; all:
+# outputs (requantization). Fully connected: MACs, -, outputs. Coefficients fitted by bench/engine_speed.py
+# to per-layer instruction counts on a Cortex-M3 (MicroPython 1.28, QEMU -icount; bench/results/engine_speed.md).
+COST = {  # fitted on LeNet's two convolution geometries at 1-81 % density: ranks all 8 measured layers right
+    'ws': (7.3, 301.9, 0.0),  # (per-output terms relative to ws's: the fit sees differences only)
+    'sparse': (20.1, 52.3, 41.6),
+    'dense': (37.3, 214.0, -1243.6),
+    'sparse fc': (32.0, 0.0, 814.4),
+    'dense fc': (40.2, 0.0, 650.4),
 }
 
 
@@ -42,8 +44,8 @@ def _rows(m, op, thr):
         else:
             R[q] = LO
             R[q + 1] = HI
-        R[q + 2] = ml[r]
-        R[q + 3] = mh[r]
+        R[q + 2] = ml[r] | ((mh[r] & 1) << 15)  # the multiplier's 16-bit halves (smf_viper.rq)
+        R[q + 3] = mh[r] >> 1
         R[q + 4] = sh[r]
         R[q + 5] = ptr[r]
         R[q + 6] = ptr[r + 1]
@@ -68,15 +70,13 @@ def _dense_w(ptr, cols, vals, rows, n):
     return W8
 
 
-def _pick(layout, kind, sparse, dense, outputs, nbytes):
-    # dense if the cost model predicts it cheaper and its weight copy (nbytes, made at load) fits in a
-    # quarter of the free heap; sparse, dense: (MACs, inner loops) each layout would run
-    if layout != 'auto':
-        return layout == 'dense'
-    cs = COST['sparse ' + kind]
-    cd = COST['dense ' + kind]
-    if cd[0] * dense[0] + cd[1] * dense[1] + cd[2] * outputs >= cs[0] * sparse[0] + cs[1] * sparse[1] + cs[2] * outputs:
-        return False
+def _cost(name, f):
+    c = COST[name]
+    return c[0] * f[0] + c[1] * f[1] + c[2] * f[2]
+
+
+def _fits(nbytes):
+    # a dense weight copy (made at load) must fit in a quarter of the free heap
     gc.collect()
     return nbytes <= gc.mem_free() // 4
 
@@ -116,21 +116,39 @@ def _conv(m, op, layout):
             T[q + 2] = ox0
             T[q + 3] = ox1
             T[q + 4] = ((oy0 * sy + ky - pt) * W + ox0 * sx + kx - pl) * C
-    dense = False
-    if not dw and layout != 'sparse':
-        # the cost model's inputs: MACs and inner loops of each layout (taps in the padding skipped)
+    # interior: output rows/columns whose whole window lies inside the input
+    ya = (pt + sy - 1) // sy
+    yb = max(ya, min(OH, (H - KH + pt) // sy + 1))
+    xa = (pl + sx - 1) // sx
+    xb = max(xa, min(OW, (W - KW + pl) // sx + 1))
+    oss_ok = ((KH - 1) * W + KW) * C <= 0xFFFF  # (u16 input offsets)
+    use = layout
+    if layout == 'auto':
+        # the cost model's inputs, per layout (taps in the padding skipped): MACs and inner loops of the
+        # weight-stationary loop, interior and border visits of the output-stationary sparse one, MACs and
+        # window rows of the dense one
         sm = sl = dm = dl = 0
         for r in range(OC):
             for j in range(ptr[r], ptr[r + 1]):
                 c = (j - ptr[r]) if cols is None else cols[j]
-                q = 5 * (c // C)
+                q = 5 * (c if dw else c // C)
                 sm += (T[q + 1] - T[q]) * (T[q + 3] - T[q + 2])
                 sl += T[q + 1] - T[q]
         for q in range(0, 5 * KH * KW, 5):
             dm += (T[q + 1] - T[q]) * (T[q + 3] - T[q + 2])
         for ky in range(KH):
             dl += T[5 * ky * KW + 1] - T[5 * ky * KW]
-        dense = _pick(layout, 'conv', (sm, sl), (dm * C * OC, dl * OW * OC), n * OC, OC * cols_n)
+        inner = (yb - ya) * (xb - xa)
+        best = _cost('ws', (sm, sl, n * OC))
+        use = 'ws'
+        if oss_ok:
+            c = _cost('sparse', (kept * inner, kept * (n - inner), n * OC))
+            if c < best:
+                best = c
+                use = 'sparse'
+        if not dw and _cost('dense', (dm * C * OC, dl * OW * OC, n * OC)) < best and _fits(OC * cols_n):
+            use = 'dense'
+    dense = use == 'dense' and not dw
     Kv = None
     if dense:
         try:
@@ -153,9 +171,17 @@ def _conv(m, op, layout):
                     K[j] = ((r // mult) << 8) | c
                 else:
                     K[j] = ((c % C) << 8) | (c // C)
-    G = array('i', [OH, OW, OC, sy * W * C, sx * C, z, 0, 0, S, H, W, C, KH, KW, sy, sx, pt, pl])
+    O = None
+    if Kv is not None and use != 'ws' and oss_ok:
+        # output-stationary sparse (conv_oss): each kept weight's input offset from the window's corner
+        O = _z('H', kept)
+        for j in range(kept):
+            k = K[j]
+            tap = k & 0xFF
+            O[j] = ((tap // KW) * W + tap % KW) * C + (k >> 8)
+    G = array('i', [OH, OW, OC, sy * W * C, sx * C, z, 0, 0, S, H, W, C, KH, KW, sy, sx, pt, pl, ya, yb, xa, xb])
     P = array('i', [n, 0, OC, 0, 0, yt[4], lo, hi, S])
-    return (V.conv, op[1], op[2], op[3], op[4], (m.bufs[xt[3]], m.bufs[yt[3]], G, R, K, T, P, Kv))
+    return (V.conv, op[1], op[2], op[3], op[4], (m.bufs[xt[3]], m.bufs[yt[3]], G, R, K, T, P, Kv, O))
 
 
 def _fc(m, op, layout):
@@ -172,7 +198,9 @@ def _fc(m, op, layout):
             R[8 * r + 7] = bias[r] - 128 * _sumw(vals, ptr[r], ptr[r + 1])
         else:
             empty.append(r)
-    dense = _pick(layout, 'fc', (ptr[rows], 0), (rows * n, 0), rows, rows * n)
+    dense = layout == 'dense'
+    if layout == 'auto':
+        dense = _cost('dense fc', (rows * n, 0, rows)) < _cost('sparse fc', (ptr[rows], 0, rows)) and _fits(rows * n)
     Kv = None
     if dense:
         try:
@@ -215,7 +243,7 @@ def _mean(m, op):
     g = op[5]
     C = xt[2]
     n = xt[0] * xt[1]
-    R = array('i', [LO, HI, g[0] | ((g[1] & 0x7F) << 8), (g[1] >> 7) | (g[2] << 1) | (g[3] << 9), _s8(g[4]), 0, 0, 0])
+    R = array('i', [LO, HI, g[0] | (g[1] << 8), g[2] | (g[3] << 8), _s8(g[4]), 0, 0, 0])
     P = array('i', [C, 0, 1, 0, 0, yt[4], -128, 127, S])
     return (V.mean, 6, op[2], op[3], op[4], (m.bufs[xt[3]], m.bufs[yt[3]], C, n, -(128 + xt[4]) * n, R, P))
 
@@ -245,7 +273,7 @@ def _add(m, op):
         v = _s8(u)
         TA[u] = mbqm((v - at[4]) << ls, lo15(g, 0), hi16(g, 0), _s8(g[12]))
         TB[u] = mbqm((v - bt[4]) << ls, lo15(g, 4), hi16(g, 4), _s8(g[13]))
-    R = array('i', [LO, HI, lo15(g, 8), hi16(g, 8), _s8(g[14]), 0, 0, 0])
+    R = array('i', [LO, HI, g[8] | (g[9] << 8), g[10] | (g[11] << 8), _s8(g[14]), 0, 0, 0])
     P = array('i', [0, 0, 1, 0, 0, yt[4], _s8(g[16]), _s8(g[17]), S])
     b = m.bufs
     return (V.add, 7, op[2], op[3], op[4],
@@ -299,4 +327,7 @@ def prepare(m, layout):
         m.ops[i] = new if new is not None else _slow(m, op)
         op = new = None
         gc.collect()  # the decoded rows of this operator are garbage now: peak = one layer in two forms
-    m.acc = _z('i', need) if need else None
+    if need and (m.acc is None or len(m.acc) < need):  # (the loader's scratch is reused when large enough)
+        m.acc = None
+        gc.collect()
+        m.acc = _z('i', need)

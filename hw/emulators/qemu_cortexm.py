@@ -2,7 +2,8 @@
 
 Firmware built by scripts/build_micropython.sh from the vendored source (the qemu port):
 
-- ``an385``: ``BOARD=MPS2_AN385``, Cortex-M3 (armv7m), thumb/viper emitter on, 140 KB fixed heap;
+- ``an385``: ``BOARD=MPS2_AN385``, Cortex-M3 (armv7m), thumb/viper emitter on, 256 KB fixed heap (the port's
+  default is 140 KB; the files below live in the heap here, in flash on a board);
 - ``microbit``: ``BOARD=MICROBIT``, nRF51 Cortex-M0 (armv6m, the RP2040's ISA), thumb emitter turned on
   with armv7m instructions off, 140 KB heap (the machine is given 256 KB of RAM; the real micro:bit v1
   has 16 KB: speed on this board is meaningful, heap size is not).

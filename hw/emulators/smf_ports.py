@@ -70,15 +70,17 @@ def engine_files(port: str, native: bool | None = None) -> dict[str, bytes]:
 
 
 def run_engine(smf: bytes, inputs: np.ndarray, port: str, *, native: bool | None = None, layout: str = "auto",
-               heap_bytes: int = 512 * 1024, timeout: float = 1800.0) -> tuple[np.ndarray, dict[str, object]]:
+               heap_bytes: int = 512 * 1024, timeout: float = 1800.0,
+               engine: dict[str, bytes] | None = None) -> tuple[np.ndarray, dict[str, object]]:
     """Outputs of the engine on ``port`` for ``inputs`` ([n, ...] int8) and figures: ``engine`` (viper or
     bytecode), ``model_heap`` (bytes the loaded model holds), ``us_per_inference`` and, on QEMU,
-    ``instructions_per_inference``. ``heap_bytes`` applies to the unix port (QEMU's heap is the firmware's)."""
+    ``instructions_per_inference``. ``heap_bytes`` applies to the unix port (QEMU's heap is the firmware's).
+    ``engine``: the engine's files (name -> bytes) to use instead of :func:`engine_files` (e.g. a bundle's)."""
     n = len(inputs)
     flat = np.ascontiguousarray(inputs, np.int8).reshape(n, -1)
     code = qemu_cortexm.UNPACK + _SCRIPT % {"native": native, "layout": layout, "n": n, "block": BLOCK,
                                             "size": flat.shape[1]}
-    files = {**engine_files(port, native), "model.smf": smf}
+    files = {**(engine if engine is not None else engine_files(port, native)), "model.smf": smf}
     stdin = b"".join(qemu_cortexm.pack(flat[k:k + BLOCK].tobytes()) for k in range(0, n, BLOCK))
     if port == "unix":
         out = unix_port.run_micropython(code, files=files, stdin=stdin, heap_bytes=heap_bytes, timeout=timeout)

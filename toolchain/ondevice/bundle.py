@@ -2,7 +2,10 @@
 
 * MicroPython boards that import ``.mpy`` (profile ``mpy_march`` set): every runtime module compiled by
   ``mpy-cross -march=<mpy_march>`` (bytecode version checked against the profile's ``mpy_abi``), ``model.smf``,
-  ``head.bin`` (the float32 trainable head, see :mod:`toolchain.ondevice.reference`), ``config.json``.
+  ``head.bin`` (the float32 trainable head, see :mod:`toolchain.ondevice.reference`), ``config.json``. The engine's
+  viper kernels (``smf_viper``, loaded by ``smf_vp``) become machine code of that architecture (xtensawin for the
+  ESP32, armv6m for the RP2040); ``smf.Model`` picks them at import and keeps the bytecode kernels on a port that
+  cannot load them (docs/device-engine.md). Without a ``-march`` they are left out: the bytecode engine runs.
 * micro:bit (1.9.2, no ``.mpy``): minified sources (``hw.emulators.microbit.minify_source``) of the micro:bit
   engine's runtime (``smf_mbk`` + ``smf_mb``) and of ``zo.py`` + ``ft.py``; ``model.smc``, the engine's decoded model,
   written here by the device's own converter (``smf_mbc.convert``, the same code, run under CPython: the converter
@@ -42,6 +45,7 @@ BUNDLE_FORMAT = 1
 # and the device app + protocol modules (app*.py, proto, hmac_sha256, link_mqtt: another package's) when present.
 # link_mqtt needs umqtt.simple on the board (`mpremote mip install umqtt.simple`, docs/fleet.md).
 MPY_RUNTIME = ("zo", "ft", "proto", "hmac_sha256", "link_mqtt")
+NATIVE_MODULES = ("smf_viper", "smf_vp")  # the engine's native kernels and their loader (docs/device-engine.md)
 
 
 def mpy_modules() -> list[str]:
@@ -198,6 +202,8 @@ def write_bundle(out_dir: Path, profile: BoardProfile, calibration: np.ndarray |
         if profile.mpy_march or profile.mpy_abi:
             cfg["code"] = "mpy"
             for m in mpy_modules():
+                if m in NATIVE_MODULES and not profile.mpy_march:
+                    continue  # viper code needs a target architecture; the engine falls back to bytecode
                 compile_mpy(MPY_DIR / f"{m}.py", bundle / f"{m}.mpy", profile.mpy_march, profile.mpy_abi)
                 written[f"{m}.mpy"] = bundle / f"{m}.mpy"
         else:  # MicroPython 1.9.2 cannot import .mpy: minified sources + a bootable hex
