@@ -16,7 +16,9 @@ import torch
 
 from toolchain.flower import make_spec
 from toolchain.flower.driver import (
+    Incoming,
     NeedMasks,
+    NodeExchange,
     build_server,
     client_runtime,
     client_step,
@@ -77,27 +79,32 @@ def test_driver_with_isolated_clients_matches_inprocess(tmp_path, reference):
     held: dict[int, dict] = {}
     states: dict[int, bytes] = {}
 
-    def exchange(out, resend):
+    lost = set()
+
+    def send(out):
         replies = {}
         for o in out:
             rt = client_runtime(spec.to_json(), o.cid, 3, None)
-            if o.kind == "train" and o.cid in held and o.rnd == 2:
+            if o.kind == "train" and o.cid in held and o.rnd == 2 and o.cid not in lost:
                 held.pop(o.cid)  # a node that lost its masks asks again and gets them
+                lost.add(o.cid)
             try:
                 rep, masks, states[o.cid] = client_step(rt, o, held.get(o.cid), states.get(o.cid))
             except NeedMasks:
-                o = resend(o)
-                rep, masks, states[o.cid] = client_step(rt, o, held.get(o.cid), states.get(o.cid))
+                replies[o.cid] = Incoming(o.cid, b"", "", need_masks=True)
+                continue
             held[o.cid] = masks
             replies[o.cid] = rep
         return replies
 
     strategy, model, fed, cfg = build_server(spec)
-    hist = server_loop(strategy, model, fed, cfg, exchange)
+    hist = server_loop(strategy, model, fed, cfg, NodeExchange(send))
     for k, v in ref.model.state_dict().items():
         assert torch.equal(strategy.model.state_dict()[k], v), k
     assert all(torch.equal(strategy.masks[k], m) for k, m in ref.masks.items())
     assert [r.bytes_up for r in hist] == [r.bytes_up for r in ref_hist]
+    # the resent masks are counted: round 2 sends more than in-process, by exactly the resent bytes
+    assert hist[0].bytes_down == ref_hist[0].bytes_down and hist[1].bytes_down > ref_hist[1].bytes_down
 
 
 @pytest.fixture
@@ -139,3 +146,61 @@ def test_deployment_engine_matches_inprocess(superlink_and_three_supernodes, tmp
     ref_hist, ref = reference
     rounds = [json.loads(line) for line in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
     _assert_same(torch.load(tmp_path / "flower" / "model.pt"), ref, rounds, ref_hist)
+
+
+def test_records_round_trip_is_exact():
+    """Payload bytes -> Flower ArrayRecord arrays -> the same bytes, for every layout the codec writes."""
+    from toolchain.fl.messages import TrainIns, TrainRes
+    from toolchain.flower import records
+
+    g = torch.Generator().manual_seed(0)
+    w = {"a.weight": torch.randn(6, 5, generator=g), "a.bias": torch.randn(6, generator=g),
+         "big.weight": torch.randn(300, 300, generator=g)}
+    m = {"a.weight": torch.rand(6, 5, generator=g) > 0.5, "big.weight": torch.rand(300, 300, generator=g) > 0.999}
+    for travels in (True, False):  # BITMAP / INDEX masks, or KNOWN_MASK values only
+        ins = TrainIns(3, w, m, {"lr": 0.1, "adjust": {"a.weight": 2}}, travels)
+        blob = ins.to_bytes()
+        arrays, layout = records.split(blob, TrainIns, m)
+        assert records.join(arrays, layout) == blob
+        assert arrays["a.weight"].shape == (int(m["a.weight"].sum()),) and arrays["a.bias"].shape == (6,)
+        assert ("big.weight#index" in arrays) == travels
+    res = TrainRes(1, w, 40, {"loss": 0.5}, {"a.weight": (torch.tensor([1, 4]), torch.tensor([0.5, -1.0]), (6, 5))})
+    blob = res.to_bytes(m)
+    arrays, layout = records.split(blob, TrainRes, m)
+    assert records.join(arrays, layout) == blob and "extras/a.weight" in arrays
+    assert records.metrics_of(layout) == {"loss": 0.5, "num-examples": 40}
+
+    class Custom:  # a strategy's own byte layout travels as one uint8 array
+        def to_bytes(self) -> bytes:
+            return b"TZO1\x00\x01"
+
+    arrays, layout = records.split(Custom().to_bytes(), Custom)
+    assert records.join(arrays, layout) == b"TZO1\x00\x01"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_flower_fixed_clipping_mod_clips_every_update(tmp_path):
+    """Flower's own DP client mod (``fixedclipping_mod``) switched on for a run on the simulation engine:
+    it clips each client's update (reply arrays minus instruction arrays), so after one FedAvg round the
+    global model moved by at most the clipping norm, while the unclipped run moves much further."""
+    pytest.importorskip("flwr", reason="flwr is not installed (pip install -e '.[flower]')")
+    from toolchain.fl.simulator import start_run
+    from toolchain.fl.strategy import float_state
+    from toolchain.flower.launch import run_simulation
+
+    clip = 0.05
+    opts = TrainOptions(algo="fedavg", out=str(tmp_path / "dp"), model="lenet5", clients=2, rounds=1, batch_size=32,
+                        lr=0.05, quiet=True, engine="flower-sim", seed=3)
+    spec = make_spec(opts, 200, 100)
+    spec.extra.update({"mods": ["fixedclipping"], "clipping_norm": clip})
+    strategy, model, fed, cfg = build_server(spec)
+    start_run(strategy, model, fed, cfg)
+    before = float_state(strategy.model)
+    run_simulation(spec, num_cpus=1)
+    after = torch.load(tmp_path / "dp" / "model.pt")["state_dict"]
+    moved = torch.sqrt(sum(((after[k] - v) ** 2).sum() for k, v in before.items())).item()
+    ref_hist, ref = run_inprocess(make_spec(opts, 200, 100))
+    free = torch.sqrt(sum(((ref.model.state_dict()[k] - v) ** 2).sum() for k, v in before.items())).item()
+    assert 0 < moved <= clip * (1 + 1e-4), moved
+    assert free > 10 * clip, free

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from models.datasets import Dataset
 from toolchain.fl.config import TrainConfig
 from toolchain.fl.masks import density
-from toolchain.fl.messages import TrainIns, TrainRes
+from toolchain.fl.messages import TrainRes
 from toolchain.fl.partition import partition
 from toolchain.fl.strategy import ClientData, ServerContext, Strategy
 
@@ -129,7 +130,21 @@ class _RunState:
     np_rng: tuple
 
 
+def _share_equal_masks(client_masks: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Make clients that hold equal masks hold the same object, so a checkpoint pickles each distinct mask set
+    once (100 clients under one static mask: one copy, not 100). Masks are never modified in place."""
+    distinct: list[dict[str, torch.Tensor]] = []
+    for cid, masks in client_masks.items():
+        for seen in distinct:
+            if seen is masks or (seen.keys() == masks.keys() and all(torch.equal(seen[k], masks[k]) for k in masks)):
+                client_masks[cid] = seen
+                break
+        else:
+            distinct.append(masks)
+
+
 def _save_checkpoint(path: Path, state: _RunState) -> None:
+    _share_equal_masks(state.client_masks)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: a run killed mid-write keeps the previous checkpoint
@@ -142,6 +157,120 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> _RunState | None:
     if state.strategy.cfg.as_dict() != cfg.as_dict():
         raise ValueError(f"checkpoint {path} was written for another configuration; delete it to start over")
     return state
+
+
+@dataclass
+class Dispatch:
+    """One instruction for one sampled client, as the server made it: the message object, its encoded
+    bytes (what the byte accounting counts) and the client's torch generator seed."""
+
+    cid: int
+    kind: str  # TRAIN or SETUP
+    rnd: int
+    step: int
+    ins: Any  # TrainIns or a strategy's own instruction class
+    blob: bytes  # ins.to_bytes()
+    seed: int
+
+
+@dataclass
+class Reply:
+    """A client's encoded result (``res.to_bytes(masks the client held)``) and the class to decode it with."""
+
+    blob: bytes
+    cls: type
+    resent_bytes: int = 0  # instruction bytes a transport had to send twice (a node that lost its masks)
+
+
+# exchange(dispatches in sampled order) -> replies by cid; clients must run in that order (in-process RNG)
+Exchange = Callable[[list[Dispatch]], dict[int, Reply]]
+TRAIN, SETUP = "train", "setup"
+
+
+def client_seed(cfg: TrainConfig, rnd: int, cid: int, setup_step: int | None = None) -> int:
+    """The per-client torch generator seed of round ``rnd`` (setup steps get their own)."""
+    base = cfg.seed * 1_000_003 + rnd * 1009 + cid
+    return base if setup_step is None else base + 7 * (setup_step + 1)
+
+
+def start_run(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainConfig) -> np.random.Generator:
+    """The server's preamble: seeds, the server context, ``strategy.setup``; returns the sampling RNG.
+
+    Flower nodes replay it too (toolchain/flower/driver.py) so their strategy objects match the server's."""
+    torch.set_num_threads(max(1, cfg.threads))
+    seed_everything(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    server_sel = rng.permutation(len(fed.clients[0].y))[: min(256, len(fed.clients[0].y))]
+    ctx = ServerContext(cfg, [len(c.y) for c in fed.clients], rng, fed.clients[0].x[torch.from_numpy(server_sel)],
+                        fed.clients[0].y[torch.from_numpy(server_sel)])
+    ctx.extra["fewshot"] = fewshot_set(fed, int(cfg.algo_options.get("n_shots", 5)), cfg.seed)
+    strategy.setup(model, ctx)
+    return rng
+
+
+def play_round(strategy: Strategy, fed: Federation, cfg: TrainConfig, rnd: int, rng: np.random.Generator,
+               exchange: Exchange, probe_model: nn.Module) -> RoundRecord:
+    """One round on the server: sample, setup exchanges, train exchange, aggregate (``close_round``).
+
+    The one round loop of every engine: ``simulate`` passes an in-process exchange, the Flower driver one
+    that sends Flower messages, so the engines can only differ in transport. Byte counts are the lengths
+    of the encoded payloads; results are decoded with the server's masks, in sampled order.
+    """
+    t0 = time.perf_counter()
+    sampled = sorted(int(c) for c in rng.choice(cfg.clients, min(cfg.per_round, cfg.clients), replace=False))
+    down = up = 0
+    setup_metrics: dict[str, float] = {}
+    for step in range(strategy.setup_steps(rnd)):
+        # setup payloads carry no masks (receivers keep what they hold); bytes count in this round
+        setup_ins = strategy.configure_setup(rnd, step, sampled)
+        out = [Dispatch(cid, SETUP, rnd, step, setup_ins[cid], setup_ins[cid].to_bytes(),
+                        client_seed(cfg, rnd, cid, step)) for cid in sampled]
+        down += sum(len(d.blob) for d in out)
+        replies = exchange(out)
+        setup_res = []
+        for cid in sampled:
+            up += len(replies[cid].blob)
+            down += replies[cid].resent_bytes
+            setup_res.append(replies[cid].cls.from_bytes(replies[cid].blob, {}))
+        setup_metrics.update(strategy.aggregate_setup(rnd, step, setup_res) or {})
+    instructions = strategy.configure_train(rnd, sampled)
+    out = [Dispatch(cid, TRAIN, rnd, 0, instructions[cid], instructions[cid].to_bytes(), client_seed(cfg, rnd, cid))
+           for cid in sampled]
+    down += sum(len(d.blob) for d in out)
+    replies = exchange(out)
+    results: list[TrainRes] = []
+    for cid in sampled:
+        up += len(replies[cid].blob)
+        down += replies[cid].resent_bytes
+        results.append(replies[cid].cls.from_bytes(replies[cid].blob, strategy.masks))
+    return close_round(strategy, fed, cfg, rnd, sampled, results, setup_metrics, up, down, t0, probe_model)
+
+
+class InProcessExchange:
+    """The in-process transport: decode each instruction as its client would, run the strategy's client
+    side on the shared client model, encode the result. ``client_masks`` is what each client last received
+    (part of a checkpoint)."""
+
+    def __init__(self, strategy: Strategy, fed: Federation, client_model: nn.Module,
+                 client_masks: dict[int, dict[str, torch.Tensor]]) -> None:
+        self.strategy, self.fed, self.client_model, self.client_masks = strategy, fed, client_model, client_masks
+
+    def __call__(self, out: list[Dispatch]) -> dict[int, Reply]:
+        replies: dict[int, Reply] = {}
+        for d in out:
+            gen = torch.Generator().manual_seed(d.seed)
+            data = self.fed.clients[d.cid]
+            if d.kind == SETUP:
+                ins = type(d.ins).from_bytes(d.blob, {})
+                res = self.strategy.client_setup(ins, data, self.client_model, gen)
+                replies[d.cid] = Reply(res.to_bytes({}), type(res))
+                continue
+            # A strategy may use its own message kinds (e.g. ZO rounds): decode with the sender's class.
+            ins = type(d.ins).from_bytes(d.blob, self.client_masks.get(d.cid, {}))
+            self.client_masks[d.cid] = ins.masks
+            res = self.strategy.client_train(ins, data, self.client_model, gen)
+            replies[d.cid] = Reply(res.to_bytes(ins.masks), type(res))
+        return replies
 
 
 def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainConfig,
@@ -158,13 +287,7 @@ def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainCo
     torch.set_num_threads(max(1, cfg.threads))
     state = _load_checkpoint(checkpoint, cfg) if checkpoint is not None else None
     if state is None:
-        seed_everything(cfg.seed)
-        rng = np.random.default_rng(cfg.seed)
-        server_sel = rng.permutation(len(fed.clients[0].y))[: min(256, len(fed.clients[0].y))]
-        ctx = ServerContext(cfg, [len(c.y) for c in fed.clients], rng, fed.clients[0].x[torch.from_numpy(server_sel)],
-                            fed.clients[0].y[torch.from_numpy(server_sel)])
-        ctx.extra["fewshot"] = fewshot_set(fed, int(cfg.algo_options.get("n_shots", 5)), cfg.seed)
-        strategy.setup(model, ctx)
+        rng = start_run(strategy, model, fed, cfg)
         client_masks: dict[int, dict[str, torch.Tensor]] = {}  # what each client last received
         history: list[RoundRecord] = []
     else:
@@ -174,43 +297,11 @@ def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainCo
         torch.set_rng_state(state.torch_rng)
         np.random.set_state(state.np_rng)
     client_model = copy.deepcopy(strategy.model)
-    per_round = min(cfg.per_round, cfg.clients)
+    exchange = InProcessExchange(strategy, fed, client_model, client_masks)
     bar = tqdm(range(len(history) + 1, cfg.rounds + 1), desc=f"{strategy.name} rounds", unit="round",
                disable=not progress, leave=False, dynamic_ncols=True)
     for rnd in bar:
-        t0 = time.perf_counter()
-        sampled = sorted(int(c) for c in rng.choice(cfg.clients, per_round, replace=False))
-        down = up = 0
-        setup_metrics: dict[str, float] = {}
-        for step in range(strategy.setup_steps(rnd)):
-            # setup payloads carry no masks (receivers keep what they hold); bytes count in this round
-            setup_ins = strategy.configure_setup(rnd, step, sampled)
-            setup_res: list[TrainRes] = []
-            for cid in sampled:
-                blob = setup_ins[cid].to_bytes()
-                down += len(blob)
-                ins = type(setup_ins[cid]).from_bytes(blob, {})
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd * 1009 + cid + 7 * (step + 1))
-                res = strategy.client_setup(ins, fed.clients[cid], client_model, gen)
-                blob = res.to_bytes({})
-                up += len(blob)
-                setup_res.append(type(res).from_bytes(blob, {}))
-            setup_metrics.update(strategy.aggregate_setup(rnd, step, setup_res) or {})
-        instructions = strategy.configure_train(rnd, sampled)
-        results: list[TrainRes] = []
-        for cid in sampled:
-            # A strategy may use its own message kinds (e.g. ZO rounds): decode with the sender's class.
-            ins_type: type[TrainIns] = type(instructions[cid])
-            blob = instructions[cid].to_bytes()
-            down += len(blob)
-            ins = ins_type.from_bytes(blob, client_masks.get(cid, {}))
-            client_masks[cid] = ins.masks
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd * 1009 + cid)
-            res = strategy.client_train(ins, fed.clients[cid], client_model, gen)
-            blob = res.to_bytes(ins.masks)
-            up += len(blob)
-            results.append(type(res).from_bytes(blob, strategy.masks))
-        rec = close_round(strategy, fed, cfg, rnd, sampled, results, setup_metrics, up, down, t0, client_model)
+        rec = play_round(strategy, fed, cfg, rnd, rng, exchange, client_model)
         history.append(rec)
         bar.set_postfix(acc=f"{rec.accuracy:.4f}", density=f"{rec.density:.3f}")
         if checkpoint is not None:

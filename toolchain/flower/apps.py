@@ -1,10 +1,12 @@
 """Our strategies as a Flower ``ServerApp`` and their client side as a ``ClientApp`` (Message API, flwr 1.41).
 
-Every payload travels as the exact bytes of the in-process engine (``TrainIns.to_bytes`` /
-``TrainRes.to_bytes``: sparse weights, masks when they changed, config, top-K extras, seeds...) inside a
-``ConfigRecord``; the per-client generator seed, round, payload classes and model arch ride beside it as
-scalars; the client's last masks live in ``context.state`` as an ``ArrayRecord`` (the SuperNode keeps
-it between the messages of a run), so only changed masks travel, as in the in-process engine.
+Payloads travel as Flower records: the weights (and masks, when they change) as one ``ArrayRecord``
+"arrays" with one array per tensor (the kept values of a sparse tensor; toolchain/flower/records.py), the
+metrics as a ``MetricRecord``, and round, seed, payload class and layout as scalars of one ``ConfigRecord``
+"config". That is the shape Flower's client mods expect, so a run can switch them on (``RunSpec.extra
+["mods"]``, e.g. ``fixedclipping``). The receiver rebuilds the exact payload bytes of the in-process engine
+from the records, so the engines stay bit-identical. The client's last masks live in ``context.state``
+(the SuperNode keeps it between the messages of a run), so only changed masks travel.
 
 Message types: ``query`` (which partition does this node hold), ``train`` (one round of local
 training), ``train.setup`` (a strategy's optional setup exchange before training).
@@ -12,17 +14,20 @@ training), ``train.setup`` (a strategy's optional setup exchange before training
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from logging import INFO
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from toolchain.errors import ToolchainError
+from toolchain.flower import records
 
 if TYPE_CHECKING:
     from toolchain.flower.driver import Incoming, Outgoing, RunSpec
@@ -34,21 +39,72 @@ SPEC_KEY = "spec"  # run-config key holding RunSpec JSON (deployment engine)
 MASKS_KEY = "toolchain.masks"  # context.state key: the masks this node last received
 STATE_KEY = "toolchain.client"  # context.state key: this node's client-side strategy object (never sent)
 SETUP_TYPE = f"{MessageType.TRAIN}.setup"
+CLIPPING_NORM = "clipping_norm"  # the key Flower's clipping mods read from the instruction's ConfigRecord
+
+
+def _mod_table() -> dict[str, Callable]:
+    from flwr.clientapp.mod import adaptiveclipping_mod, arrays_size_mod, fixedclipping_mod, message_size_mod
+
+    return {"fixedclipping": fixedclipping_mod, "adaptiveclipping": adaptiveclipping_mod,
+            "arrays_size": arrays_size_mod, "message_size": message_size_mod}
+
+
+def check_mods(names: list[str]) -> None:
+    unknown = sorted(set(names) - set(_mod_table()))
+    if unknown:
+        raise ToolchainError(f"unknown Flower mod(s) {unknown}; choose from {sorted(_mod_table())}")
 
 
 # ---- records <-> driver objects -----------------------------------------------------------------
-def ins_record(o: Outgoing) -> RecordDict:
-    return RecordDict({"ins": ConfigRecord({
-        "cid": o.cid, "kind": o.kind, "round": o.rnd, "step": o.step, "payload": o.payload,
-        "ins-type": o.ins_type, "seed": o.seed, "mask-travels": o.mask_travels})})
+def _array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _arrays(rec: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in rec.items()}
+
+
+def ins_record(o: Outgoing, clipping_norm: float | None = None, float_masks: bool = False) -> RecordDict:
+    from toolchain.flower.driver import resolve_type
+
+    arrays, layout = records.split(o.payload, resolve_type(o.ins_type), o.masks, float_masks)
+    config = ConfigRecord({"cid": o.cid, "kind": o.kind, "round": o.rnd, "step": o.step, "ins-type": o.ins_type,
+                           "seed": o.seed, "mask-travels": o.mask_travels, "layout": layout})
+    if clipping_norm is not None:
+        config[CLIPPING_NORM] = float(clipping_norm)
+    return RecordDict({"arrays": _array_record(arrays), "config": config})
 
 
 def outgoing_from(msg: Message) -> Outgoing:
     from toolchain.flower.driver import Outgoing
 
-    c = msg.content["ins"]
-    return Outgoing(int(c["cid"]), str(c["kind"]), int(c["round"]), int(c["step"]), bytes(c["payload"]),
+    c = msg.content["config"]
+    payload = records.join(_arrays(msg.content["arrays"]), str(c["layout"]))
+    return Outgoing(int(c["cid"]), str(c["kind"]), int(c["round"]), int(c["step"]), payload,
                     str(c["ins-type"]), int(c["seed"]), bool(c["mask-travels"]))
+
+
+def res_record(reply: Incoming, ins_arrays: dict[str, np.ndarray] | None) -> RecordDict:
+    """The node's reply. With ``ins_arrays`` (a mod that compares arrays is on), the reply carries the
+    instruction's keys in its order: Flower's clipping mods require that; echoed masks are ignored."""
+    from toolchain.flower.driver import resolve_type
+
+    arrays, layout = records.split(reply.payload, resolve_type(reply.res_type), reply.masks)
+    if ins_arrays is not None:
+        arrays = {**{k: arrays.get(k, v) for k, v in ins_arrays.items()}, **arrays}
+    return RecordDict({"arrays": _array_record(arrays),
+                       "metrics": MetricRecord(records.metrics_of(layout)),
+                       "config": ConfigRecord({"cid": reply.cid, "res-type": reply.res_type, "layout": layout})})
+
+
+def incoming_from(msg: Message) -> Incoming:
+    from toolchain.flower.driver import Incoming
+
+    c = msg.content["config"]
+    if c.get("need-masks"):
+        return Incoming(int(c["cid"]), b"", "", need_masks=True)
+    return Incoming(int(c["cid"]), records.join(_arrays(msg.content["arrays"]), str(c["layout"])),
+                    str(c["res-type"]))
 
 
 # ---- ClientApp ------------------------------------------------------------------------------------
@@ -59,14 +115,54 @@ def _node_partition(context: Context) -> tuple[int, int]:
     return int(cfg["partition-id"]), int(cfg["num-partitions"])
 
 
+# run-config keys of a Flower app (flower_app/pyproject.toml) -> TrainOptions fields; 0 / "" mean "unset"
+RUN_CONFIG_KEYS = {"algo": "algo", "model": "model", "dataset": "dataset", "data": "data", "density": "density",
+                   "clients": "clients", "per-round": "per_round", "rounds": "rounds", "local-epochs": "local_epochs",
+                   "batch-size": "batch_size", "lr": "lr", "optimizer": "optimizer", "partition": "partition",
+                   "alpha": "alpha", "seed": "seed", "eval-samples": "eval_samples", "out": "out"}
+
+
+def spec_from_run_config(run_config: dict) -> str:
+    """The run's RunSpec JSON: the ``spec`` key (``toolchain train`` writes it) or, for the checked-in app
+    (``flwr run flower_app``), its flat keys (``--run-config "rounds=2 algo='gmp'"``)."""
+    if SPEC_KEY in run_config:
+        return str(run_config[SPEC_KEY])
+    from pathlib import Path
+
+    from toolchain.flower import make_spec
+    from toolchain.train import TrainOptions
+
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS) - {"train-limit", "test-limit", "mods", "clipping-norm",
+                                                                "node-timeout", "algo-options"})
+    if unknown:
+        raise ToolchainError(f"unknown run-config key(s) {unknown}; see flower_app/pyproject.toml")
+    kw = {RUN_CONFIG_KEYS[k]: v for k, v in run_config.items() if k in RUN_CONFIG_KEYS and v not in ("", 0)}
+    kw["out"] = str(Path(str(kw.get("out", "runs/flower-app"))).expanduser().resolve())
+    opts = TrainOptions(**kw, algo_options=json.loads(str(run_config.get("algo-options") or "{}")),
+                        engine="flower-app", quiet=True)
+    spec = make_spec(opts, int(run_config.get("train-limit", 0)) or None, int(run_config.get("test-limit", 0)) or None,
+                     float(run_config.get("node-timeout", 300.0)))
+    mods = [m for m in str(run_config.get("mods", "")).split(",") if m]
+    check_mods(mods)
+    if mods:
+        spec.extra["mods"] = mods
+    if float(run_config.get("clipping-norm", 0.0)) > 0:
+        spec.extra[CLIPPING_NORM] = float(run_config["clipping-norm"])
+    return spec.to_json()
+
+
+def _spec_json(spec_json: str | None, context: Context) -> str:
+    return spec_json if spec_json is not None else spec_from_run_config(dict(context.run_config))
+
+
 def make_client_app(spec_json: str | None = None) -> ClientApp:
     """``spec_json`` set: simulation (the spec rides in the closure); None: read it from the run config."""
     app = ClientApp()
 
-    def handle(msg: Message, context: Context) -> Message:
+    def handle(msg: Message, context: Context, echo: bool = False) -> Message:
         from toolchain.flower.driver import TRAIN, NeedMasks, client_runtime, client_step
 
-        spec = spec_json if spec_json is not None else str(context.run_config[SPEC_KEY])
+        spec = _spec_json(spec_json, context)
         pid, nparts = _node_partition(context)
         data_dir = context.node_config.get("data-dir")
         rt = client_runtime(spec, pid, nparts, str(data_dir) if data_dir is not None else None)
@@ -78,13 +174,29 @@ def make_client_app(spec_json: str | None = None) -> ClientApp:
         try:
             reply, masks, state = client_step(rt, o, held, state)
         except NeedMasks:
-            return Message(RecordDict({"res": ConfigRecord({"cid": o.cid, "need-masks": True})}), reply_to=msg)
+            return Message(RecordDict({"config": ConfigRecord({"cid": o.cid, "need-masks": True})}), reply_to=msg)
         if masks is not None and o.kind == TRAIN:
             context.state[MASKS_KEY] = ArrayRecord(masks)
         context.state[STATE_KEY] = ConfigRecord({"strategy": state})
-        return Message(RecordDict({
-            "res": ConfigRecord({"cid": reply.cid, "payload": reply.payload, "res-type": reply.res_type}),
-            "metrics": MetricRecord({"num-examples": len(rt.data.y)})}), reply_to=msg)
+        return Message(res_record(reply, _arrays(msg.content["arrays"]) if echo else None), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        from toolchain.flower.driver import RunSpec
+
+        # the run's mods come from its spec (one installed ClientApp serves every run); Flower's own mod
+        # functions run unchanged around our handler, outermost first, as ClientApp(mods=[...]) would
+        names = list(RunSpec.from_json(_spec_json(spec_json, context)).extra.get("mods", []))
+        check_mods(names)
+        table = _mod_table()
+
+        def inner(m: Message, c: Context) -> Message:
+            return handle(m, c, echo=bool(names))
+
+        fn: Callable[[Message, Context], Message] = inner
+        for name in reversed(names):
+            fn = (lambda mod, nxt: lambda m, c: mod(m, c, nxt))(table[name], fn)
+        return fn(msg, context)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -92,8 +204,7 @@ def make_client_app(spec_json: str | None = None) -> ClientApp:
         return Message(RecordDict({"node": ConfigRecord({"partition-id": pid, "num-partitions": nparts})}),
                        reply_to=msg)
 
-    app.train()(handle)
-    app.train("setup")(handle)
+    app.train("setup")(handle)  # setup exchanges carry scores, not model updates: no mods
     return app
 
 
@@ -129,44 +240,41 @@ def discover(grid: Grid, clients: int, timeout: float) -> dict[int, int]:
 
 
 class GridExchange:
-    """``driver.Exchange`` over a Flower ``Grid``: one message per sampled client, all in flight at once."""
+    """Sends a round's ``Outgoing`` list over a Flower ``Grid``: one message per sampled client, all in
+    flight at once (used as ``NodeExchange.send``)."""
 
-    def __init__(self, grid: Grid, node_of: dict[int, int], timeout: float | None = None) -> None:
-        self.grid, self.node_of, self.timeout = grid, node_of, timeout
+    def __init__(self, grid: Grid, node_of: dict[int, int], timeout: float | None = None,
+                 clipping_norm: float | None = None, mods: bool = False) -> None:
+        self.grid, self.node_of, self.timeout, self.clipping_norm = grid, node_of, timeout, clipping_norm
+        self.mods = mods  # client mods are on: masks travel as float arrays (see records.split)
 
-    def _send(self, out: list[Outgoing]) -> dict[int, Message]:
-        msgs = [Message(ins_record(o), dst_node_id=self.node_of[o.cid],
+    def __call__(self, out: list[Outgoing]) -> dict[int, Incoming]:
+        msgs = [Message(ins_record(o, self.clipping_norm if o.kind == "train" else None, self.mods),
+                        dst_node_id=self.node_of[o.cid],
                         message_type=SETUP_TYPE if o.kind == "setup" else MessageType.TRAIN,
                         group_id=str(o.rnd)) for o in out]
-        got: dict[int, Message] = {}
+        got: dict[int, Incoming] = {}
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
             _check(reply, f"round {out[0].rnd}")
-            got[int(reply.content["res"]["cid"])] = reply
+            inc = incoming_from(reply)
+            got[inc.cid] = inc
         if len(got) != len(out):
             raise ToolchainError(f"round {out[0].rnd}: {len(out) - len(got)} SuperNode(s) did not reply")
         return got
 
-    def __call__(self, out: list[Outgoing], resend: Callable[[Outgoing], Outgoing]) -> dict[int, Incoming]:
-        from toolchain.flower.driver import Incoming
-
-        got = self._send(out)
-        retry = [resend(o) for o in out if got[o.cid].content["res"].get("need-masks")]
-        if retry:
-            got.update(self._send(retry))
-        extra = {o.cid: len(o.payload) for o in retry}
-        return {cid: Incoming(cid, bytes(m.content["res"]["payload"]), str(m.content["res"]["res-type"]),
-                              extra.get(cid, 0)) for cid, m in got.items()}
-
 
 def serve(grid: Grid, spec: RunSpec) -> dict:
     """The whole server side of a run: build, discover nodes, run the rounds, write ``spec.out``."""
-    from toolchain.flower.driver import build_server, server_loop
+    from toolchain.flower.driver import NodeExchange, build_server, server_loop
     from toolchain.flower.outputs import write_run
 
+    check_mods(list(spec.extra.get("mods", [])))
     strategy, model, fed, cfg = build_server(spec)
     node_of = discover(grid, cfg.clients, spec.node_timeout)
     log(INFO, "toolchain: %d SuperNodes hold partitions %s", len(node_of), sorted(node_of))
-    exchange = GridExchange(grid, node_of)
+    clip = spec.extra.get(CLIPPING_NORM)
+    exchange = NodeExchange(GridExchange(grid, node_of, clipping_norm=None if clip is None else float(clip),
+                                         mods=bool(spec.extra.get("mods"))))
 
     def run(on_round: Callable) -> list:
         def report(rec) -> None:  # noqa: ANN001 - RoundRecord
@@ -187,7 +295,7 @@ def make_server_app(spec_json: str | None = None, sink: dict | None = None) -> S
     def main(grid: Grid, context: Context) -> None:
         from toolchain.flower.driver import RunSpec
 
-        spec = RunSpec.from_json(spec_json if spec_json is not None else str(context.run_config[SPEC_KEY]))
+        spec = RunSpec.from_json(_spec_json(spec_json, context))
         summary = serve(grid, spec)
         if sink is not None:
             sink["summary"] = summary

@@ -1,10 +1,9 @@
 """The Flower-independent half of the adapter: the run spec, the server's round loop, the client step.
 
-Nothing here imports ``flwr``. The server loop mirrors :func:`toolchain.fl.simulate` step for step
-(same RNG draws in the same order, same generator seeds, same encode/decode of every payload, same
-aggregation order), but hands each round's payloads to an ``exchange`` callable instead of calling
-``client_train`` itself; :mod:`toolchain.flower.apps` implements ``exchange`` with Flower messages.
-Keeping the loop here means the Flower engines and the in-process engine can only differ in transport.
+Nothing here imports ``flwr``. The server runs the in-process engine's own preamble and round
+(:func:`toolchain.fl.simulator.start_run`, :func:`~toolchain.fl.simulator.play_round`) with a
+:class:`NodeExchange` as the transport; :mod:`toolchain.flower.apps` sends its messages over Flower.
+There is no second copy of the round loop, so the engines can only differ in transport.
 """
 
 from __future__ import annotations
@@ -14,12 +13,10 @@ import dataclasses
 import importlib
 import json
 import pickle
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,18 +24,23 @@ from models.datasets import Dataset, load_dataset
 from models.zoo import build_model
 from toolchain.errors import ToolchainError
 from toolchain.fl.config import TrainConfig
-from toolchain.fl.messages import TrainIns, TrainRes
-from toolchain.fl.simulator import Federation, RoundRecord, close_round, fewshot_set, seed_everything
-from toolchain.fl.strategy import ClientData, ServerContext, Strategy
+from toolchain.fl.simulator import (
+    SETUP,
+    TRAIN,
+    Dispatch,
+    Exchange,
+    Federation,
+    Reply,
+    RoundRecord,
+    client_seed,
+    play_round,
+    seed_everything,
+    start_run,
+)
+from toolchain.fl.strategy import ClientData, Strategy
 from toolchain.pruning import make_strategy
 
-TRAIN, SETUP = "train", "setup"
-
-
-def client_seed(cfg: TrainConfig, rnd: int, cid: int, setup_step: int | None = None) -> int:
-    """The per-client torch generator seed of the in-process engine (``simulate``)."""
-    base = cfg.seed * 1_000_003 + rnd * 1009 + cid
-    return base if setup_step is None else base + 7 * (setup_step + 1)
+__all__ = ["SETUP", "TRAIN", "client_seed"]  # re-exported: the Flower apps and tests use them from here
 
 
 @dataclass
@@ -102,7 +104,7 @@ def resolve_type(name: str) -> type:
 
 @dataclass
 class Outgoing:
-    """One instruction for one client: encoded payload + the class to decode it with + its seed."""
+    """One instruction for one client as a node sees it: encoded payload, its class, its seed."""
 
     cid: int
     kind: str  # TRAIN or SETUP
@@ -112,6 +114,7 @@ class Outgoing:
     ins_type: str
     seed: int
     mask_travels: bool
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # the sender's masks (to lay out KNOWN_MASK)
 
 
 @dataclass
@@ -119,11 +122,34 @@ class Incoming:
     cid: int
     payload: bytes
     res_type: str
-    resent_bytes: int = 0  # instruction bytes sent a second time (a client that had lost its masks)
+    need_masks: bool = False  # the node had lost the masks this instruction assumed (restarted)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # what the node encoded its result with
 
 
-# exchange(outgoing in sampled order) -> replies by cid; it may resend (see apps.py) but must not reorder
-Exchange = Callable[[list[Outgoing], Callable[[Outgoing], Outgoing]], dict[int, Incoming]]
+class NodeExchange:
+    """``simulator.Exchange`` for clients that live elsewhere (Flower nodes): turns each ``Dispatch`` into
+    an ``Outgoing``, sends them all at once (``send``), resends with masks to nodes that lost theirs."""
+
+    def __init__(self, send: Callable[[list[Outgoing]], dict[int, Incoming]]) -> None:
+        self.send = send
+
+    def __call__(self, dispatches: list[Dispatch]) -> dict[int, Reply]:
+        out = [Outgoing(d.cid, d.kind, d.rnd, d.step, d.blob, type_name(d.ins), d.seed,
+                        d.kind == TRAIN and bool(getattr(d.ins, "mask_travels", True)),
+                        dict(getattr(d.ins, "masks", None) or {})) for d in dispatches]
+        got = self.send(out)
+        retry = [o for o in out if got[o.cid].need_masks]
+        resent: dict[int, int] = {}
+        if retry:
+            by_cid = {d.cid: d for d in dispatches}
+            again = []
+            for o in retry:  # a SuperNode that lost its state (restart) asks again; it gets the masks this time
+                blob = dataclasses.replace(by_cid[o.cid].ins, mask_travels=True).to_bytes()
+                again.append(dataclasses.replace(o, payload=blob, mask_travels=True))
+                resent[o.cid] = len(blob)
+            got.update(self.send(again))
+        return {d.cid: Reply(got[d.cid].payload, resolve_type(got[d.cid].res_type), resent.get(d.cid, 0))
+                for d in dispatches}
 
 
 def build_server(spec: RunSpec) -> tuple[Strategy, nn.Module, Federation, TrainConfig]:
@@ -137,60 +163,14 @@ def build_server(spec: RunSpec) -> tuple[Strategy, nn.Module, Federation, TrainC
     return make_strategy(opts["algo"], cfg), model, fed, cfg
 
 
-def setup_strategy(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainConfig) -> np.random.Generator:
-    """``simulate``'s preamble: seeds, the server context, ``strategy.setup``; returns the sampling RNG."""
-    seed_everything(cfg.seed)
-    torch.set_num_threads(max(1, cfg.threads))
-    rng = np.random.default_rng(cfg.seed)
-    server_sel = rng.permutation(len(fed.clients[0].y))[: min(256, len(fed.clients[0].y))]
-    ctx = ServerContext(cfg, [len(c.y) for c in fed.clients], rng,
-                        fed.clients[0].x[torch.from_numpy(server_sel)], fed.clients[0].y[torch.from_numpy(server_sel)])
-    ctx.extra["fewshot"] = fewshot_set(fed, int(cfg.algo_options.get("n_shots", 5)), cfg.seed)
-    strategy.setup(model, ctx)
-    return rng
-
-
 def server_loop(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainConfig, exchange: Exchange,
                 on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
-    """``simulate`` with the client calls replaced by ``exchange``; keep in step with simulator.py."""
-    rng = setup_strategy(strategy, model, fed, cfg)
-    probe_model = copy.deepcopy(model)  # the server's copy for device-memory accounting only
+    """``simulate``'s rounds (the same ``start_run`` and ``play_round``) over another transport."""
+    rng = start_run(strategy, model, fed, cfg)
+    probe_model = copy.deepcopy(strategy.model)  # the server's copy for device-memory accounting only
     history: list[RoundRecord] = []
-    per_round = min(cfg.per_round, cfg.clients)
     for rnd in range(1, cfg.rounds + 1):
-        t0 = time.perf_counter()
-        sampled = sorted(int(c) for c in rng.choice(cfg.clients, per_round, replace=False))
-        down = up = 0
-        setup_metrics: dict[str, float] = {}
-        for step in range(strategy.setup_steps(rnd)):
-            setup_ins = strategy.configure_setup(rnd, step, sampled)
-            out = [Outgoing(cid, SETUP, rnd, step, setup_ins[cid].to_bytes(), type_name(setup_ins[cid]),
-                            client_seed(cfg, rnd, cid, step), False) for cid in sampled]
-            down += sum(len(o.payload) for o in out)
-            replies = exchange(out, lambda o: o)  # setup payloads carry no masks: nothing to resend
-            up += sum(len(replies[cid].payload) for cid in sampled)
-            setup_res = [resolve_type(replies[cid].res_type).from_bytes(replies[cid].payload, {})
-                         for cid in sampled]
-            setup_metrics.update(strategy.aggregate_setup(rnd, step, setup_res) or {})
-        instructions = strategy.configure_train(rnd, sampled)
-
-        def with_masks(o: Outgoing, _ins: dict[int, TrainIns] = instructions) -> Outgoing:
-            # a SuperNode that lost its state (restart) asks again; it gets the masks this time
-            blob = dataclasses.replace(_ins[o.cid], mask_travels=True).to_bytes()
-            return dataclasses.replace(o, payload=blob, mask_travels=True)
-
-        out = [Outgoing(cid, TRAIN, rnd, 0, instructions[cid].to_bytes(), type_name(instructions[cid]),
-                        client_seed(cfg, rnd, cid), bool(getattr(instructions[cid], "mask_travels", True)))
-               for cid in sampled]
-        down += sum(len(o.payload) for o in out)
-        replies = exchange(out, with_masks)
-        down += sum(replies[cid].resent_bytes for cid in sampled)
-        results: list[TrainRes] = []
-        for cid in sampled:  # aggregation order = sampled order, as in simulate
-            up += len(replies[cid].payload)
-            results.append(resolve_type(replies[cid].res_type).from_bytes(replies[cid].payload,
-                                                                                    strategy.masks))
-        rec = close_round(strategy, fed, cfg, rnd, sampled, results, setup_metrics, up, down, t0, probe_model)
+        rec = play_round(strategy, fed, cfg, rnd, rng, exchange, probe_model)
         history.append(rec)
         if on_round:
             on_round(rec)
@@ -235,7 +215,7 @@ def client_runtime(spec_json: str, partition_id: int, num_partitions: int, data_
         if data_dir is not None:
             spec = dataclasses.replace(spec, options={**spec.options, "data": data_dir})
         strategy, model, fed, cfg = build_server(spec)
-        setup_strategy(strategy, model, fed, cfg)
+        start_run(strategy, model, fed, cfg)
         _RUNTIMES.clear()  # one run per process at a time
         _RUNTIMES[key] = ClientRuntime(spec, fed.clients[partition_id], cfg, copy.deepcopy(model),
                                        pickle.dumps(strategy))
@@ -264,7 +244,8 @@ def client_step(rt: ClientRuntime, o: Outgoing, known_masks: dict[str, torch.Ten
         raise NeedMasks()
     ins = ins_cls.from_bytes(o.payload, known_masks or {})
     res = strategy.client_train(ins, rt.data, model, gen)
-    return Incoming(o.cid, res.to_bytes(ins.masks), type_name(res)), ins.masks, pickle.dumps(strategy)
+    return (Incoming(o.cid, res.to_bytes(ins.masks), type_name(res), masks=dict(ins.masks)), ins.masks,
+            pickle.dumps(strategy))
 
 def run_inprocess(spec: RunSpec) -> tuple[list[RoundRecord], Strategy]:
     """The same run on the in-process engine (``simulate``), for comparisons and benchmarks."""
