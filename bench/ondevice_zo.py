@@ -10,6 +10,10 @@ single-device federation). The accuracy of the device's weights after each round
 fine-tuner's buffer sizes are reported (heap measured on the micro:bit by the tests).
 
     nice -n 10 .venv/bin/python bench/ondevice_zo.py --build esp32=build/esp32 --build microbit=build/microbit
+
+With ``--port unix`` the device code runs on MicroPython 1.28's unix port instead (scripts/build_micropython.sh:
+the engine's native kernels, a real heap bound, heap figures measured by the device); the pool must then fit the
+heap, e.g. ``--port unix --pool 64 --batch 16 --k 16 --out bench/results/ondevice_zo_unix``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import sparse_models as sm  # noqa: E402
 
 from hw.profiles import get_profile  # noqa: E402
-from toolchain.ondevice.harness import run_rounds  # noqa: E402
+from toolchain.ondevice.harness import DeviceRun, _parse, _script, device_files, run_rounds  # noqa: E402
 from toolchain.ondevice.reference import (  # noqa: E402
     engine_features,
     head_accuracy,
@@ -57,8 +61,25 @@ def shifted(images: np.ndarray, seed: int) -> np.ndarray:
     return (np.round(r) - 128).astype(np.int8)
 
 
+def run_rounds_unix(head, spec: dict, data: np.ndarray, labels: list[int], seeds: list[int],  # noqa: ANN001
+                    batches: list[list[int]], k: int, mu: float, lr: float, evals: list[int], smf: bytes,
+                    heap_bytes: int) -> DeviceRun:
+    """The harness's device script on the MicroPython 1.28 unix port (scripts/build_micropython.sh): the engine
+    as x64 .mpy (its native kernels run), ft/zo as source, under a real heap bound of ``heap_bytes``; the
+    device's gc.mem_alloc figures are meaningful there (unlike WebAssembly's)."""
+    from hw.emulators import smf_ports, unix_port
+    from toolchain.ondevice.reference import ENGINE_DIR
+
+    data = np.ascontiguousarray(data, np.int8).reshape(len(data), -1)
+    files = {**smf_ports.engine_files("unix", True), **device_files(head, spec, data, smf)}
+    for m in ("zo", "ft"):
+        files[f"{m}.mpy"] = unix_port.mpy_cross((ENGINE_DIR / f"{m}.py").read_bytes(), f"{m}.py", "x64")
+    code = _script(len(data), data.shape[1], labels, seeds, batches, k, mu, lr, evals, True, "")
+    return _parse(unix_port.run_micropython(code, files=files, heap_bytes=heap_bytes, timeout=3600))
+
+
 def bench_target(name: str, build: Path, rounds: int, k: int, batch: int, lr: float, mu: float, pool_n: int,
-                 eval_n: int) -> dict:
+                 eval_n: int, port: str = "cpython") -> dict:
     manifest = json.loads((build / "manifest.json").read_text())
     profile = get_profile(manifest["target"])
     smf = (build / "model.smf").read_bytes()
@@ -75,8 +96,14 @@ def bench_target(name: str, build: Path, rounds: int, k: int, batch: int, lr: fl
     spec = {"estimator": "forward", "batch_max": batch, "k_max": k}
 
     t0 = time.perf_counter()
-    run = run_rounds(head, spec, pool, yp, seeds, batches, k, mu, lr, list(range(min(64, pool_n))), smf=smf,
-                     port="cpython", timeout=3600)
+    if port == "unix":
+        # (x64 objects are about twice a 32-bit board's: the heap is bounded to twice the profile's RAM; the
+        # figures reported are what the device allocated)
+        run = run_rounds_unix(head, spec, pool, yp, seeds, batches, k, mu, lr, list(range(min(64, pool_n))), smf,
+                              2 * profile.ram_bytes)
+    else:
+        run = run_rounds(head, spec, pool, yp, seeds, batches, k, mu, lr, list(range(min(64, pool_n))), smf=smf,
+                         port="cpython", timeout=3600)
     device_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -120,6 +147,10 @@ def bench_target(name: str, build: Path, rounds: int, k: int, batch: int, lr: fl
                  + 4 * k + 2 * (head.rows + 1) + head.nnz * (1 if head.cols <= 256 else 2) + 16 * head.rows,
                  "profile_ram_bytes": profile.ram_bytes},
         "flash_bytes": flash, "smf_vs_tflite": flash["model.smf"] / flash["model.tflite"],
+        "port": port,
+        # measured by the device (unix port only: gc.mem_alloc after collections, under a heap bounded to twice the
+        # board profile's RAM): model (engine + ft/zo code + model), tuner, local data, most a round allocated
+        "device_heap": run.heap if port == "unix" else None,
     }
 
 
@@ -141,10 +172,19 @@ def render(results: list[dict], meta: dict) -> str:
         a = r["accuracy_per_round"]
         lines.append(f"- {r['target']}: " + ", ".join(f"{100 * a[i]:.1f}" for i in range(0, len(a), 10))
                      + f" (300 clean test digits before fine-tuning: {100 * r['accuracy_clean_test_300']:.1f} %)")
+    for r in results:
+        h = r.get("device_heap")
+        if h:
+            lines += ["", f"{r['target']}: heap measured on the device (MicroPython 1.28 unix port x64, heap bounded to "
+                      f"{2 * r['heap']['profile_ram_bytes']} B = twice the profile's RAM as x64 objects are about "
+                      "twice a 32-bit board's; native engine): model + engine + ft/zo code "
+                      f"{h['model']} B, tuner {h['tuner']} B, local data {h['data']} B, most allocated by a round "
+                      f"{h['round_alloc']} B, live at the end {h['live_end']} B."]
     lines += ["", "Host replay of the device rounds (toolchain.ondevice.reference): "
               + "; ".join(f"{r['target']}: max |scalar diff| {r['replay']['max_scalar_diff']:.1e}, weights "
                           f"{'bit-exact' if r['replay']['weights_bit_exact'] else 'DIFFER'}" for r in results), "",
-              "Device seconds per round (CPython running the device code, includes the int8 backbone on the batch): "
+              f"Device seconds per round ({'the unix port' if results and results[0].get('port') == 'unix' else 'CPython'}"
+              " running the device code, includes the int8 backbone on the batch): "
               + ", ".join(f"{r['target']} {r['device_seconds_per_round']:.2f} s" for r in results), "",
               "Tuner buffers: weights + exact-restore copy (8 d), head inputs of a batch, K scalars, row pointers and "
               "columns, logits; computed from ft.py's layout. Measured on the micro:bit (QEMU, tests/test_ondevice_ft.py,"
@@ -164,16 +204,21 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=512)
     ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "ondevice_zo"))
+    ap.add_argument("--port", choices=("cpython", "unix"), default="cpython",
+                    help="run the device code under CPython, or on the MicroPython 1.28 unix port (bounded heap)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     results = []
     for item in args.build:
         name, _, path = item.partition("=")
         results.append(bench_target(name, Path(path), args.rounds, args.k, args.batch, args.lr, args.mu, args.pool,
-                                    args.eval))
+                                    args.eval, args.port))
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("accuracy_per_round", "losses")}))
     meta = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, Python "
-                       f"{platform.python_version()}", "port": "CPython (device code: ft.py, zo.py, smf engine)",
+                       f"{platform.python_version()}",
+            "port": ("MicroPython 1.28 unix port x64 (device code: ft.py, zo.py, smf engine with native kernels), heap "
+                     "bounded to twice the board profile's RAM" if args.port == "unix"
+                     else "CPython (device code: ft.py, zo.py, smf engine)"),
             "wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
