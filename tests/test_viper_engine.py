@@ -192,3 +192,39 @@ def test_requantization_arithmetic(port: str) -> None:
     want = [max(-(2**30), min(2**30, _mbqm_reference(x, m, s))) & 0xFF for x, m, s in cases]
     bad = [i for i in range(len(cases)) if got[i] != want[i]]
     assert not bad, f"{len(bad)} of {len(cases)} differ, first {[cases[i] for i in bad[:3]]}"
+
+
+def test_fine_tuning_rounds_with_native_engine_equal_reference(model_dir: Path) -> None:
+    """ft.py + zo.py running the ops of the native engine themselves (the head's inputs: the backbone's int8
+    output buffer) on MicroPython 1.28's unix port under a bounded heap: scalars and weights equal the host
+    reference's (toolchain.ondevice.reference), bit for bit."""
+    _need("unix")
+    from hw.emulators import unix_port
+    from toolchain.ondevice.harness import _parse, _script, device_files
+    from toolchain.ondevice.reference import (
+        ENGINE_DIR,
+        engine_features,
+        head_from_smf,
+        reference_probe,
+        reference_update,
+    )
+
+    path = sm.cached_tflite(model_dir, "lenet")
+    smf = tflite_to_smf(path.read_bytes())
+    head = head_from_smf(smf)
+    x = np.ascontiguousarray(sm.quantized_inputs(path, 24, start=100), np.int8).reshape(24, -1)
+    ys = sm.mnist("t10k")[1][100:124].tolist()
+    seeds, batches, k, mu, lr = [11, 12345], [list(range(12)), list(range(12, 24))], 8, 1e-3, 0.5
+    files = {**smf_ports.engine_files("unix", True), **device_files(head, {"estimator": "forward"}, x, smf)}
+    for m in ("zo", "ft"):
+        files[f"{m}.py"] = (ENGINE_DIR / f"{m}.py").read_bytes()
+    code = _script(len(x), x.shape[1], ys, seeds, batches, k, mu, lr, list(range(24)), True, "")
+    run = _parse(unix_port.run_micropython(code, files=files, heap_bytes=2 * HEAP))
+    feats = engine_features(smf, x, head)  # (the bytecode engine under CPython)
+    w = head.weights.copy()
+    for r, seed in enumerate(seeds):
+        ref = reference_probe(head, w, feats[batches[r]], [ys[i] for i in batches[r]], seed, k, mu)
+        np.testing.assert_array_equal(run.scalars[r], ref.scalars.astype(np.float32))
+        w = reference_update(w, seed, run.scalars[r], lr)
+        np.testing.assert_array_equal(run.weights[r], w)
+    print(f"unix port, native engine: heap {run.heap}")
