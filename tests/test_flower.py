@@ -180,8 +180,9 @@ def test_records_round_trip_is_exact():
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_flower_fixed_clipping_mod_clips_every_update(tmp_path):
-    """Flower's own DP client mod (``fixedclipping_mod``) switched on for a run on the simulation engine:
+def test_flower_fixed_clipping_mod_clips_every_update(tmp_path, capfd):
+    """Flower's own DP client mod (``fixedclipping_mod``) switched on for a run on the simulation engine
+    (``flwr run`` on a simulation SuperLink):
     it clips each client's update (reply arrays minus instruction arrays), so after one FedAvg round the
     global model moved by at most the clipping norm, while the unclipped run moves much further."""
     pytest.importorskip("flwr", reason="flwr is not installed (pip install -e '.[flower]')")
@@ -197,7 +198,9 @@ def test_flower_fixed_clipping_mod_clips_every_update(tmp_path):
     strategy, model, fed, cfg = build_server(spec)
     start_run(strategy, model, fed, cfg)
     before = float_state(strategy.model)
-    run_simulation(spec, num_cpus=1)
+    capfd.readouterr()
+    run_simulation(spec, num_cpus=1)  # not streamed (toolchain train --quiet): nothing may be printed
+    assert capfd.readouterr() == ("", "")
     after = torch.load(tmp_path / "dp" / "model.pt")["state_dict"]
     moved = torch.sqrt(sum(((after[k] - v) ** 2).sum() for k, v in before.items())).item()
     ref_hist, ref = run_inprocess(make_spec(opts, 200, 100))

@@ -44,7 +44,7 @@ def train_flower(opts: TrainOptions, train_limit: int | None = None, test_limit:
 
     spec = make_spec(opts, train_limit, test_limit)
     if opts.engine == "flower-sim":
-        return launch.run_simulation(spec)
+        return launch.run_simulation(spec, stream=not opts.quiet, timeout=timeout)
     if opts.engine == "flower":
         if not opts.superlink:
             raise ToolchainError("--engine flower needs --superlink HOST:PORT (the SuperLink's address)")

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,51 +45,30 @@ def offline_env(flwr_home: str | Path) -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def _offline_environ(flwr_home: str) -> Iterator[None]:
-    """For the in-process simulation engine: the same settings on os.environ, restored afterwards."""
-    keys = ("FLWR_HOME", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ["FLWR_HOME"] = flwr_home
-    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 # ---- simulation engine ------------------------------------------------------------------------------
-def run_simulation(spec: RunSpec, num_cpus: int | None = None) -> dict[str, Any]:
-    """One run on Flower's simulation engine (Ray), one virtual SuperNode per client; returns the summary."""
-    import warnings
+def run_simulation(spec: RunSpec, num_cpus: int | None = None, stream: bool = False,
+                   timeout: float | None = None) -> dict[str, Any]:
+    """One run on Flower's simulation engine, one virtual SuperNode per client; returns the summary.
 
-    from flwr.simulation import run_simulation as flwr_run_simulation
-
-    from toolchain.flower.apps import make_client_app, make_server_app
-
+    Flower 1.41's path (``flwr.simulation.run_simulation`` is deprecated): a SuperLink started with
+    ``--simulation`` (Ray runs the ClientApps in its subprocess) and ``flwr run`` with
+    ``--federation-config num-supernodes=N``, as ``flwr run`` does for its ``local`` connection, but on
+    free ports and a private FLWR_HOME, and stopped (Ray included) when the run ends. ``stream``: the
+    ServerApp's log goes to stderr; otherwise nothing is printed.
+    """
     clients = spec.config().clients
     cpus = num_cpus or max(1, min(os.cpu_count() or 1, clients))
-    sink: dict[str, Any] = {}
-    home = tempfile.mkdtemp(prefix="toolchain-flwr-")
-    ray_tmp = tempfile.mkdtemp(prefix="tcray-")  # private Ray session dir: no clash with other users' Ray
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False, "_temp_dir": ray_tmp,
-                             "log_to_driver": False}}
+    fed_config = [f"num-supernodes={clients} client-resources-num-cpus=1 client-resources-num-gpus=0 "
+                  f"init-args-num-cpus={cpus} init-args-num-gpus=0 init-args-log-to-driver={str(stream).lower()}"]
+    fed = LocalFederation(0, simulation=True)
     try:
-        with _offline_environ(home), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # run_simulation's deprecation notice (we pin flwr 1.41)
-            flwr_run_simulation(make_server_app(spec.to_json(), sink), make_client_app(spec.to_json()),
-                                num_supernodes=clients, backend_config=backend)
+        fed.start()
+        return run_deployment(spec, fed.address, timeout=timeout, stream=stream, federation_config=fed_config,
+                              env=fed.env())
+    except ToolchainError as e:
+        raise ToolchainError(f"{e} (simulation SuperLink log: {fed.log('superlink')[-400:].strip()!r})") from None
     finally:
-        shutil.rmtree(home, ignore_errors=True)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    if "summary" not in sink:
-        raise ToolchainError("the Flower simulation ended without a result; see the log above")
-    return sink["summary"]
+        fed.stop()
 
 
 # ---- deployment engine ------------------------------------------------------------------------------
@@ -130,8 +108,8 @@ def _flwr(args: list[str], env: dict[str, str], timeout: float | None = None) ->
     return subprocess.run([flwr_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_deployment(spec: RunSpec, superlink: str, timeout: float | None = None, stream: bool = True
-                   ) -> dict[str, Any]:
+def run_deployment(spec: RunSpec, superlink: str, timeout: float | None = None, stream: bool = True,
+                   federation_config: list[str] | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Submit one run to the SuperLink at ``superlink`` (host:port), wait for it, return its summary.
 
     The ServerApp runs beside the SuperLink and writes ``spec.out`` there; when this machine is not the
@@ -144,8 +122,9 @@ def run_deployment(spec: RunSpec, superlink: str, timeout: float | None = None, 
     try:
         write_flwr_home(home, superlink)
         write_app(work / "app", spec)
-        env = offline_env(home)
-        sub = _flwr(["run", str(work / "app"), CONNECTION, "--format", "json"], env, timeout=120)
+        env = {**(env or {}), **offline_env(home)}
+        fc = ["--federation-config", *federation_config] if federation_config else []
+        sub = _flwr(["run", str(work / "app"), CONNECTION, *fc, "--format", "json"], env, timeout=120)
         try:
             run_id = int(json.loads(sub.stdout)["run-id"])
         except (ValueError, KeyError, TypeError):
@@ -209,6 +188,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def descendants(pids: list[int]) -> list[int]:
+    """Every live process below ``pids`` (by parent links in /proc, whatever session they moved to)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], list(pids)
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 @dataclass
 class LocalFederation:
     """A real SuperLink and ``nodes`` real SuperNodes on loopback, each node holding partition I of N.
@@ -221,19 +215,26 @@ class LocalFederation:
     procs: list[subprocess.Popen] = field(default_factory=list)
     port: int = 0
     keep_logs: bool = False  # keep ``workdir`` (logs, FLWR_HOME) after stop()
+    simulation: bool = False  # a simulation SuperLink (Ray runs the ClientApps; ``nodes`` must be 0)
+    ray_tmp: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="tcr"))
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        return offline_env(self.workdir / "home")
+        env = offline_env(self.workdir / "home")
+        if self.simulation:
+            # Ray's session folder: private and short (its socket paths must stay under 108 bytes)
+            env["RAY_TMPDIR"] = self.ray_tmp
+        return env
 
     def start(self, ready_timeout: float = 120.0) -> LocalFederation:
         self.port = free_port()
         write_flwr_home(self.workdir / "home", self.address)
+        sim = ["--simulation"] if self.simulation else []
         self._spawn("superlink", [flwr_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                                  "--host", "127.0.0.1", "--port", str(self.port)])
+                                  *sim, "--host", "127.0.0.1", "--port", str(self.port)])
         self._wait_port(self.port, ready_timeout)
         for i in range(self.nodes):
             self._spawn(f"supernode{i}", [flwr_bin("flower-supernode"), "--insecure", "--superlink", self.address,
@@ -264,17 +265,7 @@ class LocalFederation:
 
     def descendants(self) -> list[int]:
         """Every live process below the ones we started (SuperExec runs detached, in its own session)."""
-        children: dict[int, list[int]] = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        out, todo = [], [p.pid for p in self.procs]
-        while todo:
-            for c in children.get(todo.pop(), []):
-                out.append(c)
-                todo.append(c)
-        return out
+        return descendants([p.pid for p in self.procs])
 
     def stop(self) -> None:
         import signal
@@ -296,6 +287,7 @@ class LocalFederation:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         self.procs.clear()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
         if not self.keep_logs:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
