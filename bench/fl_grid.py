@@ -12,9 +12,10 @@ Grids:
   5 %, seeds 0, 1, 2.
 
 Each run is saved to ``bench/results/fl_grid_<grid>/<method>_d<density>_s<seed>.json`` the moment it
-finishes, and a re-run skips finished runs. A run in progress writes a checkpoint after every round
-(``.cache/fl_grid/<grid>/``, outside git) and resumes from it, so the grid can be filled over several
-sessions; several processes can work on one grid at once (each claims a run with a lock file).
+finishes, and a re-run skips finished runs. A run in progress writes a checkpoint after every round to
+``bench/results/fl_grid_<grid>/checkpoints/`` and resumes from it; commit that folder at the end of a
+session and the next session (a fresh clone) continues the runs where they stopped. Several processes can
+work on one grid at once (each claims a run with a lock file in ``.cache/fl_grid/``, outside git).
 ``--report`` renders ``bench/results/fl_grid_<grid>.{json,md,png}`` from whatever has finished, with the
 runs still in progress listed, machine, wall time and seeds.
 
@@ -151,7 +152,7 @@ def run_one(grid_name: str, grid: dict[str, Any], data, method: str, density: fl
     seed_everything(seed)
     model = build_model(grid["model"], data.input_shape, data.num_classes)
     strategy = make_strategy(method, cfg)
-    ckpt = CACHE / grid_name / f"{run_key(method, density, seed)}.pt"
+    ckpt = RESULTS / f"fl_grid_{grid_name}" / "checkpoints" / f"{run_key(method, density, seed)}.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     hist = simulate(strategy, model, fed, cfg, progress=False, checkpoint=ckpt)
@@ -194,7 +195,7 @@ def fill(grid_name: str, data_dir: str | None, methods: list[str] | None, max_ru
             tmp = result.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(res, indent=1) + "\n")
             tmp.replace(result)  # saved the moment it finishes; the checkpoint is no longer needed
-            (CACHE / grid_name / f"{key}.pt").unlink(missing_ok=True)
+            (out / "checkpoints" / f"{key}.pt").unlink(missing_ok=True)
             print(f"[{time.strftime('%H:%M:%S')}] {grid_name} {key}: acc {res['accuracy']:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
         finally:
@@ -212,7 +213,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def progress_of(grid_name: str) -> list[dict[str, Any]]:
     """Runs with a checkpoint but no result yet: how far they are (read from the checkpoint's history)."""
     rows = []
-    for ckpt in sorted((CACHE / grid_name).glob("*.pt")):
+    for ckpt in sorted((RESULTS / f"fl_grid_{grid_name}" / "checkpoints").glob("*.pt")):
         try:
             state = torch.load(ckpt, weights_only=False)
         except Exception:  # noqa: BLE001 (a checkpoint being written; skip it in the report)
