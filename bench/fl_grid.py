@@ -280,7 +280,8 @@ def claims(summary: dict[str, Any]) -> list[str]:
 def markdown(s: dict[str, Any]) -> str:
     st, tr = s["settings"], s["settings"]["train"]
     lines = [f"# Federated pruning grid `{s['grid']}`: {st['dataset']} / {st['model']}", "",
-             f"{tr['clients']} clients, {tr['per_round']} per round, {tr['partition']} (alpha {tr['alpha']}), "
+             f"{tr['clients']} clients, {tr['per_round']} per round, {tr['partition']}"
+             + (f" (alpha {tr['alpha']})" if tr["partition"] == "dirichlet" else "") + ", "
              f"{tr['rounds']} rounds, E = {tr['local_epochs']}, batch {tr['batch_size']}, {tr['optimizer']} lr {tr['lr']}"
              f" (decay {tr.get('lr_decay', 1.0)}/round), augmentation {tr.get('augment', 'none')}; dynamic-method "
              f"options {st['algo_options']} {st['per_method']}; seeds {st['seeds']}; evaluated on the full test set.",
