@@ -164,8 +164,9 @@ def make_client_app(spec_json: str | None = None) -> ClientApp:
 
         spec = _spec_json(spec_json, context)
         pid, nparts = _node_partition(context)
-        data_dir = context.node_config.get("data-dir")
-        rt = client_runtime(spec, pid, nparts, str(data_dir) if data_dir is not None else None)
+        data_dir, local = context.node_config.get("data-dir"), context.node_config.get("local-data")
+        rt = client_runtime(spec, pid, nparts, str(data_dir) if data_dir is not None else None,
+                            str(local) if local is not None else None)
         o = outgoing_from(msg)
         if o.cid != pid:
             raise ToolchainError(f"message for client {o.cid} reached the node holding partition {pid}")

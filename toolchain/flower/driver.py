@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import importlib
+import io
 import json
 import pickle
 from collections.abc import Callable
@@ -36,6 +38,7 @@ from toolchain.fl.simulator import (
     play_round,
     seed_everything,
     start_run,
+    to_tensors,
 )
 from toolchain.fl.strategy import ClientData, Strategy
 from toolchain.pruning import make_strategy
@@ -186,8 +189,8 @@ class NeedMasks(Exception):
 class ClientRuntime:
     """What one client process keeps between messages: its data shard and the post-setup strategy + model.
 
-    The client replays the server's preamble (same data, seeds and ``strategy.setup``) so that its
-    strategy object and model have exactly the structure the in-process engine's clients get (a strategy's
+    The client replays the server's preamble (same seeds and ``strategy.setup``) so that its strategy
+    object and model have exactly the structure the in-process engine's clients get (a strategy's
     ``setup`` may change the model, e.g. FedMef's NSConv/SAP layers), without anything pickled travelling.
     """
 
@@ -196,29 +199,98 @@ class ClientRuntime:
     cfg: TrainConfig
     model: nn.Module  # the post-setup model; every message trains a fresh copy
     pristine: bytes  # the post-setup client strategy, pickled: the state of a node that has none yet
+    pristine_attrs: dict[str, bytes] = field(default_factory=dict)  # fingerprints of its attributes
 
 
-_RUNTIMES: dict[tuple[str, int, str | None], ClientRuntime] = {}
+@dataclass
+class _Replayed:
+    """One process's replay of a run's preamble, shared by every partition it serves (a simulation worker
+    serves many virtual SuperNodes: the dataset is loaded, cut and set up once, not per message)."""
+
+    shards: list[ClientData]
+    model: nn.Module
+    pristine: bytes
+    attrs: dict[str, bytes]
 
 
-def client_runtime(spec_json: str, partition_id: int, num_partitions: int, data_dir: str | None) -> ClientRuntime:
-    """Build (once per process: Ray actors live across messages) this node's shard and strategy."""
-    key = (spec_json, partition_id, data_dir)
-    if key not in _RUNTIMES:
-        spec = RunSpec.from_json(spec_json)
-        cfg = spec.config()
-        if num_partitions != cfg.clients:
-            raise ToolchainError(f"this SuperNode has num-partitions={num_partitions} but the run has --clients "
-                                 f"{cfg.clients}; start the SuperNodes with num-partitions={cfg.clients}")
-        if not 0 <= partition_id < cfg.clients:
-            raise ToolchainError(f"partition-id={partition_id} is outside 0..{cfg.clients - 1}")
-        if data_dir is not None:
-            spec = dataclasses.replace(spec, options={**spec.options, "data": data_dir})
-        strategy, model, fed, cfg = build_server(spec)
-        start_run(strategy, model, fed, cfg)
-        _RUNTIMES.clear()  # one run per process at a time
-        _RUNTIMES[key] = ClientRuntime(spec, fed.clients[partition_id], cfg, copy.deepcopy(model),
-                                       pickle.dumps(strategy))
+_REPLAYS: dict[tuple[str, str | None, str | None], _Replayed] = {}
+_RUNTIMES: dict[tuple[str, int, str | None, str | None], ClientRuntime] = {}
+
+
+def _replay(spec: RunSpec, strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainConfig,
+            shards: list[ClientData]) -> _Replayed:
+    start_run(strategy, model, fed, cfg)
+    pristine = pickle.dumps(strategy)
+    # fingerprints of what a node starts from: an unpickled copy (the live object can differ in ways
+    # pickling drops, e.g. autograd state)
+    return _Replayed(shards, copy.deepcopy(model), pristine,
+                     {k: _fingerprint(v) for k, v in pickle.loads(pristine).__dict__.items()})
+
+
+def _tensor_content(*args: object) -> None:  # a marker in fingerprints; never called
+    raise NotImplementedError
+
+
+class _CanonicalPickler(pickle.Pickler):
+    """Pickles tensors by content: torch's own pickling differs between equal tensors (storage ids)."""
+
+    def reducer_override(self, obj: object) -> Any:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            return _tensor_content, (type(obj).__name__, str(t.dtype), tuple(t.shape), obj.requires_grad,
+                                     t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return NotImplemented
+
+
+def _fingerprint(value: object) -> bytes:
+    buf = io.BytesIO()
+    _CanonicalPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return hashlib.sha256(buf.getvalue()).digest()
+
+
+def client_runtime(spec_json: str, partition_id: int, num_partitions: int, data_dir: str | None,
+                   local_data: str | None = None) -> ClientRuntime:
+    """This node's shard and post-setup strategy, built once per process per run (Ray actors and
+    SuperNode app processes live across messages).
+
+    ``data_dir`` (node config ``data-dir``): the node's copy of the whole dataset, cut like the server.
+    ``local_data`` (node config ``local-data``): a folder with this node's shard only
+    (toolchain/flower/nodedata.py); the preamble is then replayed with that shard standing in for every
+    client: the server's initial masks and weights reach the node in its first instruction anyway, and a
+    strategy's client side keeps only structure (layers, options) from its ``setup``.
+    """
+    key = (spec_json, partition_id, data_dir, local_data)
+    if key in _RUNTIMES:
+        return _RUNTIMES[key]
+    spec = RunSpec.from_json(spec_json)
+    cfg = spec.config()
+    if num_partitions != cfg.clients:
+        raise ToolchainError(f"this SuperNode has num-partitions={num_partitions} but the run has --clients "
+                             f"{cfg.clients}; start the SuperNodes with num-partitions={cfg.clients}")
+    if not 0 <= partition_id < cfg.clients:
+        raise ToolchainError(f"partition-id={partition_id} is outside 0..{cfg.clients - 1}")
+    rkey = (spec_json, data_dir, local_data if local_data is None else f"{local_data}#{partition_id}")
+    if rkey not in _REPLAYS:
+        _REPLAYS.clear()  # one run per process at a time
+        _RUNTIMES.clear()
+        if local_data is not None:
+            from toolchain.flower.nodedata import read_shard
+
+            data = read_shard(local_data, spec.options["dataset"])
+            x, y = to_tensors(data.x_train, data.y_train, data)
+            mine = ClientData(partition_id, x, y)
+            seed_everything(spec.options["seed"])  # the initial weights, as build_server makes them
+            model = build_model(spec.options["model"], data.input_shape, data.num_classes)
+            fed = Federation([mine] * cfg.clients, x[:0], y[:0], x[:0], y[:0])
+            shards = [mine] * cfg.clients
+        else:
+            if data_dir is not None:
+                spec = dataclasses.replace(spec, options={**spec.options, "data": data_dir})
+            strategy, model, fed, cfg = build_server(spec)
+            shards = fed.clients
+        _REPLAYS[rkey] = _replay(spec, make_strategy(spec.options["algo"], cfg), model, fed, cfg, shards)
+    r = _REPLAYS[rkey]
+    _RUNTIMES[key] = ClientRuntime(spec, r.shards[partition_id], cfg, r.model, r.pristine, r.attrs)
     return _RUNTIMES[key]
 
 
@@ -226,26 +298,40 @@ def client_step(rt: ClientRuntime, o: Outgoing, known_masks: dict[str, torch.Ten
                 state: bytes | None) -> tuple[Incoming, dict[str, torch.Tensor] | None, bytes]:
     """Decode one instruction, run the strategy's client side, encode the result.
 
-    ``state`` is this node's client-side strategy object as left by its previous message (pickled; it
-    never leaves the node: Flower keeps it in the node's ``context.state``), or None for a new node; it
-    holds per-device state such as FedTiny's candidate masks between its two setup messages. Returns the
-    reply, the masks the node holds afterwards, and the new state.
+    ``state`` is what this node's client-side strategy object changed since the post-setup replay, as left
+    by its previous message (pickled attributes; it never leaves the node: Flower keeps it in the node's
+    ``context.state``), or None for a new node; it holds per-device state such as FedTiny's candidate
+    masks between its two setup messages. Returns the reply, the masks the node holds afterwards, and
+    the new state. Only changed attributes are kept, so an idle node's state is a few bytes.
     """
     torch.set_num_threads(max(1, rt.cfg.threads))
-    strategy: Strategy = pickle.loads(state if state is not None else rt.pristine)
+    strategy: Strategy = pickle.loads(rt.pristine)
+    if state:
+        strategy.__dict__.update(pickle.loads(state))
     model = copy.deepcopy(rt.model)
     gen = torch.Generator().manual_seed(o.seed)
     ins_cls = resolve_type(o.ins_type)
     if o.kind == SETUP:
         ins = ins_cls.from_bytes(o.payload, {})
         res = strategy.client_setup(ins, rt.data, model, gen)
-        return Incoming(o.cid, res.to_bytes({}), type_name(res)), known_masks, pickle.dumps(strategy)
+        return Incoming(o.cid, res.to_bytes({}), type_name(res)), known_masks, _changed(rt, strategy)
     if not o.mask_travels and known_masks is None:
         raise NeedMasks()
     ins = ins_cls.from_bytes(o.payload, known_masks or {})
     res = strategy.client_train(ins, rt.data, model, gen)
     return (Incoming(o.cid, res.to_bytes(ins.masks), type_name(res), masks=dict(ins.masks)), ins.masks,
-            pickle.dumps(strategy))
+            _changed(rt, strategy))
+
+
+def _changed(rt: ClientRuntime, strategy: Strategy) -> bytes:
+    """The strategy's attributes that differ from the post-setup replay, pickled together (so objects
+    they share stay shared)."""
+    diff = {}
+    for k, v in strategy.__dict__.items():
+        if k not in rt.pristine_attrs or _fingerprint(v) != rt.pristine_attrs[k]:
+            diff[k] = v
+    return pickle.dumps(diff)
+
 
 def run_inprocess(spec: RunSpec) -> tuple[list[RoundRecord], Strategy]:
     """The same run on the in-process engine (``simulate``), for comparisons and benchmarks."""
