@@ -106,7 +106,7 @@ def main() -> None:
     t = time.perf_counter()
     with LocalFederation(args.clients) as fed:
         t_up = time.perf_counter() - t
-        summary = run_deployment(spec, fed.address, timeout=1800, stream=False)
+        summary = run_deployment(spec, fed.address, timeout=1800, stream=False, **fed.security())
     wall = time.perf_counter() - t
     rs = rounds_of(Path(spec.out))
     engines["flower"] = {"wall_s": wall, "round_s": rs, "accuracy": summary["accuracy"],

@@ -149,7 +149,7 @@ def test_deployment_engine_matches_inprocess(superlink_and_three_supernodes, tmp
     fed = superlink_and_three_supernodes
     spec = make_spec(_opts(str(tmp_path / "flower"), engine="flower"), TRAIN_N, TEST_N)
     try:
-        summary = run_deployment(spec, fed.address, timeout=360, stream=False)
+        summary = run_deployment(spec, fed.address, timeout=360, stream=False, **fed.security())
     except Exception:
         print(fed.log("superlink")[-4000:], fed.log("supernode0")[-4000:], sep="\n----\n")
         raise

@@ -24,6 +24,7 @@ from toolchain.errors import ToolchainError
 
 if TYPE_CHECKING:
     from toolchain.flower.driver import RunSpec
+    from toolchain.flower.security import Pki
 
 CONNECTION = "toolchain"  # the SuperLink connection name in the private FLWR_HOME
 APP_MODULE = "toolchain_flower_app"
@@ -64,7 +65,7 @@ def run_simulation(spec: RunSpec, num_cpus: int | None = None, stream: bool = Fa
     try:
         fed.start()
         return run_deployment(spec, fed.address, timeout=timeout, stream=stream, federation_config=fed_config,
-                              env=fed.env())
+                              env=fed.env(), insecure=True)  # loopback only, ports private to this run
     except ToolchainError as e:
         raise ToolchainError(f"{e} (simulation SuperLink log: {fed.log('superlink')[-400:].strip()!r})") from None
     finally:
@@ -96,11 +97,16 @@ def write_app(app_dir: Path, spec: RunSpec) -> None:
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
 
 
-def write_flwr_home(home: Path, superlink: str, insecure: bool = True) -> None:
+def write_flwr_home(home: Path, superlink: str, insecure: bool = False, root_certificates: str | None = None) -> None:
+    """The private ``FLWR_HOME/config.toml``: one connection to ``superlink``, TLS-verified with
+    ``root_certificates`` (the SuperLink's CA) unless ``insecure``."""
     import tomli_w
 
     home.mkdir(parents=True, exist_ok=True)
-    conf = {"superlink": {"default": CONNECTION, CONNECTION: {"address": superlink, "insecure": insecure}}}
+    conn: dict[str, Any] = {"address": superlink, "insecure": insecure}
+    if root_certificates and not insecure:
+        conn["root-certificates"] = str(Path(root_certificates).resolve())
+    conf = {"superlink": {"default": CONNECTION, CONNECTION: conn}}
     (home / "config.toml").write_text(tomli_w.dumps(conf))
 
 
@@ -109,7 +115,8 @@ def _flwr(args: list[str], env: dict[str, str], timeout: float | None = None) ->
 
 
 def run_deployment(spec: RunSpec, superlink: str, timeout: float | None = None, stream: bool = True,
-                   federation_config: list[str] | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+                   federation_config: list[str] | None = None, env: dict[str, str] | None = None,
+                   root_certificates: str | None = None, insecure: bool = False) -> dict[str, Any]:
     """Submit one run to the SuperLink at ``superlink`` (host:port), wait for it, return its summary.
 
     The ServerApp runs beside the SuperLink and writes ``spec.out`` there; when this machine is not the
@@ -117,10 +124,13 @@ def run_deployment(spec: RunSpec, superlink: str, timeout: float | None = None, 
     """
     if not Path(spec.out).is_absolute():
         raise ToolchainError(f"the run's output path must be absolute, got {spec.out}")
+    if not insecure and not root_certificates:
+        raise ToolchainError("the SuperLink connection needs TLS: give the SuperLink's CA certificate "
+                             "(root certificates), or ask for an insecure connection explicitly")
     work = Path(tempfile.mkdtemp(prefix="toolchain-flwr-"))
     home = work / "home"  # private: never reads or writes the user's ~/.flwr
     try:
-        write_flwr_home(home, superlink)
+        write_flwr_home(home, superlink, insecure, root_certificates)
         write_app(work / "app", spec)
         env = {**(env or {}), **offline_env(home)}
         fc = ["--federation-config", *federation_config] if federation_config else []
@@ -130,7 +140,7 @@ def run_deployment(spec: RunSpec, superlink: str, timeout: float | None = None, 
         except (ValueError, KeyError, TypeError):
             raise ToolchainError(f"`flwr run` could not submit the run to {superlink}: "
                                  f"{(sub.stdout + sub.stderr).strip()[-600:]}; is a SuperLink listening there "
-                                 "(flower-superlink --insecure)?") from None
+                                 "with matching TLS settings?") from None
         status = wait_for_run(run_id, env, timeout, stream)
         if status != "finished:completed":
             raise ToolchainError(f"Flower run {run_id} ended as '{status}'; see the SuperLink's log, or rerun "
@@ -216,6 +226,10 @@ class LocalFederation:
     port: int = 0
     keep_logs: bool = False  # keep ``workdir`` (logs, FLWR_HOME) after stop()
     simulation: bool = False  # a simulation SuperLink (Ray runs the ClientApps; ``nodes`` must be 0)
+    pki: Pki | None = None  # TLS for the SuperLink (toolchain.flower.security.make_pki); None: --insecure
+    node_keys: list[tuple[Path, Path]] | None = None  # (private, public) per node: SuperNode authentication
+    node_configs: list[str] | None = None  # extra --node-config entries per node, e.g. "local-data='/d/0'"
+    argv: dict[str, list[str]] = field(default_factory=dict)  # what each process was started with
     ray_tmp: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="tcr"))
 
     @property
@@ -229,20 +243,45 @@ class LocalFederation:
             env["RAY_TMPDIR"] = self.ray_tmp
         return env
 
+    def security(self) -> dict[str, Any]:
+        """``run_deployment``'s TLS arguments for this federation."""
+        if self.pki is None:
+            return {"insecure": True}
+        return {"root_certificates": str(self.pki.ca_cert)}
+
     def start(self, ready_timeout: float = 120.0) -> LocalFederation:
+        if self.node_keys is not None and (self.pki is None or len(self.node_keys) != self.nodes):
+            raise ToolchainError("SuperNode authentication needs TLS (pki) and one key pair per node")
         self.port = free_port()
-        write_flwr_home(self.workdir / "home", self.address)
+        write_flwr_home(self.workdir / "home", self.address, self.pki is None,
+                        str(self.pki.ca_cert) if self.pki else None)
         sim = ["--simulation"] if self.simulation else []
-        self._spawn("superlink", [flwr_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+        if self.pki is None:
+            tls = ["--insecure"]
+        else:
+            tls = ["--ssl-ca-certfile", str(self.pki.ca_cert), "--ssl-certfile", str(self.pki.server_cert),
+                   "--ssl-keyfile", str(self.pki.server_key)]
+        auth = ["--enable-supernode-auth"] if self.node_keys else []
+        self._spawn("superlink", [flwr_bin("flower-superlink"), *tls, *auth, "--disable-runtime-dependency-installation",
                                   *sim, "--host", "127.0.0.1", "--port", str(self.port)])
         self._wait_port(self.port, ready_timeout)
+        for i, (_, public) in enumerate(self.node_keys or []):
+            # admit exactly these SuperNodes (Control API, over TLS)
+            reg = _flwr(["supernode", "register", str(public), CONNECTION, "--name", f"node-{i}"], self.env(), 120)
+            if reg.returncode != 0:
+                raise ToolchainError(f"flwr supernode register failed: {(reg.stdout + reg.stderr).strip()[-400:]}")
         for i in range(self.nodes):
-            self._spawn(f"supernode{i}", [flwr_bin("flower-supernode"), "--insecure", "--superlink", self.address,
+            node_tls = ["--insecure"] if self.pki is None else ["--root-certificates", str(self.pki.ca_cert)]
+            if self.node_keys:
+                node_tls += ["--auth-supernode-private-key", str(self.node_keys[i][0])]
+            extra = f" {self.node_configs[i]}" if self.node_configs else ""
+            self._spawn(f"supernode{i}", [flwr_bin("flower-supernode"), *node_tls, "--superlink", self.address,
                                           "--host", "127.0.0.1", "--port", str(free_port()),
-                                          "--node-config", f"partition-id={i} num-partitions={self.nodes}"])
+                                          "--node-config", f"partition-id={i} num-partitions={self.nodes}{extra}"])
         return self
 
     def _spawn(self, name: str, argv: list[str]) -> None:
+        self.argv[name] = argv
         log = (self.workdir / f"{name}.log").open("w")
         # own process group: stop() can end a process and the ServerApp/ClientApp children it spawned
         self.procs.append(subprocess.Popen(argv, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
