@@ -78,6 +78,30 @@ def run_rounds_unix(head, spec: dict, data: np.ndarray, labels: list[int], seeds
     return _parse(unix_port.run_micropython(code, files=files, heap_bytes=heap_bytes, timeout=3600))
 
 
+def run_rounds_qemu(head, spec: dict, data: np.ndarray, labels: list[int], seeds: list[int],  # noqa: ANN001
+                    batches: list[list[int]], k: int, mu: float, lr: float, evals: list[int],
+                    smf: bytes) -> tuple[DeviceRun, list[int]]:
+    """The harness's device script on MicroPython 1.28 for the Cortex-M3 under QEMU -icount shift=0 (the engine
+    and ft/zo as armv7m .mpy, files in the board's RAM file system); also the instructions of each round
+    (probe + update, timed by the board)."""
+    from hw.emulators import qemu_cortexm, smf_ports, unix_port
+    from toolchain.ondevice.harness import DEVICE_SCRIPT
+    from toolchain.ondevice.reference import ENGINE_DIR
+
+    data = np.ascontiguousarray(data, np.int8).reshape(len(data), -1)
+    files = {**smf_ports.engine_files("an385", True), **device_files(head, spec, data, smf)}
+    for m in ("zo", "ft"):
+        files[f"{m}.mpy"] = unix_port.mpy_cross((ENGINE_DIR / f"{m}.py").read_bytes(), f"{m}.py", "armv7m")
+    probe = "    g, loss, n = t.probe(SEEDS[r], K, MU, bx, by)\n    t.update(SEEDS[r], g, LR)\n"
+    assert probe in DEVICE_SCRIPT
+    code = _script(len(data), data.shape[1], labels, seeds, batches, k, mu, lr, evals, True, "").replace(
+        probe, "    import time\n    t0 = time.ticks_us()\n" + probe
+        + "    print('ticks', time.ticks_diff(time.ticks_us(), t0))\n")
+    out = qemu_cortexm.run_micropython(code, files=files, board="an385", timeout=3600)
+    ticks = [int(ln.split()[1]) for ln in out.splitlines() if ln.startswith("ticks")]
+    return _parse(out), [qemu_cortexm.instructions(t, "an385") for t in ticks]
+
+
 def bench_target(name: str, build: Path, rounds: int, k: int, batch: int, lr: float, mu: float, pool_n: int,
                  eval_n: int, port: str = "cpython") -> dict:
     manifest = json.loads((build / "manifest.json").read_text())
@@ -96,7 +120,11 @@ def bench_target(name: str, build: Path, rounds: int, k: int, batch: int, lr: fl
     spec = {"estimator": "forward", "batch_max": batch, "k_max": k}
 
     t0 = time.perf_counter()
-    if port == "unix":
+    round_instructions = None
+    if port == "an385":
+        run, round_instructions = run_rounds_qemu(head, spec, pool, yp, seeds, batches, k, mu, lr,
+                                                  list(range(min(64, pool_n))), smf)
+    elif port == "unix":
         # (x64 objects are about twice a 32-bit board's: the heap is bounded to twice the profile's RAM; the
         # figures reported are what the device allocated)
         run = run_rounds_unix(head, spec, pool, yp, seeds, batches, k, mu, lr, list(range(min(64, pool_n))), smf,
@@ -151,6 +179,8 @@ def bench_target(name: str, build: Path, rounds: int, k: int, batch: int, lr: fl
         # measured by the device (unix port only: gc.mem_alloc after collections, under a heap bounded to twice the
         # board profile's RAM): model (engine + ft/zo code + model), tuner, local data, most a round allocated
         "device_heap": run.heap if port == "unix" else None,
+        # instructions per round (probe + update) on the Cortex-M3, QEMU -icount shift=0
+        "round_instructions": round_instructions,
     }
 
 
@@ -173,6 +203,11 @@ def render(results: list[dict], meta: dict) -> str:
         lines.append(f"- {r['target']}: " + ", ".join(f"{100 * a[i]:.1f}" for i in range(0, len(a), 10))
                      + f" (300 clean test digits before fine-tuning: {100 * r['accuracy_clean_test_300']:.1f} %)")
     for r in results:
+        ins = r.get("round_instructions")
+        if ins:
+            lines += ["", f"{r['target']}: instructions per round (probe of K = {r['settings']['K']} on "
+                      f"{r['settings']['batch']} samples + update) on the Cortex-M3: mean {np.mean(ins):,.0f}, "
+                      f"min {min(ins):,d}, max {max(ins):,d}."]
         h = r.get("device_heap")
         if h:
             lines += ["", f"{r['target']}: heap measured on the device (MicroPython 1.28 unix port x64, heap bounded to "
@@ -183,7 +218,7 @@ def render(results: list[dict], meta: dict) -> str:
     lines += ["", "Host replay of the device rounds (toolchain.ondevice.reference): "
               + "; ".join(f"{r['target']}: max |scalar diff| {r['replay']['max_scalar_diff']:.1e}, weights "
                           f"{'bit-exact' if r['replay']['weights_bit_exact'] else 'DIFFER'}" for r in results), "",
-              f"Device seconds per round ({'the unix port' if results and results[0].get('port') == 'unix' else 'CPython'}"
+              f"Host seconds per round ({ {'unix': 'the unix port', 'an385': 'QEMU emulating the Cortex-M3'}.get(results[0].get('port'), 'CPython') if results else ''}"
               " running the device code, includes the int8 backbone on the batch): "
               + ", ".join(f"{r['target']} {r['device_seconds_per_round']:.2f} s" for r in results), "",
               "Tuner buffers: weights + exact-restore copy (8 d), head inputs of a batch, K scalars, row pointers and "
@@ -204,8 +239,9 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=512)
     ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "ondevice_zo"))
-    ap.add_argument("--port", choices=("cpython", "unix"), default="cpython",
-                    help="run the device code under CPython, or on the MicroPython 1.28 unix port (bounded heap)")
+    ap.add_argument("--port", choices=("cpython", "unix", "an385"), default="cpython",
+                    help="run the device code under CPython, on the MicroPython 1.28 unix port (bounded heap) or on "
+                         "its Cortex-M3 build under QEMU (instructions per round)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     results = []
@@ -216,9 +252,11 @@ def main() -> None:
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("accuracy_per_round", "losses")}))
     meta = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, Python "
                        f"{platform.python_version()}",
-            "port": ("MicroPython 1.28 unix port x64 (device code: ft.py, zo.py, smf engine with native kernels), heap "
-                     "bounded to twice the board profile's RAM" if args.port == "unix"
-                     else "CPython (device code: ft.py, zo.py, smf engine)"),
+            "port": {"unix": "MicroPython 1.28 unix port x64 (device code: ft.py, zo.py, smf engine with native "
+                             "kernels), heap bounded to twice the board profile's RAM",
+                     "an385": "MicroPython 1.28 on a Cortex-M3 (qemu MPS2_AN385, -icount shift=0; device code: ft.py, "
+                              "zo.py, smf engine with native kernels, armv7m .mpy)",
+                     "cpython": "CPython (device code: ft.py, zo.py, smf engine)"}[args.port],
             "wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
