@@ -6,6 +6,8 @@ writes ``bench/results/flower_engines.json`` + ``.md``. All Flower processes run
 stopped before the script exits.
 
     .venv/bin/python bench/flower_engines.py [--algo gmp] [--clients 3] [--rounds 3] [--train-samples 3000]
+    .venv/bin/python bench/flower_engines.py --clients 100 --per-round 10 --engines inprocess,flower-sim \
+        --name flower_overhead_100    # writes bench/results/flower_overhead_100.{json,md}
 """
 
 from __future__ import annotations
@@ -70,9 +72,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--train-samples", type=int, default=3000)
     ap.add_argument("--test-samples", type=int, default=500)
+    ap.add_argument("--per-round", type=int, default=None, help="clients sampled per round (default: all)")
+    ap.add_argument("--engines", default="inprocess,flower-sim,flower",
+                    help="comma-separated; the deployment engine starts one SuperNode per client")
+    ap.add_argument("--cpus", type=int, default=None, help="Ray CPUs for flower-sim (default: min(cpus, clients))")
+    ap.add_argument("--name", default="flower_engines", help="results file stem in bench/results/")
     args = ap.parse_args()
+    wanted = set(args.engines.split(","))
 
-    from toolchain.flower.launch import LocalFederation, run_deployment, run_simulation
+    from toolchain.flower.launch import run_simulation
 
     work = Path(tempfile.mkdtemp(prefix="flower-bench-"))
     info = machine()
@@ -80,7 +88,7 @@ def main() -> None:
 
     def spec_for(engine: str):
         opts = TrainOptions(algo=args.algo, out=str(work / engine), model=args.model, clients=args.clients,
-                            rounds=args.rounds, batch_size=32, lr=0.05, density=0.2, quiet=True, engine=engine,
+                            per_round=args.per_round, rounds=args.rounds, batch_size=32, lr=0.05, density=0.2, quiet=True, engine=engine,
                             algo_options={"prune_end": max(1, args.rounds - 1)} if args.algo == "gmp" else {})
         return make_spec(opts, args.train_samples, args.test_samples)
 
@@ -93,16 +101,23 @@ def main() -> None:
                             "startup_s": None}
     print(f"inprocess  {engines['inprocess']['wall_s']:.1f} s", flush=True)
 
-    spec = spec_for("flower-sim")
-    t = time.perf_counter()
-    summary = run_simulation(spec)
-    wall = time.perf_counter() - t
-    rs = rounds_of(Path(spec.out))
-    engines["flower-sim"] = {"wall_s": wall, "round_s": rs, "accuracy": summary["accuracy"],
-                             "startup_s": wall - sum(rs), **compare(Path(spec.out), ref)}
-    print(f"flower-sim {wall:.1f} s", flush=True)
+    if "flower-sim" in wanted:
+        spec = spec_for("flower-sim")
+        t = time.perf_counter()
+        summary = run_simulation(spec, num_cpus=args.cpus)
+        wall = time.perf_counter() - t
+        rs = rounds_of(Path(spec.out))
+        engines["flower-sim"] = {"wall_s": wall, "round_s": rs, "accuracy": summary["accuracy"],
+                                 "startup_s": wall - sum(rs), **compare(Path(spec.out), ref)}
+        print(f"flower-sim {wall:.1f} s", flush=True)
+    if "flower" in wanted:
+        deployment(args, spec_for("flower"), ref, engines)
+    finish(args, info, engines, t_all, work)
 
-    spec = spec_for("flower")
+
+def deployment(args: argparse.Namespace, spec: Any, ref: Any, engines: dict[str, dict[str, Any]]) -> None:
+    from toolchain.flower.launch import LocalFederation, run_deployment
+
     t = time.perf_counter()
     with LocalFederation(args.clients) as fed:
         t_up = time.perf_counter() - t
@@ -114,6 +129,9 @@ def main() -> None:
                          **compare(Path(spec.out), ref)}
     print(f"flower     {wall:.1f} s", flush=True)
 
+
+def finish(args: argparse.Namespace, info: dict[str, Any], engines: dict[str, dict[str, Any]], t_all: float,
+           work: Path) -> None:
     base = engines["inprocess"]["wall_s"]
     base_round = sum(engines["inprocess"]["round_s"]) / len(engines["inprocess"]["round_s"])
     for e in engines.values():
@@ -123,12 +141,12 @@ def main() -> None:
     result = {"benchmark": "flower_engines", "machine": info,
               "workload": {"algo": args.algo, "model": args.model, "clients": args.clients, "rounds": args.rounds,
                            "train_samples": args.train_samples, "test_samples": args.test_samples,
-                           "per_round": args.clients, "batch_size": 32, "local_epochs": 1},
+                           "per_round": args.per_round or args.clients, "batch_size": 32, "local_epochs": 1},
               "engines": engines, "wall_time_s": time.perf_counter() - t_all}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "flower_engines.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "flower_engines.md").write_text(markdown(result))
-    print((RESULTS / "flower_engines.md").read_text())
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    print((RESULTS / f"{args.name}.md").read_text())
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -137,7 +155,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         "# Flower engines vs the in-process engine",
         "",
-        f"Workload: `{w['algo']}` on `{w['model']}`, {w['clients']} clients (all sampled), {w['rounds']} rounds, "
+        f"Workload: `{w['algo']}` on `{w['model']}`, {w['clients']} clients ({w['per_round']} sampled per round), "
+        f"{w['rounds']} rounds, "
         f"{w['train_samples']} MNIST training samples split IID, {w['test_samples']} test samples, batch "
         f"{w['batch_size']}, 1 local epoch. Same seed on every engine.",
         "",
