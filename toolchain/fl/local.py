@@ -96,6 +96,8 @@ def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator, pad: i
     the client's generator, so runs stay reproducible."""
     if kind == "none":
         return x
+    if kind not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {kind!r}")
     n, _c, h, w = x.shape
     flip = torch.rand(n, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
