@@ -163,3 +163,18 @@ def _stop_after(n: int):
         if rec.round == n:
             raise _Stop
     return hook
+
+
+def test_augment_batch_is_reproducible_and_shape_preserving():
+    from toolchain.fl.local import augment_batch
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    assert augment_batch(x, "none", torch.Generator()) is x
+    a = augment_batch(x, "flip-crop", torch.Generator().manual_seed(1))
+    b = augment_batch(x, "flip-crop", torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+    flipped = augment_batch(x, "flip", torch.Generator().manual_seed(3))
+    for i in range(2):  # each image is itself or its mirror image
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
+    with pytest.raises(ValueError):
+        augment_batch(x, "flipcrop", torch.Generator())
