@@ -7,6 +7,9 @@
   bundle can instead be copied to the MICROBIT USB drive (docs/boards/microbit.md).
 * Jetson: a ``.tar.gz`` with an ``install.sh`` (copy it to the Jetson and run it).
 * ``--firmware IMAGE`` first writes a MicroPython firmware to an ESP32 with ``esptool`` (v5, subprocess).
+* ``--device-id ID --key-master FILE`` also provisions the fleet identity ``app_boot.py`` reads: ``local.json``
+  (id, the device's own key ``device_key(master, id)``, model id) and ``model.tag`` (docs/fleet.md, "Provisioning
+  at flash time").
 
 Every check (port, board identity, firmware version, ``.mpy`` compatibility, size) runs before the first
 byte is written, so a failing flash leaves the board as it was. After copying, every file is verified by
@@ -29,7 +32,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hw.flash_board import EMULATED_PLATFORMS, PLATFORMS, BoardInfo, board_sha256, connect, identify, list_files
+from hw.flash_board import (
+    EMULATED_PLATFORMS,
+    PLATFORMS,
+    BoardInfo,
+    board_sha256,
+    connect,
+    identify,
+    list_files,
+    read_file,
+)
 from hw.profiles import BoardProfile, UnknownBoard, get_profile
 from hw.repl import RawRepl, ReplError
 from toolchain.errors import BudgetError, ToolchainError
@@ -445,6 +457,80 @@ def jetson_archive(build_dir: Path, manifest: dict, profile: BoardProfile, out: 
     return out
 
 
+# --- provisioning: the device's key and model.tag (docs/fleet.md, "Provisioning at flash time") ---------------
+
+MASTER_KEY_MAX = 4096  # the same bound as serve's --hmac-key
+
+
+@dataclass(frozen=True)
+class Provision:
+    """What ``--device-id`` + ``--key-master`` add to the bundle. Only the derived key is kept: the master never
+    leaves the host, so a board that is taken apart gives away its own key and nothing else."""
+
+    device_id: str
+    key: bytes = field(repr=False)  # device_key(master, device_id); repr=False keeps it out of logs and tracebacks
+    model_id: int = 1
+
+
+def read_master_key(path: str) -> bytes:
+    """The fleet's master key from a file (never argv: it would show in ``ps`` and shell history), read exactly as
+    ``serve --per-device-keys --hmac-key`` reads it (bytes, surrounding white space stripped), or the device key
+    derived here would not be the one serve signs with."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ToolchainError(f"cannot read --key-master {path}: {exc.strerror or exc}; pass the file with the fleet's "
+                             "master key (the one serve --per-device-keys --hmac-key reads)") from None
+    if len(data) > MASTER_KEY_MAX:
+        raise ToolchainError(f"--key-master {path} is {len(data)} bytes; expected 1..{MASTER_KEY_MAX} (a key file)")
+    key = data.strip()
+    if not key:
+        raise ToolchainError(f"--key-master {path} is empty; put the fleet's master key in it (the file serve "
+                             "--per-device-keys --hmac-key reads)")
+    return key
+
+
+def check_provision(device_id: str | None, key_master: str | None, model_id: int = 1) -> Provision | None:
+    """The provisioning asked for, every input checked (one-line errors) before the port is touched; None when
+    neither flag is given (flash then behaves as it always did)."""
+    from firmware_bridge.security import device_key
+    from toolchain.ondevice.bundle import check_device_id
+
+    if device_id is None and key_master is None:
+        return None
+    if device_id is None or key_master is None:
+        raise ToolchainError("--device-id and --key-master go together: the device's key is derived from the master "
+                             "for that id")
+    check_device_id(device_id)
+    if not 1 <= model_id < 1 << 30:
+        raise ToolchainError(f"--model-id {model_id} is out of range: use 1..{(1 << 30) - 1} (serve's --model-id)")
+    return Provision(device_id, device_key(read_master_key(key_master), device_id), model_id)
+
+
+def provision_files(repl: RawRepl, existing: dict[str, int], smf: bytes, prov: Provision, log: Log) -> dict[str, bytes]:
+    """``local.json`` (merged into the board's own, which keeps its data shard), ``model.tag`` for ``smf`` and, on a
+    board without one, an empty ``data.bin`` (``app_boot.py`` opens it unconditionally)."""
+    from toolchain.ondevice.bundle import model_tag, provisioned_local
+
+    old = None
+    if "local.json" in existing:
+        try:
+            old = json.loads(read_file(repl, "local.json"))
+        except (ValueError, UnicodeDecodeError):
+            old = None
+        if not isinstance(old, dict):
+            raise ToolchainError("local.json on the board is not a JSON object; fix it or remove it (mpremote fs rm "
+                                 ":local.json) and flash again")
+    loc = provisioned_local(old, prov.device_id, prov.key, prov.model_id)
+    files = {"local.json": json.dumps(loc, separators=(",", ":")).encode(),
+             "model.tag": model_tag(prov.key, prov.model_id, smf)}
+    if "data.bin" not in existing:
+        files["data.bin"] = b""
+    how = "merged into the board's" if old else "new; no local data yet (n 0): provision data.bin, n, size, labels"
+    log(f"provisioning device {prov.device_id}: local.json ({how}; its own key), model.tag (model id {prov.model_id})")
+    return files
+
+
 # --- the command -------------------------------------------------------------------------------------
 
 @dataclass
@@ -457,8 +543,16 @@ class FlashResult:
 
 
 def flash(target: str | None, port: str | None, build: str | None = None, firmware: str | None = None,
-          method: str = "auto", log: Log = _stderr, timeout: float = 600.0) -> FlashResult:
+          method: str = "auto", log: Log = _stderr, timeout: float = 600.0, device_id: str | None = None,
+          key_master: str | None = None, model_id: int = 1) -> FlashResult:
     build_dir, manifest, profile = resolve_build(target, build)
+    prov = check_provision(device_id, key_master, model_id)
+    if prov is not None and (profile.runtime != "micropython" or profile.name == "microbit"):
+        # app_boot.py (local.json + model.tag) runs on the hashlib boards only; the others keep their key elsewhere
+        where = ("its gateway's --device-keys DIR/<id>.key" if profile.name == "microbit"
+                 else "the agent's --local local.json \"key\"")
+        raise ToolchainError(f"--device-id/--key-master provision app_boot.py boards; {profile.name}'s key goes in {where}"
+                             " (docs/fleet.md)")
     if profile.runtime != "micropython":
         return FlashResult(None, {}, "archive", [], jetson_archive(build_dir, manifest, profile, None, log))
     if port is None:
@@ -467,6 +561,9 @@ def flash(target: str | None, port: str | None, build: str | None = None, firmwa
     bundle = load_bundle(build_dir, manifest, profile, log)
     for note in bundle.notes:
         log(f"note: {note}")
+    if prov is not None and "model.smf" not in bundle.files:
+        raise ToolchainError(f"{bundle.source} has no model.smf to tag; rebuild with `toolchain build --target "
+                             f"{profile.name}`")
     if firmware:
         write_firmware(port, Path(firmware), profile, log)
     repl = connect(port)
@@ -478,6 +575,8 @@ def flash(target: str | None, port: str | None, build: str | None = None, firmwa
             log(f"note: {note}")
         files = select_for_board(bundle, info, log)
         existing = list_files(repl)
+        if prov is not None:  # read-only until check_size: a failing flash still leaves the board as it was
+            files.update(provision_files(repl, existing, bundle.files["model.smf"], prov, log))
         check_size(files, info, profile, existing)
         if method == "auto":
             method = "microfs" if info.platform == "microbit" else "mpremote"
@@ -518,15 +617,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--firmware", metavar="IMAGE", help="ESP32: write this MicroPython firmware with esptool first")
     p.add_argument("--method", choices=["auto", "mpremote", "microfs", "repl"], default="auto",
                    help="copy tool (default: microfs for micro:bit, mpremote otherwise)")
+    p.add_argument("--device-id", metavar="ID",
+                   help="provision this fleet device id: local.json gets it and its own key, plus model.tag")
+    p.add_argument("--key-master", metavar="FILE",
+                   help="file with the fleet's master key (as serve --per-device-keys --hmac-key); the board gets "
+                        "only device_key(master, ID)")
+    p.add_argument("--model-id", type=int, default=1,
+                   help="model id written to local.json and tagged in model.tag (serve's --model-id; default 1)")
     p.set_defaults(func=cmd_flash)
 
 
 def cmd_flash(args: argparse.Namespace) -> int:
-    result = flash(args.target, args.port, args.build, args.firmware, args.method)
+    result = flash(args.target, args.port, args.build, args.firmware, args.method, device_id=args.device_id,
+                   key_master=args.key_master, model_id=args.model_id)
     if result.archive is not None:
         print(f"bundle archive {result.archive}; copy it to the Jetson, `tar xzf` it and run install.sh")
         return 0
     assert result.board is not None
     print(f"flashed {len(result.files)} files to {result.board.port} ({result.board.platform}, MicroPython "
-          f"{result.board.version_text}) with {result.method}; sha256 verified")
+          f"{result.board.version_text}) with {result.method}; sha256 verified"
+          + (f"; provisioned as device {args.device_id}" if args.device_id else ""))
     return 0

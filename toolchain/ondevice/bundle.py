@@ -244,3 +244,39 @@ def write_bundle(out_dir: Path, profile: BoardProfile, calibration: np.ndarray |
     cfg["files"] = {name: _sha256(p) for name, p in sorted(written.items())}
     put("config.json", (json.dumps(cfg, indent=1, sort_keys=True) + "\n").encode())
     return {f"bundle/{name}": p for name, p in sorted(written.items())}
+
+
+# --- provisioning at flash time (toolchain flash --device-id --key-master; docs/fleet.md) -----------------------
+
+DEVICE_ID_MAX = 32  # HELLO carries the id in at most MAX_NAME (32) bytes
+DEVICE_ID_FORBIDDEN = set("/+#$ ")  # the id is one MQTT topic level (<prefix>/<fleet>/<id>/up)
+
+
+def check_device_id(device_id: str) -> None:
+    """A device id every part of the fleet accepts: HELLO's 1..32 ASCII bytes, one MQTT topic level, one line of JSON."""
+    if (not device_id or len(device_id) > DEVICE_ID_MAX or not device_id.isascii() or not device_id.isprintable()
+            or set(device_id) & DEVICE_ID_FORBIDDEN):
+        raise ToolchainError(f"--device-id '{device_id}' must be 1..{DEVICE_ID_MAX} printable ASCII characters without "
+                             "'/', '+', '#', '$' or spaces (it is the device's MQTT topic level and HELLO id)")
+
+
+def model_tag(key: bytes, model_id: int, smf: bytes) -> bytes:
+    """``model.tag`` exactly as ``app_mt.boot_ok`` checks it before ``app_boot.py`` loads ``model.smf``: HMAC-SHA256
+    with the device's key over the bundle header (model id, FMT_SMF, size, sha256 of the file), the same 32 bytes
+    ``app_mt`` writes when a model transfer commits."""
+    from firmware_bridge.messages import FMT_SMF
+    from firmware_bridge.security import bundle_header, hmac_tag
+
+    return hmac_tag(key, bundle_header(model_id, FMT_SMF, len(smf), hashlib.sha256(smf).digest()))
+
+
+def provisioned_local(existing: dict[str, Any] | None, device_id: str, key: bytes, model_id: int) -> dict[str, Any]:
+    """The board's ``local.json`` with this device's id, key (hex) and the flashed model's id.
+
+    Everything else in a ``local.json`` already on the board (its data shard: ``n``, ``size``, ``labels``,
+    ``max_message``) is kept, because flashing a new model must not forget the board's own data; a board without
+    one gets an empty shard (``n`` 0) so that ``app_boot.py`` starts and the model check runs."""
+    loc: dict[str, Any] = {"n": 0, "size": 0, "labels": []}
+    loc.update(existing or {})
+    loc.update({"device": device_id, "key": key.hex(), "model_id": model_id})
+    return loc
