@@ -42,6 +42,7 @@ class BoardProfile:
     default_transport: str
     serial_baud: int
     weights_in_ram: bool = False
+    clock_hz: int = 0  # core clock for the latency estimate (toolchain.latency); 0: unknown / not applicable
     aliases: list[str] = field(default_factory=list)  # other names --target accepts (e.g. "jetson")
     source: str = ""  # the file it was read from
     extra: dict = field(default_factory=dict)
@@ -75,6 +76,7 @@ _SCHEMA: dict[str, tuple[type, Any]] = {
     "default_transport": (str, ""),
     "serial_baud": (int, 115200),
     "weights_in_ram": (bool, False),
+    "clock_hz": (int, 0),
     "aliases": (list, []),
 }
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -101,7 +103,7 @@ def parse_profile(data: dict[str, Any], source: str) -> BoardProfile:
     for key in ("ram_bytes", "flash_bytes"):
         if values[key] <= 0:
             raise bad(f"'{key}' must be a positive number of bytes, got {values[key]}")
-    for key in ("mpy_abi", "float_bits", "serial_baud"):
+    for key in ("mpy_abi", "float_bits", "serial_baud", "clock_hz"):
         if values[key] < 0:
             raise bad(f"'{key}' must not be negative, got {values[key]}")
     if not _NAME.match(values["name"]):

@@ -38,6 +38,8 @@ def _edit(text: str, key: str, value: str | None) -> str:
     ("transports", '["serial", 3]', "'transports' must be a list of strings"),
     ("weights_in_ram", "1", "'weights_in_ram' must be a bool"),
     ("name", '"My Board"', "'name' must be lower-case"),
+    ("clock_hz", "-1", "'clock_hz' must not be negative, got -1"),
+    ("clock_hz", '"240 MHz"', "'clock_hz' must be an integer, got '240 MHz'"),
 ])
 def test_a_bad_board_file_is_one_line(tmp_path, capsys, no_training, key, value, needle):
     path = tmp_path / "b.toml"
@@ -97,3 +99,11 @@ def test_an_alias_reaches_the_build(tmp_path, capsys, no_training):
     (tmp_path / "x").write_text("")
     rc = cli.main(["build", "--target", "jetson", "--out", str(tmp_path), "--quiet"])
     assert rc == 2 and "not an earlier `toolchain build` output" in capsys.readouterr().err
+
+
+def test_clock_hz_is_optional_and_in_the_shipped_micropython_boards():
+    """The latency estimate (toolchain.latency) divides by it; Jetson has none (its engine was not measured)."""
+    clocks = {name: p.clock_hz for name, p in all_profiles().items()}
+    assert clocks["esp32"] == clocks["esp32s3"] == 240_000_000
+    assert clocks["rp2040"] == 133_000_000 and clocks["microbit"] == 16_000_000
+    assert clocks["jetson-orin-nano"] == 0

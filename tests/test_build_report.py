@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from hw.profiles import get_profile
+from toolchain.latency import METHOD, estimate
+
 TOOLCHAIN = [sys.executable, "-m", "toolchain.cli"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -38,7 +41,18 @@ def test_report_has_the_board_view_layers_confusion_plots_and_timings(built):
     # the target's RAM and flash as the gate counted them, with the estimate made before training
     b = m["budget"]
     assert f"| RAM | {b['ram_needed']} B |" in text and "estimated before training" in text
-    assert "| latency | not measured yet |" in text  # no invented latency
+    # latency: an estimate labelled as one for MicroPython boards, "not measured" where nothing was measured
+    lat = m["boards"]["rp2040"]["latency"]
+    assert lat["engine"] == "viper auto" and lat["method"] == METHOD and lat["latency_ms"] > 0
+    assert re.search(r"^\| latency \(estimate\) \| ~[\d.]+ ms \(viper auto, [\d.]+ M instr\) \|", text, re.M)
+    assert METHOD in text
+    assert m["boards"]["microbit"]["latency"]["engine"] == "bytecode"  # no -march: no native code there
+    assert re.search(r"^\| microbit \|.*\| ~[\d.]+ ms \(bytecode, ", text, re.M)
+    for board in ("(any TFLite Micro board)", "jetson-orin-nano"):
+        assert m["boards"][board]["latency_ms"] == "not measured"
+        assert re.search(rf"^\| {re.escape(board)} \|.*\| not measured \(\S+ engine not measured\) \|$", text, re.M)
+    shares = [ly["latency_share"] for ly in m["layers"]]
+    assert all(0 < s < 1 for s in shares) and sum(shares) < 1  # the rest: fixed per-inference cost
     # every shipped board has a row; the micro:bit one can run this MLP
     for board in ("esp32", "esp32s3", "jetson-orin-nano", "microbit", "(any TFLite Micro board)"):
         assert re.search(rf"^\| {re.escape(board)} \|", text, re.M), board
@@ -72,6 +86,43 @@ def test_report_command_rerenders_and_prints_json(built, tmp_path):
     data = json.loads(run("report", str(copy), "--json").stdout)
     assert data["target"] == "rp2040" and data["model"] == "micro-mlp" and len(data["rounds"]) == 2
     assert data["budget"]["fits"] and len(data["layers"]) == 2 and len(data["confusion"]) == 10
+
+
+def test_esp32_latency_estimate_of_the_default_model_matches_the_measurement():
+    """The default esp32 model (LeNet-5, GMP 10 %: the layer densities measured in engine_speed.json) through
+    layer_table -> toolchain.latency: 10.48 M instructions measured (viper auto) / 240 MHz = 43.7 ms, +-30 %;
+    the micro:bit runs bytecode (258 M measured). No training: kept counts per layer are what matters."""
+    import torch
+
+    from models.zoo import build_model, prunable_layers
+    from toolchain.report import layer_table
+
+    speed = json.loads((Path(__file__).parents[1] / "bench/results/engine_speed.json").read_text())["models"][0]
+    model = build_model("lenet5", (28, 28, 1), 10)
+    masks = {}
+    for (name, layer), measured in zip(prunable_layers(model), speed["layers"], strict=True):
+        keep = torch.zeros(layer.weight.numel())
+        keep[:measured["kept_weights"]] = 1
+        masks[f"{name}.weight"] = keep.reshape(layer.weight.shape)
+    layers = layer_table(model, masks, (28, 28, 1), None)
+    esp32 = estimate(get_profile("esp32"), layers)
+    measured_ms = 1000 * speed["engines"]["viper auto"]["instructions_per_inference"] / 240e6
+    assert esp32["engine"] == "viper auto" and esp32["method"] == METHOD
+    assert esp32["latency_ms"] == pytest.approx(measured_ms, rel=0.3)
+    microbit = estimate(get_profile("microbit"), layers)
+    assert microbit["engine"] == "bytecode"
+    assert microbit["instructions"] == pytest.approx(speed["engines"]["bytecode"]["instructions_per_inference"],
+                                                     rel=0.3)
+    assert estimate(get_profile("jetson"), layers)["latency_ms"] == "not measured"
+
+
+def test_latency_constants_are_the_fit_of_the_committed_measurements():
+    """latency_constants.json is generated (python -m toolchain.latency ...), not typed: the fit reproduces it."""
+    from toolchain.latency import CONSTANTS, fit
+
+    src = "bench/results/engine_speed.json"  # as recorded in the file: relative to the repository
+    data = json.loads((Path(__file__).parents[1] / src).read_text())
+    assert fit(data, src) == json.loads(CONSTANTS.read_text())
 
 
 def test_report_on_a_folder_that_is_not_a_build(tmp_path):

@@ -33,7 +33,7 @@ from toolchain.fl.simulator import seed_everything
 from toolchain.manifest import Budget, Manifest, artifact_entry
 from toolchain.outdir import check_out, replace_dir, staging_dir
 from toolchain.pruning import ALGORITHMS, make_strategy
-from toolchain.report import board_table, confusion, layer_table, write_report
+from toolchain.report import add_latency_shares, board_table, confusion, layer_table, write_report
 from toolchain.select import (
     Estimate,
     advise,
@@ -286,7 +286,8 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
         raise BudgetError(budget_message(profile, model_name, opts.density, fp, advice, estimated=False))
     smf_path = staging / "model.smf"
     layers = layer_table(model, masks, data.input_shape, smf_path.read_bytes() if smf_path.is_file() else None)
-    boards = board_table(staging, profile, fp.as_dict(), arena, acts)
+    boards = board_table(staging, profile, fp.as_dict(), arena, acts, layers)
+    add_latency_shares(layers, boards[profile.name])  # the per-layer column is the target's estimate
     notes = []
     if mismatch:
         notes.append(f"LiteRT and TFLite Micro int8 outputs differ in {mismatch} entries")

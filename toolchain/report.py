@@ -4,9 +4,9 @@ The build computes the facts (:func:`layer_table`, :func:`confusion`, :func:`boa
 in the manifest; rendering reads only the manifest and the per-round metrics, so a report can be re-rendered
 (or read as JSON) from a build folder at any time. Plots are PNG files in ``plots/``, embedded in the report.
 
-Latency: no per-board figure is given. It needs per-operator timings of the device engine on each board,
-which are not measured yet; the per-layer table shows each layer's share of the sparse MACs instead, which is
-labelled as such and is not a time.
+Latency: MicroPython boards get an estimate from the device engine's Cortex-M3 instruction counts and the
+board's clock (toolchain.latency), labelled as an estimate everywhere it appears; TFLite Micro and Jetson
+boards run engines that were not measured and say "not measured".
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from torch import nn
 from hw.profiles import BoardProfile, all_profiles
 from models.zoo import prunable_layers
 from toolchain.errors import ToolchainError
+from toolchain.latency import METHOD, NOT_MEASURED
 
 PLOTS = "plots"
-LATENCY = "not measured yet"
 
 
 def layer_table(model: nn.Module, masks: dict[str, torch.Tensor], in_shape: tuple[int, int, int],
@@ -68,19 +68,22 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> list[
 
 
 def board_table(build_dir: Path, target: BoardProfile, target_fp: dict[str, Any], arena: int,
-                activation_floats: int) -> dict[str, dict[str, Any]]:
+                activation_floats: int, layers: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """This build's files counted for every known board (the target's figures are the gate's own), plus a
-    generic TFLite Micro (C) board: the same rules as the budget gate (toolchain.select.footprint)."""
+    generic TFLite Micro (C) board: the same rules as the budget gate (toolchain.select.footprint); each
+    row's ``latency`` is toolchain.latency's estimate from ``layers`` (:func:`layer_table`)."""
     import shutil
 
+    from toolchain.latency import estimate
     from toolchain.ondevice.bundle import write_bundle
     from toolchain.select import board_kind, footprint
 
     def row(p: BoardProfile, fp: dict[str, Any]) -> dict[str, Any]:
         fits = not fp.get("problem") and fp["ram_needed"] <= p.ram_bytes and fp["flash_needed"] <= p.flash_bytes
+        lat = estimate(p, layers or [])
         return {"runtime": p.runtime, "ram_needed": fp["ram_needed"], "ram_bytes": p.ram_bytes,
                 "flash_needed": fp["flash_needed"], "flash_bytes": p.flash_bytes, "fits": fits,
-                "problem": fp.get("problem", ""), "latency_ms": LATENCY}
+                "problem": fp.get("problem", ""), "latency_ms": lat["latency_ms"], "latency": lat}
 
     out = {target.name: row(target, target_fp)}
     for name, p in all_profiles().items():
@@ -107,8 +110,29 @@ def board_table(build_dir: Path, target: BoardProfile, target_fp: dict[str, Any]
     tflite = (build_dir / "model.tflite").stat().st_size
     out["(any TFLite Micro board)"] = {"runtime": "tflite-micro", "ram_needed": arena, "ram_bytes": None,
                                        "flash_needed": tflite, "flash_bytes": None, "fits": None, "problem": "",
-                                       "latency_ms": LATENCY}
+                                       "latency_ms": NOT_MEASURED,
+                                       "latency": {"latency_ms": NOT_MEASURED,
+                                                   "method": "tflite-micro engine not measured"}}
     return out
+
+
+def add_latency_shares(layers: list[dict[str, Any]], target_row: dict[str, Any]) -> None:
+    """Each layer's ``latency_share``: its part of the target's estimated instructions (None without one)."""
+    lat = target_row.get("latency") or {}
+    per_layer, total = lat.get("layer_instructions"), lat.get("instructions")
+    for i, ly in enumerate(layers):
+        ly["latency_share"] = per_layer[i] / total if per_layer and total else None
+
+
+def _latency(r: dict[str, Any]) -> str:
+    """A board's latency cell: the figure with its engine, or why there is none."""
+    lat = r.get("latency") or {}
+    ms = r.get("latency_ms", NOT_MEASURED)
+    if not isinstance(ms, (int, float)):
+        # older manifests carry only the string; a reason is shown when the build gave one
+        return f"{ms} ({lat['method']})" if lat.get("method") else str(ms)
+    figure = f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"  # no exponent for the micro:bit's seconds
+    return f"~{figure} ms ({lat.get('engine', '?')}, {lat.get('instructions', 0) / 1e6:.2f} M instr)"
 
 
 # --- rendering -----------------------------------------------------------------------------------------
@@ -119,6 +143,11 @@ def _kb(n: int | None) -> str:
     if n >= 10 << 20:
         return f"{n / (1 << 20):.0f} MB"
     return f"{n} B" if n < 10240 else f"{n / 1024:.1f} KB"
+
+
+def _share(ly: dict[str, Any]) -> str:
+    share = ly.get("latency_share")
+    return NOT_MEASURED if share is None else f"{share * 100:.1f} %"
 
 
 def _pct(a: int, b: int | None) -> str:
@@ -227,7 +256,8 @@ def render(m: dict[str, Any], rounds: list[dict[str, Any]], plots: dict[str, str
     ram_rule = {"micropython": " (the engine's heap for this model, from its data layout; the firmware and engine "
                                "code are outside the board's figure)",
                 "tflm": " (the TFLite Micro arena, measured)", "onnx": " (ONNX weights + float32 activations)"}
-    lines += [f"| latency | {LATENCY} | | | |", "", f"**{'Fits' if b['fits'] else 'Does not fit'}.** "
+    target_row = (m.get("boards") or {}).get(m["target"]) or {}
+    lines += [f"| latency (estimate) | {_latency(target_row)} | | | |", "", f"**{'Fits' if b['fits'] else 'Does not fit'}.** "
               f"RAM: {', '.join(f'{k} {v} B' for k, v in (b.get('ram_parts') or {}).items())}"
               f"{ram_rule.get(b.get('kind', ''), '')}.", ""]
     flash_parts = b.get("deployed") or {}
@@ -242,7 +272,7 @@ def render(m: dict[str, Any], rounds: list[dict[str, Any]], plots: dict[str, str
     boards = m.get("boards") or {}
     if boards:
         lines += ["## Every board (this build's files, the same counting rules)", "",
-                  "| board | runtime | RAM needed / available | flash needed / available | fits | latency |",
+                  "| board | runtime | RAM needed / available | flash needed / available | fits | latency (estimate) |",
                   "|---|---|---|---|---|---|"]
         for name, r in boards.items():
             if r.get("problem"):
@@ -250,8 +280,11 @@ def render(m: dict[str, Any], rounds: list[dict[str, Any]], plots: dict[str, str
                 continue
             fits = "-" if r["fits"] is None else "yes" if r["fits"] else "no"
             lines.append(f"| {name} | {r['runtime']} | {_kb(r['ram_needed'])} / {_kb(r['ram_bytes'])} | "
-                         f"{_kb(r['flash_needed'])} / {_kb(r['flash_bytes'])} | {fits} | {r['latency_ms']} |")
-        lines.append("")
+                         f"{_kb(r['flash_needed'])} / {_kb(r['flash_bytes'])} | {fits} | {_latency(r)} |")
+        lines += ["", f"Latency: {METHOD}, from bench/results/engine_speed.json (toolchain/latency.py): the "
+                  "MicroPython engine's instructions per inference measured on a Cortex-M3 under QEMU, fitted per "
+                  "layer, divided by the board's `clock_hz`; native viper kernels where the bundle is compiled for "
+                  "the board (`mpy_march`), bytecode elsewhere. Not a measurement on the board.", ""]
     if "memory" in plots:
         lines += [f"![RAM and flash per board]({plots['memory']})", ""]
 
@@ -259,16 +292,19 @@ def render(m: dict[str, Any], rounds: list[dict[str, Any]], plots: dict[str, str
     if layers:
         lines += ["## Layers", "",
                   "| layer | type | weight shape | kept | density | int8 bytes (dense) | `.smf` bytes | MACs dense | "
-                  "MACs sparse | share of sparse MACs | latency |",
+                  "MACs sparse | share of sparse MACs | share of latency (estimate) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for ly in layers:
             lines.append(f"| {ly['layer']} | {ly['type']} | {'x'.join(map(str, ly['shape']))} | {ly['kept']} | "
                          f"{ly['density'] * 100:.1f} % | {ly['int8_bytes']} | "
                          f"{'-' if ly['smf_bytes'] is None else ly['smf_bytes']} | {ly['macs_dense']} | "
-                         f"{ly['macs_sparse']} | {ly['mac_share'] * 100:.1f} % | {LATENCY} |")
+                         f"{ly['macs_sparse']} | {ly['mac_share'] * 100:.1f} % | {_share(ly)} |")
+        eng = target_row.get("latency", {}).get("engine")
         lines += ["", f"Sparse MACs in all: {sum(ly['macs_sparse'] for ly in layers)} "
-                  f"(dense {sum(ly['macs_dense'] for ly in layers)}). The engine visits kept weights only; the share "
-                  "of MACs is not a measured share of time.", ""]
+                  f"(dense {sum(ly['macs_dense'] for ly in layers)}). The engine visits kept weights only. Share of "
+                  + (f"latency: the layer's part of the {m['target']} estimate ({eng} engine), the rest is the "
+                     "operators between layers; an estimate, not a measured time." if eng else
+                     f"latency: {NOT_MEASURED} on {m['target']} (its engine's speed was not measured)."), ""]
         if "layers" in plots:
             lines += [f"![kept weights per layer]({plots['layers']})", ""]
 
