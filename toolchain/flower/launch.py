@@ -262,7 +262,7 @@ class LocalFederation:
             tls = ["--ssl-ca-certfile", str(self.pki.ca_cert), "--ssl-certfile", str(self.pki.server_cert),
                    "--ssl-keyfile", str(self.pki.server_key)]
         auth = ["--enable-supernode-auth"] if self.node_keys else []
-        self._spawn("superlink", [flwr_bin("flower-superlink"), *tls, *auth, "--disable-runtime-dependency-installation",
+        self.spawn("superlink", [flwr_bin("flower-superlink"), *tls, *auth, "--disable-runtime-dependency-installation",
                                   *sim, "--host", "127.0.0.1", "--port", str(self.port)])
         self._wait_port(self.port, ready_timeout)
         for i, (_, public) in enumerate(self.node_keys or []):
@@ -275,12 +275,13 @@ class LocalFederation:
             if self.node_keys:
                 node_tls += ["--auth-supernode-private-key", str(self.node_keys[i][0])]
             extra = f" {self.node_configs[i]}" if self.node_configs else ""
-            self._spawn(f"supernode{i}", [flwr_bin("flower-supernode"), *node_tls, "--superlink", self.address,
+            self.spawn(f"supernode{i}", [flwr_bin("flower-supernode"), *node_tls, "--superlink", self.address,
                                           "--host", "127.0.0.1", "--port", str(free_port()),
                                           "--node-config", f"partition-id={i} num-partitions={self.nodes}{extra}"])
         return self
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def spawn(self, name: str, argv: list[str]) -> None:
+        """Start one more process under this federation (logged to ``NAME.log``, stopped with it)."""
         self.argv[name] = argv
         log = (self.workdir / f"{name}.log").open("w")
         # own process group: stop() can end a process and the ServerApp/ClientApp children it spawned
