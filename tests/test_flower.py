@@ -218,3 +218,15 @@ def test_flower_fixed_clipping_mod_clips_every_update(tmp_path, capfd):
     free = torch.sqrt(sum(((ref.model.state_dict()[k] - v) ** 2).sum() for k, v in before.items())).item()
     assert 0 < moved <= clip * (1 + 1e-4), moved
     assert free > 10 * clip, free
+
+
+def test_deployment_needs_tls_or_an_explicit_insecure(tmp_path, capsys):
+    """`--engine flower` never falls back to plaintext silently: no CA and no --insecure is one error line."""
+    from toolchain.cli import main
+
+    out = str(tmp_path / "run")
+    assert main(["train", "--algo", "gmp", "--out", out, "--engine", "flower", "--superlink", "127.0.0.1:9"]) == 2
+    assert "TLS" in capsys.readouterr().err
+    assert main(["train", "--algo", "gmp", "--out", out, "--engine", "flower", "--superlink", "127.0.0.1:9",
+                 "--superlink-ca", str(tmp_path / "missing.pem")]) == 2
+    assert "no such file" in capsys.readouterr().err

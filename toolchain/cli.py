@@ -188,7 +188,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         partition=scheme,
                         alpha=alpha, seed=args.seed, out=args.out, quiet=args.quiet, threads=args.threads,
                         eval_samples=args.eval_samples, algo_options=_algo_options(args.algo_opt),
-                        engine=args.engine, superlink=args.superlink, force=args.force)
+                        engine=args.engine, superlink=args.superlink, superlink_ca=args.superlink_ca,
+                        insecure=args.insecure, force=args.force)
     summary = train(opts)
     print(f"{opts.algo} {opts.model} on {opts.dataset}: accuracy {summary['accuracy'] * 100:.2f} % at density "
           f"{summary['density']:.4f}; device memory {summary['device_memory_bytes']['total']} B; "
@@ -246,6 +247,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["inprocess", "flower-sim", "flower"], default="inprocess",
                    help="inprocess (default), flower-sim (Flower simulation, Ray) or flower (SuperLink; docs/flower.md)")
     p.add_argument("--superlink", metavar="HOST:PORT", default=None, help="--engine flower: the SuperLink address")
+    p.add_argument("--superlink-ca", metavar="PEM", default=None,
+                   help="--engine flower: the SuperLink's CA certificate (TLS; docs/flower.md)")
+    p.add_argument("--insecure", action="store_true",
+                   help="--engine flower: connect without TLS (only on a trusted network)")
     # Adam (AMSGrad) 0.01, batch 32: with them every method leaves chance at 1-5 % density; SGD 0.05 left random
     # ERK LeNet-5 at 1 % on 37.9 % after 5 rounds, batch 64 magnitude at 57.8 % (docs/training.md "Defaults")
     _add_fl_options(p, rounds=20, clients=10, batch=32, lr=0.01, optimizer="adam",

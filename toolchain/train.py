@@ -48,6 +48,8 @@ class TrainOptions:
     algo_options: dict[str, Any] = field(default_factory=dict)
     engine: str = "inprocess"  # "inprocess", "flower-sim" or "flower" (docs/flower.md)
     superlink: str | None = None  # --engine flower: the SuperLink's HOST:PORT
+    superlink_ca: str | None = None  # --engine flower: the SuperLink's CA certificate (TLS)
+    insecure: bool = False  # --engine flower: plaintext to the SuperLink, only when asked for
     force: bool = False  # replace a non-empty --out that is not an earlier training run
 
     def config(self) -> TrainConfig:

@@ -48,10 +48,10 @@ def train_flower(opts: TrainOptions, train_limit: int | None = None, test_limit:
     if opts.engine == "flower":
         if not opts.superlink:
             raise ToolchainError("--engine flower needs --superlink HOST:PORT (the SuperLink's address)")
-        # TLS unless asked otherwise. Until `toolchain train` has --superlink-ca / --insecure (TrainOptions
-        # superlink_ca / insecure), a run without a CA certificate stays insecure, as before.
-        ca = getattr(opts, "superlink_ca", None)
-        insecure = bool(getattr(opts, "insecure", ca is None))
+        # TLS unless asked otherwise: without --superlink-ca, run_deployment refuses unless --insecure was given
+        ca, insecure = opts.superlink_ca, opts.insecure
+        if ca is not None and not Path(ca).is_file():
+            raise ToolchainError(f"--superlink-ca {ca}: no such file; pass the SuperLink's CA certificate (PEM)")
         return launch.run_deployment(spec, opts.superlink, timeout=timeout, stream=not opts.quiet,
                                      root_certificates=ca, insecure=insecure)
     raise ToolchainError(f"unknown engine '{opts.engine}'; choose one of: {', '.join(ENGINES)}")
