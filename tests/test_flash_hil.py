@@ -23,12 +23,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_helpers import cli, one_line_error
 from proc_helpers import ctrl_c_as_in_a_terminal
 
 from hw.emulators import microbit as mb
 from hw.emulators import wasm_repl
 from hw.hil import CHECKS
-from toolchain.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 MPREMOTE = str(Path(sys.executable).with_name("mpremote"))
@@ -58,18 +58,6 @@ def qemu() -> Iterator[mb.QemuMicrobit]:
     with mb.QemuMicrobit() as board:
         time.sleep(1.0)
         yield board
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    rc = main(args)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def one_line_error(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def snapshot(port: str) -> dict[str, str]:

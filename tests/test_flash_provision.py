@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_helpers import cli, one_line_error
 
 from firmware_bridge.security import device_key
 from hw.emulators import wasm_repl
 from hw.flash_board import connect, read_file, soft_reset
 from hw.repl import RawRepl
-from toolchain.cli import main
 from toolchain.ondevice.bundle import model_tag
 
 pytestmark = pytest.mark.timeout(300)
@@ -46,18 +46,6 @@ def board() -> Iterator[wasm_repl.WasmReplBoard]:
         pytest.skip("Node.js or the MicroPython WebAssembly package is missing")
     with wasm_repl.WasmReplBoard() as b:
         yield b
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    rc = main(args)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def one_line_error(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def boot(repl: RawRepl) -> tuple[str, str]:
