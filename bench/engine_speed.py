@@ -1,7 +1,7 @@
 """Device engine speed as instructions: bytecode vs viper dense vs viper sparse on real MicroPython 1.28 builds.
 
 Instructions per inference and per kept MAC on the qemu Cortex-M3 board (MPS2_AN385, ``-icount shift=0``:
-guest time counts instructions, hw/emulators/qemu_cortexm.py), per layer and in total, for
+guest time counts instructions, toolchain/deploy/emulators/qemu_cortexm.py), per layer and in total, for
 
 - the default ``toolchain build --target esp32`` model (built into .cache/engine/esp32 if missing), and
 - LeNet-5-like models with every layer pruned to 1 %, 5 % and 10 % (tests/sparse_models.py);
@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import sparse_models as sm  # noqa: E402
 
-from hw.emulators import qemu_cortexm, smf_ports, unix_port  # noqa: E402
-from toolchain.export.sparse_format import SmfModel, read_smf, tflite_to_smf  # noqa: E402
+from toolchain.contracts.smf import SmfModel, read_smf, tflite_to_smf  # noqa: E402
+from toolchain.deploy.emulators import qemu_cortexm, smf_ports, unix_port  # noqa: E402
 
 CACHE = REPO / ".cache" / "engine"
 ENGINES = {  # name -> (native, layout)

@@ -5,7 +5,7 @@ recorded):
 
 1. **Memory** (full models, every density; cheap): the device footprint in FedMef's definition,
    model + activations saved for backward, *measured* with saved-tensor hooks during a real training
-   step (forward + backward) on a CIFAR-10 batch (``toolchain.fl.sap.measure_footprint``), next to the
+   step (forward + backward) on a CIFAR-10 batch (``toolchain.learning.fl.sap.measure_footprint``), next to the
    formula. FedMef = NSConv model + SAP (gamma 0.7, fp16 values + int32 indices) + 1-bit ReLU masks;
    the baselines train the BN model with plain layers. Ablations separate BN removal, SAP and the
    ReLU bitmap, and gamma 0.5.
@@ -33,14 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.datasets import load_dataset  # noqa: E402
-from models.zoo import build_model  # noqa: E402
-from toolchain.fl import Federation, TrainConfig, simulate  # noqa: E402
-from toolchain.fl.masks import apply_masks, dense_masks  # noqa: E402
-from toolchain.fl.sap import enable_sap, keep_count, measure_footprint  # noqa: E402
-from toolchain.fl.simulator import seed_everything, to_tensors  # noqa: E402
-from toolchain.pruning import ALGORITHMS, make_strategy  # noqa: E402
-from toolchain.pruning.scores import random_erk_masks  # noqa: E402
+from toolchain.data.datasets import load_dataset  # noqa: E402
+from toolchain.learning.fl import Federation, TrainConfig, simulate  # noqa: E402
+from toolchain.learning.fl.masks import apply_masks, dense_masks  # noqa: E402
+from toolchain.learning.fl.sap import enable_sap, keep_count, measure_footprint  # noqa: E402
+from toolchain.learning.fl.simulator import seed_everything, to_tensors  # noqa: E402
+from toolchain.learning.pruning import ALGORITHMS, make_strategy  # noqa: E402
+from toolchain.learning.pruning.scores import random_erk_masks  # noqa: E402
+from toolchain.models.zoo import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10"
@@ -226,11 +226,11 @@ def render(res: dict) -> str:
                          f"{r['density']} | {r['algo']} | {r['accuracy'] * 100:.2f} % | {r['final_density']:.4f} | "
                          f"{r['footprint']['total'] / 2**20:.2f} | {r['bytes_up_per_client_round']:.0f} | {r['seconds']} |")
     before = res.get("accuracy_before_nsconv_fix", [])
-    if before:  # the same cells with NSConv zeroing single-entry filters (models/nsconv.py before dc348b4)
+    if before:  # the same cells with NSConv zeroing single-entry filters (toolchain/models/nsconv.py before dc348b4)
         lines += ["", "FedMef rows measured before NSConv stopped zeroing single-entry filters (same config): " + ", ".join(
             f"{r['model']} @ {r['density']}: {r['accuracy'] * 100:.2f} %" for r in before)]
     ones = res.get("accuracy_nsconv_init_ones", [])
-    if ones:  # ablation: every NSConv gain starting at 1 instead of the NF gains (models/nsconv.py, nsconv_init)
+    if ones:  # ablation: every NSConv gain starting at 1 instead of the NF gains (toolchain/models/nsconv.py, nsconv_init)
         lines += ["", "FedMef with `nsconv_init=ones` (all gains 1; same config): " + ", ".join(
             f"{r['model']} @ {r['density']}: {r['accuracy'] * 100:.2f} %" for r in ones)]
     if res.get("verdict"):

@@ -41,13 +41,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.datasets import load_dataset  # noqa: E402
-from models.zoo import build_model  # noqa: E402
-from toolchain.fl import Federation, TrainConfig, simulate  # noqa: E402
-from toolchain.fl.quality import chance_accuracy  # noqa: E402
-from toolchain.fl.simulator import seed_everything  # noqa: E402
-from toolchain.pruning import make_strategy  # noqa: E402
-from toolchain.train import TrainOptions  # noqa: E402
+from toolchain.data.datasets import load_dataset  # noqa: E402
+from toolchain.learning.fl import Federation, TrainConfig, simulate  # noqa: E402
+from toolchain.learning.fl.quality import chance_accuracy  # noqa: E402
+from toolchain.learning.fl.simulator import seed_everything  # noqa: E402
+from toolchain.learning.pruning import make_strategy  # noqa: E402
+from toolchain.models.zoo import build_model  # noqa: E402
+from toolchain.pipelines.train import TrainOptions  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / ".cache" / "fl_grid"

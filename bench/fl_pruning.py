@@ -43,11 +43,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.datasets import Dataset, load_dataset  # noqa: E402
-from models.zoo import build_model  # noqa: E402
-from toolchain.fl import Federation, TrainConfig, simulate  # noqa: E402
-from toolchain.fl.simulator import seed_everything  # noqa: E402
-from toolchain.pruning import make_strategy  # noqa: E402
+from toolchain.data.datasets import Dataset, load_dataset  # noqa: E402
+from toolchain.learning.fl import Federation, TrainConfig, simulate  # noqa: E402
+from toolchain.learning.fl.simulator import seed_everything  # noqa: E402
+from toolchain.learning.pruning import make_strategy  # noqa: E402
+from toolchain.models.zoo import build_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 METHODS = ["fedtiny", "random", "magnitude", "snip", "synflow", "prunefl", "feddst"]
@@ -264,10 +264,10 @@ def memory_sweep(out: Path) -> dict[str, Any]:
     first conv, the rest layer-wise magnitude at rho') plus the largest top-K buffer of any block at the first
     adjustment (alpha_t ~ alpha = 0.1). Activations are measured (they do not depend on the mask).
     """
-    from toolchain.fl.memory import training_memory
-    from toolchain.pruning.blocks import model_blocks
-    from toolchain.pruning.dynamic import swap_counts, topk_buffer_bytes
-    from toolchain.pruning.scores import keep_count, layer_topk
+    from toolchain.learning.fl.memory import training_memory
+    from toolchain.learning.pruning.blocks import model_blocks
+    from toolchain.learning.pruning.dynamic import swap_counts, topk_buffer_bytes
+    from toolchain.learning.pruning.scores import keep_count, layer_topk
 
     rows = []
     for model_name, shape in (("lenet5", (28, 28, 1)), ("resnet8", (32, 32, 3))):

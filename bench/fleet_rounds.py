@@ -27,10 +27,10 @@ from fleet_helpers import JetsonProcess, wasm_board  # noqa: E402
 from fleet_model import make_model  # noqa: E402
 from mosquitto_fixture import Broker  # noqa: E402
 
-from firmware_bridge import MqttConfig, Signer  # noqa: E402
-from firmware_bridge.coordinator import Coordinator, RoundConfig, read_rounds  # noqa: E402
-from firmware_bridge.fleet import MqttFleet, SerialFleet  # noqa: E402
-from firmware_bridge.gateway import Gateway  # noqa: E402
+from toolchain.fleet import MqttConfig, Signer  # noqa: E402
+from toolchain.fleet.coordinator import Coordinator, RoundConfig, read_rounds  # noqa: E402
+from toolchain.fleet.gateway import Gateway  # noqa: E402
+from toolchain.fleet.transports import MqttFleet, SerialFleet  # noqa: E402
 
 KEY = b"bench-key"
 ROUNDS = 6

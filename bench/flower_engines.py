@@ -28,9 +28,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from toolchain.flower import make_spec  # noqa: E402
-from toolchain.flower.driver import run_inprocess  # noqa: E402
-from toolchain.train import TrainOptions  # noqa: E402
+from toolchain.learning.flower import make_spec  # noqa: E402
+from toolchain.learning.flower.driver import run_inprocess  # noqa: E402
+from toolchain.pipelines.train import TrainOptions  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -80,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     wanted = set(args.engines.split(","))
 
-    from toolchain.flower.launch import run_simulation
+    from toolchain.learning.flower.launch import run_simulation
 
     work = Path(tempfile.mkdtemp(prefix="flower-bench-"))
     info = machine()
@@ -116,7 +116,7 @@ def main() -> None:
 
 
 def deployment(args: argparse.Namespace, spec: Any, ref: Any, engines: dict[str, dict[str, Any]]) -> None:
-    from toolchain.flower.launch import LocalFederation, run_deployment
+    from toolchain.learning.flower.launch import LocalFederation, run_deployment
 
     t = time.perf_counter()
     with LocalFederation(args.clients) as fed:

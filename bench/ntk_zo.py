@@ -31,15 +31,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.datasets import load_dataset  # noqa: E402
-from models.zoo import build_model  # noqa: E402
-from toolchain.fl import Federation, TrainConfig, simulate  # noqa: E402
-from toolchain.fl.masks import apply_masks, dense_masks  # noqa: E402
-from toolchain.fl.memory import forward_only_memory, training_memory  # noqa: E402
-from toolchain.fl.simulator import seed_everything, to_tensors  # noqa: E402
-from toolchain.pruning import make_strategy, ntk  # noqa: E402
-from toolchain.pruning.zo_fl import DEFAULTS as ZO_DEFAULTS  # noqa: E402
-from toolchain.pruning.zo_fl import NTKZeroOrder, device_graph, sparse_forward_macs  # noqa: E402
+from toolchain.data.datasets import load_dataset  # noqa: E402
+from toolchain.learning.fl import Federation, TrainConfig, simulate  # noqa: E402
+from toolchain.learning.fl.masks import apply_masks, dense_masks  # noqa: E402
+from toolchain.learning.fl.memory import forward_only_memory, training_memory  # noqa: E402
+from toolchain.learning.fl.simulator import seed_everything, to_tensors  # noqa: E402
+from toolchain.learning.pruning import make_strategy, ntk  # noqa: E402
+from toolchain.learning.pruning.zo_fl import DEFAULTS as ZO_DEFAULTS  # noqa: E402
+from toolchain.learning.pruning.zo_fl import NTKZeroOrder, device_graph, sparse_forward_macs  # noqa: E402
+from toolchain.models.zoo import build_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PARTS = RESULTS / "ntk_zo_parts"

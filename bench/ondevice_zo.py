@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import sparse_models as sm  # noqa: E402
 
-from hw.profiles import get_profile  # noqa: E402
-from toolchain.ondevice.harness import DeviceRun, _parse, _script, device_files, run_rounds  # noqa: E402
-from toolchain.ondevice.reference import (  # noqa: E402
+from toolchain.boards.profiles import get_profile  # noqa: E402
+from toolchain.deploy.emulators.harness import DeviceRun, _parse, _script, device_files, run_rounds  # noqa: E402
+from toolchain.verify.reference import (  # noqa: E402
     engine_features,
     head_accuracy,
     head_from_smf,
@@ -67,8 +67,8 @@ def run_rounds_unix(head, spec: dict, data: np.ndarray, labels: list[int], seeds
     """The harness's device script on the MicroPython 1.28 unix port (scripts/build_micropython.sh): the engine
     as x64 .mpy (its native kernels run), ft/zo as source, under a real heap bound of ``heap_bytes``; the
     device's gc.mem_alloc figures are meaningful there (unlike WebAssembly's)."""
-    from hw.emulators import smf_ports, unix_port
-    from toolchain.ondevice.reference import ENGINE_DIR
+    from toolchain.deploy.emulators import smf_ports, unix_port
+    from toolchain.verify.reference import ENGINE_DIR
 
     data = np.ascontiguousarray(data, np.int8).reshape(len(data), -1)
     files = {**smf_ports.engine_files("unix", True), **device_files(head, spec, data, smf)}
@@ -84,9 +84,9 @@ def run_rounds_qemu(head, spec: dict, data: np.ndarray, labels: list[int], seeds
     """The harness's device script on MicroPython 1.28 for the Cortex-M3 under QEMU -icount shift=0 (the engine
     and ft/zo as armv7m .mpy, files in the board's RAM file system); also the instructions of each round
     (probe + update, timed by the board)."""
-    from hw.emulators import qemu_cortexm, smf_ports, unix_port
-    from toolchain.ondevice.harness import DEVICE_SCRIPT
-    from toolchain.ondevice.reference import ENGINE_DIR
+    from toolchain.deploy.emulators import qemu_cortexm, smf_ports, unix_port
+    from toolchain.deploy.emulators.harness import DEVICE_SCRIPT
+    from toolchain.verify.reference import ENGINE_DIR
 
     data = np.ascontiguousarray(data, np.int8).reshape(len(data), -1)
     files = {**smf_ports.engine_files("an385", True), **device_files(head, spec, data, smf)}
@@ -215,7 +215,7 @@ def render(results: list[dict], meta: dict) -> str:
                       "twice a 32-bit board's; native engine): model + engine + ft/zo code "
                       f"{h['model']} B, tuner {h['tuner']} B, local data {h['data']} B, most allocated by a round "
                       f"{h['round_alloc']} B, live at the end {h['live_end']} B."]
-    lines += ["", "Host replay of the device rounds (toolchain.ondevice.reference): "
+    lines += ["", "Host replay of the device rounds (toolchain.verify.reference): "
               + "; ".join(f"{r['target']}: max |scalar diff| {r['replay']['max_scalar_diff']:.1e}, weights "
                           f"{'bit-exact' if r['replay']['weights_bit_exact'] else 'DIFFER'}" for r in results), "",
               f"Host seconds per round ({ {'unix': 'the unix port', 'an385': 'QEMU emulating the Cortex-M3'}.get(results[0].get('port'), 'CPython') if results else ''}"

@@ -22,7 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from mosquitto_fixture import Broker  # noqa: E402
 
-from firmware_bridge import (  # noqa: E402
+from toolchain.fleet import (  # noqa: E402
     Frame,
     MqttConfig,
     MqttDevice,
@@ -33,7 +33,7 @@ from firmware_bridge import (  # noqa: E402
     encode,
     encode_frame,
 )
-from firmware_bridge.pty_relay import PtyRelay  # noqa: E402
+from toolchain.fleet.pty_relay import PtyRelay  # noqa: E402
 
 KS = (1, 4, 16, 64)
 BAUD_BYTES = 11520  # 115200 baud, 8N1

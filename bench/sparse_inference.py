@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import sparse_models as sm  # noqa: E402  (the test models: Keras -> pruned -> full-int8 .tflite)
 
-from hw.emulators.wasm import run_micropython  # noqa: E402
-from toolchain.export.sparse_format import read_smf, tflite_to_smf  # noqa: E402
+from toolchain.contracts.smf import read_smf, tflite_to_smf  # noqa: E402
+from toolchain.deploy.emulators.wasm import run_micropython  # noqa: E402
 
 TIMED = """
 import time, ubinascii

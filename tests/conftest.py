@@ -17,7 +17,7 @@ SHARED_DATA = Path(os.environ.get("TOOLCHAIN_SHARED_DATA", REPO.parent / "shared
 
 @pytest.fixture(scope="session")
 def mnist():
-    from models.datasets import load_dataset
+    from toolchain.data.datasets import load_dataset
 
     return load_dataset("mnist")
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from fleet_model import FleetModel, local_files
 
-from firmware_bridge.mqtt_link import MqttConfig
-from hw.emulators.microbit import QemuMicrobit
-from hw.emulators.wasm_stream import WasmBoard, app_boot
-from hw.repl import RawRepl
+from toolchain.deploy.emulators.microbit import QemuMicrobit
+from toolchain.deploy.emulators.wasm_stream import WasmBoard, app_boot
+from toolchain.deploy.repl import RawRepl
+from toolchain.fleet.mqtt_link import MqttConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO / "device_runtime" / "micropython"
@@ -76,7 +76,7 @@ class PortBridge:
 
 def microbit_files(m: FleetModel, idx: np.ndarray) -> dict[str, bytes]:
     """The micro:bit's flash: the bundle's minified zo.py + ft.py, spec.py, head.bin, its features shard + labels."""
-    from toolchain.ondevice.bundle import microbit_files as bundle_files
+    from toolchain.package.bundle import microbit_files as bundle_files
 
     files = bundle_files(m.head, m.config(batch_max=len(idx)))
     files["d.bin"] = np.ascontiguousarray(m.feats[idx], np.int8).tobytes()
@@ -85,13 +85,13 @@ def microbit_files(m: FleetModel, idx: np.ndarray) -> dict[str, bytes]:
 
 
 class MicrobitDevice:
-    """QEMU micro:bit running ft.py + zo.py, on MQTT through the raw-REPL proxy (firmware_bridge.repl_proxy)."""
+    """QEMU micro:bit running ft.py + zo.py, on MQTT through the raw-REPL proxy (toolchain.fleet.repl_proxy)."""
 
     def __init__(self, m: FleetModel, device: str, idx: np.ndarray, cfg: MqttConfig, heartbeat_s: float = 30.0,
                  round_key: bytes | None = None) -> None:
         from test_zo_contract import soft_reset
 
-        from firmware_bridge.repl_proxy import repl_agent
+        from toolchain.fleet.repl_proxy import repl_agent
 
         self.qemu = QemuMicrobit()
         self.repl: RawRepl | None = None
@@ -189,7 +189,7 @@ class RogueDevice:
     once it has got itself sampled (no broker ACL, or a device's stolen credentials)."""
 
     def __init__(self, cfg: MqttConfig, device: str, *, big: float = 1e6, model_id: int = 1) -> None:
-        from firmware_bridge.mqtt_link import MqttDevice
+        from toolchain.fleet.mqtt_link import MqttDevice
 
         self.big, self.model_id, self.applied = big, model_id, 0
         self.asked: list[int] = []
@@ -201,13 +201,13 @@ class RogueDevice:
         self.thread.start()
 
     def _hello(self) -> None:
-        from firmware_bridge.messages import ST_IDLE, Hello, Status
+        from toolchain.contracts.wire.messages import ST_IDLE, Hello, Status
 
         self.dev.send(Hello(self.dev.device_id, "esp32", "micropython 1.29", (0, 2, 0), 50000, 600, 0, 4242))
         self.dev.send(Status(ST_IDLE, 1, 50000, self.applied, self.model_id))
 
     def _run(self) -> None:
-        from firmware_bridge.messages import T_ROUND_UPDATE, Ack, Ping, RoundResult, RoundStart, RoundUpdate
+        from toolchain.contracts.wire.messages import T_ROUND_UPDATE, Ack, Ping, RoundResult, RoundStart, RoundUpdate
 
         while not self._stop.is_set():
             msg = self.dev.recv(0.2)

@@ -2,7 +2,7 @@
 
 Two FULLY_CONNECTED layers written straight into the sparse model format (docs/sparse-model-format.md):
 ``x (int8, n_in) -> FC + ReLU (hidden) -> FC (classes)``; the last layer is the ZO-trained head
-(``toolchain.ondevice.reference.head_from_smf``). The same head as a one-Gemm ONNX model over the head's
+(``toolchain.verify.reference.head_from_smf``). The same head as a one-Gemm ONNX model over the head's
 inputs runs on the Jetson runtime, so every party of a mixed fleet starts from the same active vector.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.export.sparse_format import (
+from toolchain.contracts.smf import (
     FULLY_CONNECTED,
     HEADER,
     MAGIC,
@@ -28,7 +28,7 @@ from toolchain.export.sparse_format import (
     encode_weights,
     quantize_multiplier,
 )
-from toolchain.ondevice.reference import Head, engine_features, head_from_smf
+from toolchain.verify.reference import Head, engine_features, head_from_smf
 
 
 def _quant_fc(w: np.ndarray, b: np.ndarray, s_in: float, s_out: float, zp_out: int, relu: bool) -> bytes:
@@ -51,7 +51,7 @@ class FleetModel:
     feats: np.ndarray  # int8 [n, hidden]: the head's inputs (what the device engine computes)
 
     def config(self, **over: object) -> dict:
-        """The bundle's config.json for this model (toolchain.ondevice.bundle.default_spec's keys that ft.py reads)."""
+        """The bundle's config.json for this model (toolchain.package.bundle.default_spec's keys that ft.py reads)."""
         cfg = {"format": 1, "estimator": "forward", "k_max": 16, "batch_max": 32, "mu": 1e-3, "lr": 0.05,
                "copy_restore": 1, "head": self.head.spec()}
         cfg.update(over)

@@ -4,7 +4,7 @@
     pytest -m hil --board emulated                               # CI: QEMU micro:bit + WebAssembly board
 
 Without ``--board`` the ``hil`` tests skip with the reason. With ``--board emulated`` the suite flashes a small
-real build (``hw.hil.testbuild`` + ``toolchain.ondevice.bundle``) to each emulated board first.
+real build (``toolchain.package.testbuild`` + ``toolchain.package.bundle``) to each emulated board first.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ def _tiny_tflite(cache: Path) -> bytes:
 
 def make_emulated_builds(cache: Path) -> dict[str, Path]:
     """build folders (manifest, model.tflite/.smf, bundle/) for esp32 (used on the wasm board) and microbit."""
-    from hw.hil.testbuild import make_build
-    from hw.profiles import get_profile
-    from toolchain.ondevice.bundle import write_bundle
+    from toolchain.boards.profiles import get_profile
+    from toolchain.package.bundle import write_bundle
+    from toolchain.package.testbuild import make_build
 
     tfl = _tiny_tflite(cache)
     out = {}
@@ -97,18 +97,18 @@ def hil_board(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
             pytest.skip("--board PORT needs --hil-build DIR or --hil-target T (the build flashed on the board)")
         yield HilBoard(which, which, build or f"build/{target}", target)
         return
-    from hw.flash import flash
+    from toolchain.deploy.flash import flash
 
     builds = make_emulated_builds(tmp_path_factory.getbasetemp() / "hil")
     if which == "wasm":
-        from hw.emulators.wasm_repl import WasmReplBoard, available
+        from toolchain.deploy.emulators.wasm_repl import WasmReplBoard, available
 
         if not available():
             pytest.skip("Node.js or the MicroPython WebAssembly package is missing")
         board = WasmReplBoard()
         build = builds["esp32"]
     else:
-        from hw.emulators.microbit import QemuMicrobit, available
+        from toolchain.deploy.emulators.microbit import QemuMicrobit, available
 
         if not available():
             pytest.skip("qemu-system-arm or the micro:bit firmware is missing")
@@ -125,6 +125,6 @@ def hil_board(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 @pytest.fixture(scope="session")
 def hil_results(hil_board: HilBoard) -> dict:
     """The whole suite, run once per board (checks share one soft-reset sequence, as `toolchain hil` runs them)."""
-    from hw.hil.suite import run_suite
+    from toolchain.deploy.hil.suite import run_suite
 
     return {r.name: r for r in run_suite(hil_board.port, hil_board.target, hil_board.build)}

@@ -178,7 +178,7 @@ def run_engine_wasm(smf: bytes, inputs: np.ndarray, heap_bytes: int = 160 * 1024
     Returns the int8 outputs [n, classes] and heap figures: ``model`` (bytes held by the loaded model,
     code included) and ``inference`` (bytes allocated by all inferences together, garbage included).
     """
-    from hw.emulators.wasm import run_micropython
+    from toolchain.deploy.emulators.wasm import run_micropython
 
     n = len(inputs)
     files = {**engine_files(), "/model.smf": smf, "/inputs.bin": np.ascontiguousarray(inputs, np.int8).tobytes()}

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from hw.profiles import BOARDS_DIR, all_profiles, load_profile
+from toolchain.boards.profiles import BOARDS_DIR, all_profiles, load_profile
 
 
 def test_required_boards_present():
@@ -18,7 +18,7 @@ def test_required_boards_present():
 
 def test_adding_a_board_is_adding_a_file(tmp_path, monkeypatch):
     src = (BOARDS_DIR / "rp2040.toml").read_text().replace('name = "rp2040"', 'name = "myboard"')
-    monkeypatch.setattr("hw.profiles.BOARDS_DIR", tmp_path)
+    monkeypatch.setattr("toolchain.boards.profiles.BOARDS_DIR", tmp_path)
     (tmp_path / "myboard.toml").write_text(src)
     assert list(all_profiles()) == ["myboard"]
     assert load_profile(tmp_path / "myboard.toml").mpy_march == "armv6m"

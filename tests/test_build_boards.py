@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from hw.profiles import BOARDS_DIR, all_profiles, get_profile
-from toolchain import build as build_mod
 from toolchain import cli
+from toolchain.boards.profiles import BOARDS_DIR, all_profiles, get_profile
+from toolchain.pipelines import build as build_mod
 
 BASE = (BOARDS_DIR / "rp2040.toml").read_text().replace('name = "rp2040"', 'name = "myboard"')
 
@@ -102,7 +102,7 @@ def test_an_alias_reaches_the_build(tmp_path, capsys, no_training):
 
 
 def test_clock_hz_is_optional_and_in_the_shipped_micropython_boards():
-    """The latency estimate (toolchain.latency) divides by it; Jetson has none (its engine was not measured)."""
+    """The latency estimate (toolchain.boards.latency) divides by it; Jetson has none (its engine was not measured)."""
     clocks = {name: p.clock_hz for name, p in all_profiles().items()}
     assert clocks["esp32"] == clocks["esp32s3"] == 240_000_000
     assert clocks["rp2040"] == 133_000_000 and clocks["microbit"] == 16_000_000

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from hw.profiles import get_profile, parse_profile
-from models.datasets import load_dataset
-from toolchain.build import BuildOptions, _estimator
-from toolchain.errors import BudgetError
-from toolchain.select import footprint, select_model
+from toolchain.boards.profiles import get_profile, parse_profile
+from toolchain.contracts.errors import BudgetError
+from toolchain.data.datasets import load_dataset
+from toolchain.pipelines.build import BuildOptions, _estimator
+from toolchain.pipelines.select import footprint, select_model
 
 TOOLCHAIN = [sys.executable, "-m", "toolchain.cli"]
 TINY = """name = "tiny24"
@@ -86,7 +86,7 @@ def test_following_the_advice_fits_and_the_estimate_was_close(refused, tiny_boar
 
 
 def _profile(path: Path):
-    from hw.profiles import load_profile
+    from toolchain.boards.profiles import load_profile
 
     return load_profile(path)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from toolchain import errors
+from toolchain.contracts import errors
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLCHAIN = [sys.executable, "-m", "toolchain.cli"]
@@ -47,7 +47,7 @@ def test_readme_documents_every_exit_code():
 
 
 def test_readme_board_figures_match_the_profiles():
-    from hw.profiles import all_profiles
+    from toolchain.boards.profiles import all_profiles
 
     readme = (ROOT / "README.md").read_text()
     mb = all_profiles()["microbit"]
@@ -88,8 +88,8 @@ def test_a_build_replays_from_its_manifest(original, tmp_path):
 
 
 def test_options_given_with_config_override_it(original, tmp_path, capsys, monkeypatch):
-    from toolchain import build as build_mod
     from toolchain import cli
+    from toolchain.cli import build as build_cmd
 
     seen = {}
 
@@ -97,7 +97,7 @@ def test_options_given_with_config_override_it(original, tmp_path, capsys, monke
         seen.update(vars(opts))
         raise errors.ToolchainError("stop")
 
-    monkeypatch.setattr(build_mod, "build", record)
+    monkeypatch.setattr(build_cmd, "build", record)
     assert cli.main(["build", "--config", str(original), "--rounds", "7", "--quiet"]) == 2
     assert seen["rounds"] == 7 and seen["seed"] == 3 and seen["clients"] == 2 and seen["target"] == "microbit"
     assert seen["out"] is None  # where to write is asked anew: build/<target>

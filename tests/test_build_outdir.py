@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from toolchain import build as build_mod
 from toolchain import cli
-from toolchain import train as train_mod
+from toolchain.pipelines import build as build_mod
+from toolchain.pipelines import train as train_mod
 
 TOOLCHAIN = [sys.executable, "-m", "toolchain.cli"]
 CHEAP = ("--target", "microbit", "--model", "micro-mlp", "--clients", "2", "--quiet")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hw.profiles import get_profile
-from toolchain.latency import METHOD, estimate
+from toolchain.boards.latency import METHOD, estimate
+from toolchain.boards.profiles import get_profile
 
 TOOLCHAIN = [sys.executable, "-m", "toolchain.cli"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -90,12 +90,12 @@ def test_report_command_rerenders_and_prints_json(built, tmp_path):
 
 def test_esp32_latency_estimate_of_the_default_model_matches_the_measurement():
     """The default esp32 model (LeNet-5, GMP 10 %: the layer densities measured in engine_speed.json) through
-    layer_table -> toolchain.latency: 10.48 M instructions measured (viper auto) / 240 MHz = 43.7 ms, +-30 %;
+    layer_table -> toolchain.boards.latency: 10.48 M instructions measured (viper auto) / 240 MHz = 43.7 ms, +-30 %;
     the micro:bit runs bytecode (258 M measured). No training: kept counts per layer are what matters."""
     import torch
 
-    from models.zoo import build_model, prunable_layers
-    from toolchain.report import layer_table
+    from toolchain.models.zoo import build_model, prunable_layers
+    from toolchain.pipelines.report import layer_table
 
     speed = json.loads((Path(__file__).parents[1] / "bench/results/engine_speed.json").read_text())["models"][0]
     model = build_model("lenet5", (28, 28, 1), 10)
@@ -117,8 +117,8 @@ def test_esp32_latency_estimate_of_the_default_model_matches_the_measurement():
 
 
 def test_latency_constants_are_the_fit_of_the_committed_measurements():
-    """latency_constants.json is generated (python -m toolchain.latency ...), not typed: the fit reproduces it."""
-    from toolchain.latency import CONSTANTS, fit
+    """latency_constants.json is generated (python -m toolchain.boards.latency ...), not typed: the fit reproduces it."""
+    from toolchain.boards.latency import CONSTANTS, fit
 
     src = "bench/results/engine_speed.json"  # as recorded in the file: relative to the repository
     data = json.loads((Path(__file__).parents[1] / src).read_text())
@@ -132,8 +132,8 @@ def test_report_on_a_folder_that_is_not_a_build(tmp_path):
 
 
 def test_an_earlier_build_with_plots_is_still_ours(built, tmp_path):
-    """plots/ is written by build: a folder holding it is replaced without --force (toolchain.outdir)."""
-    from toolchain.outdir import build_owned
+    """plots/ is written by build: a folder holding it is replaced without --force (toolchain.contracts.staging)."""
+    from toolchain.contracts.staging import build_owned
 
     assert build_owned(built) == (True, [])
     archive = built / "rp2040-bundle.tar.gz"  # what `toolchain flash` may leave in a build folder

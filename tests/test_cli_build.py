@@ -71,7 +71,7 @@ def test_model_too_big_for_board_fails_with_budget_message(tmp_path):
                "--out", str(out), "--quiet")
     assert proc.returncode == 3
     line = proc.stderr.strip().splitlines()[-1]
-    # refused before training (toolchain.select.preflight), with advice the estimator checked
+    # refused before training (toolchain.pipelines.select.preflight), with advice the estimator checked
     assert line.startswith("error: lenet5 cannot run on microbit") and "this fits: --model micro-mlp" in line
     assert not out.exists() and not any(tmp_path.iterdir())  # the staging folder was removed too
 

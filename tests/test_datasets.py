@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from models.datasets import load_dataset
-from toolchain.errors import DataError
+from toolchain.contracts.errors import DataError
+from toolchain.data.datasets import load_dataset
 
 
 def test_embedded_mnist_is_complete(mnist):

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.zoo import build_model, prunable_layers
 from toolchain.export.c_array import write_c_array
-from toolchain.export.fold_bn import fold_batchnorm, max_abs_diff
 from toolchain.export.keras_mirror import build_keras_mirror
 from toolchain.export.onnx_export import export_onnx, onnx_logits
+from toolchain.export.silence import captured_fds
 from toolchain.export.tflite import TFLM_BUILTINS, convert_int8
-from toolchain.silence import captured_fds
+from toolchain.models.fold_bn import fold_batchnorm, max_abs_diff
+from toolchain.models.zoo import build_model, prunable_layers
 from toolchain.verify.interpreters import (
     _tflm_fits,
     litert_outputs,

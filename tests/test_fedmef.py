@@ -14,11 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.nsconv import NSConv, _Standardize, materialize
-from models.zoo import build_model
-from toolchain.fl import Federation, TrainConfig, simulate
-from toolchain.fl.masks import apply_masks
-from toolchain.fl.sap import (
+from toolchain.learning.fl import Federation, TrainConfig, simulate
+from toolchain.learning.fl.masks import apply_masks
+from toolchain.learning.fl.sap import (
     DEFAULT_GAMMA,
     BitReLU,
     SAPConv2d,
@@ -28,10 +26,12 @@ from toolchain.fl.sap import (
     enable_sap,
     measure_footprint,
 )
-from toolchain.fl.strategy import ClientData
-from toolchain.pruning import make_strategy
-from toolchain.pruning.fedmef import bae_lr, rex_budget
-from toolchain.pruning.scores import random_erk_masks
+from toolchain.learning.fl.strategy import ClientData
+from toolchain.learning.pruning import make_strategy
+from toolchain.learning.pruning.fedmef import bae_lr, rex_budget
+from toolchain.learning.pruning.scores import random_erk_masks
+from toolchain.models.nsconv import NSConv, _Standardize, materialize
+from toolchain.models.zoo import build_model
 
 
 def _grads(model: nn.Module) -> torch.Tensor:
@@ -169,8 +169,8 @@ def test_nsconv_single_entry_filter_stays_alive():
 
 def test_nsconv_nf_init_gains():
     """ReLU-followed convs start at NF-Nets' ReLU gain, the last conv of a residual branch at 0 (SkipInit)."""
-    from models.nsconv import RELU_GAIN
-    from models.zoo import BasicBlock, InvertedResidual
+    from toolchain.models.nsconv import RELU_GAIN
+    from toolchain.models.zoo import BasicBlock, InvertedResidual
 
     for name, kw in (("resnet8", {}), ("mobilenetv2", {"width": 0.35})):
         model = build_model(name, (32, 32, 3), 10, norm="nsconv", **kw)
@@ -265,7 +265,7 @@ def test_marks_are_active_weights_and_travel_in_the_instruction():
     cfg = TrainConfig(rounds=2, clients=2, per_round=2, density=0.2, algo_options={"delta": 2, "t_end": 10})
     model = build_model("mlp", (4, 4, 1), 3, hidden=(32,))
     strategy = make_strategy("fedmef", cfg)
-    from toolchain.fl.strategy import ServerContext
+    from toolchain.learning.fl.strategy import ServerContext
 
     strategy.setup(model, ServerContext(cfg, [10, 10], np.random.default_rng(0), torch.zeros(1), torch.zeros(1)))
     ins = strategy.configure_train(1, [0, 1])[0]
@@ -304,10 +304,10 @@ def test_mask_broadcast_after_every_adjustment():
 
 # ---- export and CLI ----------------------------------------------------------------------------------
 def test_int8_export_of_resnet8_nsconv(tmp_path):
-    from toolchain.export.fold_bn import fold_batchnorm, max_abs_diff
     from toolchain.export.keras_mirror import build_keras_mirror
+    from toolchain.export.silence import captured_fds
     from toolchain.export.tflite import TFLM_BUILTINS, convert_int8
-    from toolchain.silence import captured_fds
+    from toolchain.models.fold_bn import fold_batchnorm, max_abs_diff
     from toolchain.verify.interpreters import litert_outputs, quantize_input, tflm_outputs
 
     torch.manual_seed(0)

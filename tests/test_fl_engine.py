@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.zoo import build_model
-from toolchain.errors import ToolchainError
-from toolchain.fl import Federation, TrainConfig, codec, simulate
-from toolchain.fl.masks import apply_masks, density, global_topk, prunable_names
-from toolchain.fl.memory import measure_saved_activation_bytes, training_memory
-from toolchain.fl.messages import TrainIns, TrainRes
-from toolchain.fl.partition import partition
-from toolchain.fl.simulator import seed_everything
-from toolchain.pruning import make_strategy
+from toolchain.contracts.errors import ToolchainError
+from toolchain.data.partition import partition
+from toolchain.learning.fl import Federation, TrainConfig, codec, simulate
+from toolchain.learning.fl.masks import apply_masks, density, global_topk, prunable_names
+from toolchain.learning.fl.memory import measure_saved_activation_bytes, training_memory
+from toolchain.learning.fl.messages import TrainIns, TrainRes
+from toolchain.learning.fl.simulator import seed_everything
+from toolchain.learning.pruning import make_strategy
+from toolchain.models.zoo import build_model
 
 
 def test_partitions_cover_every_sample_once():
@@ -166,7 +166,7 @@ def _stop_after(n: int):
 
 
 def test_augment_batch_is_reproducible_and_shape_preserving():
-    from toolchain.fl.local import augment_batch
+    from toolchain.learning.fl.local import augment_batch
 
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     assert augment_batch(x, "none", torch.Generator()) is x

@@ -2,7 +2,7 @@
 
 Real parts only: the micro:bit v1 MicroPython 1.9.2 firmware on QEMU and MicroPython 1.29 WebAssembly, both on
 pseudo-terminals; mpremote, microfs and esptool as the user runs them; a real (small) int8 model converted by
-TensorFlow, its .smf from the exporter and the bundle from ``toolchain.ondevice.bundle``.
+TensorFlow, its .smf from the exporter and the bundle from ``toolchain.package.bundle``.
 Every failure case checks the one-line error, the exit code and that the board's files did not change.
 
 ``pytest -m hil --board PORT|emulated`` runs the conformance checks (``test_conformance``) on a given board.
@@ -26,9 +26,9 @@ import pytest
 from cli_helpers import cli, one_line_error
 from proc_helpers import ctrl_c_as_in_a_terminal
 
-from hw.emulators import microbit as mb
-from hw.emulators import wasm_repl
-from hw.hil import CHECKS
+from toolchain.deploy.emulators import microbit as mb
+from toolchain.deploy.emulators import wasm_repl
+from toolchain.deploy.hil import CHECKS
 
 REPO = Path(__file__).resolve().parents[1]
 MPREMOTE = str(Path(sys.executable).with_name("mpremote"))
@@ -62,7 +62,7 @@ def qemu() -> Iterator[mb.QemuMicrobit]:
 
 def snapshot(port: str) -> dict[str, str]:
     """name -> sha256 of every file on the board (computed there, or read back on the micro:bit)."""
-    from hw.flash_board import board_sha256, connect, identify, list_files
+    from toolchain.deploy.flash_board import board_sha256, connect, identify, list_files
 
     repl = connect(port)
     try:
@@ -76,7 +76,7 @@ def snapshot(port: str) -> dict[str, str]:
 
 @needs_wasm
 def test_wasm_board_speaks_raw_repl_and_mpremote(wasm: wasm_repl.WasmReplBoard, tmp_path: Path) -> None:
-    from hw.repl import RawRepl
+    from toolchain.deploy.repl import RawRepl
 
     with RawRepl(wasm.port) as repl:
         repl.enter_raw()
@@ -191,7 +191,7 @@ def test_bundle_too_big_is_refused_and_the_board_is_unchanged(qemu: mb.QemuMicro
 @needs_wasm
 def test_hil_catches_a_corrupted_bundle(wasm: wasm_repl.WasmReplBoard, builds: dict[str, Path],
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from hw.repl import RawRepl
+    from toolchain.deploy.repl import RawRepl
 
     rc, _, err = cli(["flash", "--build", str(builds["esp32"]), "--port", wasm.port], capsys)
     assert rc == 0, err
@@ -203,8 +203,9 @@ def test_hil_catches_a_corrupted_bundle(wasm: wasm_repl.WasmReplBoard, builds: d
 
 
 def test_mpy_that_the_board_cannot_import_falls_back_to_py(builds: dict[str, Path]) -> None:
-    from hw.flash import load_bundle, mpy_header, resolve_build, select_for_board
-    from hw.flash_board import BoardInfo
+    from toolchain.deploy.flash import resolve_build, select_for_board
+    from toolchain.deploy.flash_board import BoardInfo
+    from toolchain.package.load import load_bundle, mpy_header
 
     build_dir, manifest, profile = resolve_build(None, str(builds["esp32"]))
     bundle = load_bundle(build_dir, manifest, profile)
@@ -251,7 +252,7 @@ def test_jetson_flash_writes_an_install_archive(tmp_path: Path, capsys: pytest.C
     with tarfile.open(archive) as tar:
         files = {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
     assert {"model.onnx", "config.json", "install.sh", "SHA256SUMS", "agent.py", "runtime.py", "run_agent.sh",
-            "requirements.txt", "firmware_bridge/device_agent.py"} <= set(files)  # the agent runs from the archive
+            "requirements.txt", "toolchain.fleet/device_agent.py"} <= set(files)  # the agent runs from the archive
     for line in files["SHA256SUMS"].decode().splitlines():
         digest, name = line.split("  ")
         assert hashlib.sha256(files[name]).hexdigest() == digest
@@ -262,7 +263,7 @@ def test_jetson_flash_writes_an_install_archive(tmp_path: Path, capsys: pytest.C
 
 @needs_wasm
 def test_emulate_prints_ports_that_work_and_cleans_up() -> None:
-    from hw.repl import RawRepl
+    from toolchain.deploy.repl import RawRepl
 
     proc = subprocess.Popen([sys.executable, "-m", "toolchain.cli", "emulate", "wasm", "--count", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,

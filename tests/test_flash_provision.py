@@ -3,7 +3,7 @@ time (docs/fleet.md, "Provisioning at flash time"), and ``app_boot.py`` on the f
 while model.smf matches model.tag.
 
 Real parts: MicroPython 1.29 WebAssembly as a REPL board on a pty, flashed by ``toolchain flash`` (mpremote), the
-esp32 build's bundle from ``toolchain.ondevice.bundle``, and the board's own ``app_boot.start`` run after a soft
+esp32 build's bundle from ``toolchain.package.bundle``, and the board's own ``app_boot.start`` run after a soft
 reset (files kept, fresh heap: a reboot).
 """
 
@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from cli_helpers import cli, one_line_error
 
-from firmware_bridge.security import device_key
-from hw.emulators import wasm_repl
-from hw.flash_board import connect, read_file, soft_reset
-from hw.repl import RawRepl
-from toolchain.ondevice.bundle import model_tag
+from toolchain.contracts.wire.security import device_key
+from toolchain.deploy.emulators import wasm_repl
+from toolchain.deploy.flash_board import connect, read_file, soft_reset
+from toolchain.deploy.repl import RawRepl
+from toolchain.package.bundle import model_tag
 
 pytestmark = pytest.mark.timeout(300)
 needs_wasm = pytest.mark.skipif(not wasm_repl.available(), reason="Node.js or the MicroPython WebAssembly package is missing")

@@ -18,12 +18,13 @@ from fleet_helpers import JetsonProcess, MicrobitDevice, wasm_board  # noqa: E40
 from fleet_model import make_model  # noqa: E402
 from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
 
-from firmware_bridge import MqttConfig, Signer, messages  # noqa: E402
-from firmware_bridge.coordinator import Coordinator, RoundConfig, counted_results, read_rounds  # noqa: E402
-from firmware_bridge.fleet import MqttFleet, RoundUpdate, SerialFleet, decode_any  # noqa: E402
-from firmware_bridge.gateway import Gateway  # noqa: E402
-from firmware_bridge.pty_relay import LineFaults  # noqa: E402
-from hw.emulators import microbit, wasm  # noqa: E402
+from toolchain.contracts.wire import messages
+from toolchain.deploy.emulators import microbit, wasm  # noqa: E402
+from toolchain.fleet import MqttConfig, Signer  # noqa: E402
+from toolchain.fleet.coordinator import Coordinator, RoundConfig, counted_results, read_rounds  # noqa: E402
+from toolchain.fleet.gateway import Gateway  # noqa: E402
+from toolchain.fleet.pty_relay import LineFaults  # noqa: E402
+from toolchain.fleet.transports import MqttFleet, RoundUpdate, SerialFleet, decode_any  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")]

@@ -13,7 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fleet_helpers import wasm_board  # noqa: E402
 from fleet_model import make_model  # noqa: E402
 
-from firmware_bridge import (  # noqa: E402
+from toolchain.contracts.wire.security import seal  # noqa: E402
+from toolchain.deploy.emulators import wasm  # noqa: E402
+from toolchain.fleet import (  # noqa: E402
     Ack,
     Error,
     Hello,
@@ -27,10 +29,8 @@ from firmware_bridge import (  # noqa: E402
     encode,
     model_transfer,
 )
-from firmware_bridge.fleet import RoundUpdate  # noqa: E402
-from firmware_bridge.security import seal  # noqa: E402
-from hw.emulators import wasm  # noqa: E402
-from toolchain.ondevice.reference import reference_probe, reference_update  # noqa: E402
+from toolchain.fleet.transports import RoundUpdate  # noqa: E402
+from toolchain.verify.reference import reference_probe, reference_update  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")]
@@ -180,8 +180,8 @@ def test_flashed_model_checked_at_boot(flip: bool) -> None:
     key) matches: a flipped byte leaves the board without a model (STATUS model 0; the host sends it again)."""
     import hashlib
 
-    from firmware_bridge import bundle_header
-    from firmware_bridge.security import hmac_tag
+    from toolchain.contracts.wire.security import hmac_tag
+    from toolchain.fleet import bundle_header
 
     m = make_model()
     tag = hmac_tag(KEY, bundle_header(1, 1, len(m.smf), hashlib.sha256(m.smf).digest()))

@@ -17,16 +17,16 @@ from fleet_helpers import JetsonProcess, RogueDevice  # noqa: E402
 from fleet_model import make_model  # noqa: E402
 from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
 
-from firmware_bridge import MqttConfig, MqttDevice, RoundResult  # noqa: E402
-from firmware_bridge.coordinator import (  # noqa: E402
+from toolchain.contracts.zo import ClientReply  # noqa: E402
+from toolchain.fleet import MqttConfig, MqttDevice, RoundResult  # noqa: E402
+from toolchain.fleet.coordinator import (  # noqa: E402
     Coordinator,
     RoundConfig,
     counted_results,
     read_rounds,
     robust_aggregate,
 )
-from firmware_bridge.fleet import MqttFleet  # noqa: E402
-from toolchain.zo import ClientReply  # noqa: E402
+from toolchain.fleet.transports import MqttFleet  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 FORGED = ((1e6,) * 8, 0.0, (1 << 30) - 1)  # the issue's RoundResult(r, [1e6]*8, loss 0, n=2**30-1)
@@ -155,9 +155,9 @@ def test_per_device_keys_and_signed_rounds(tmp_path: Path, mosquitto) -> None:  
     ERROR(AUTH) and no device moves off the fleet's version."""
     from fleet_helpers import wasm_board
 
-    from firmware_bridge import Error, MqttHost, RoundUpdate, Signer, device_key, seal
-    from firmware_bridge.gateway import Gateway
-    from hw.emulators import wasm
+    from toolchain.deploy.emulators import wasm
+    from toolchain.fleet import Error, MqttHost, RoundUpdate, Signer, device_key, seal
+    from toolchain.fleet.gateway import Gateway
 
     if not wasm.available():
         pytest.skip("MicroPython WebAssembly not installed (npm ci)")
@@ -215,7 +215,7 @@ def test_per_device_keys_and_signed_rounds(tmp_path: Path, mosquitto) -> None:  
 
 
 def model_transfer_for(model: bytes, signer: object) -> list:
-    from firmware_bridge import model_transfer
+    from toolchain.fleet import model_transfer
 
     return model_transfer(model, 9, signer, chunk_size=64)  # type: ignore[arg-type]
 
@@ -225,8 +225,8 @@ def test_microbit_proxy_takes_signed_rounds_only(tmp_path: Path, mosquitto) -> N
     coordinator run on the board, a forged ROUND_UPDATE on its topic is refused (AUTH) before the board sees it."""
     from fleet_helpers import MicrobitDevice
 
-    from firmware_bridge import Error, MqttHost, RoundUpdate, device_key
-    from hw.emulators import microbit
+    from toolchain.deploy.emulators import microbit
+    from toolchain.fleet import Error, MqttHost, RoundUpdate, device_key
 
     if not microbit.available():
         pytest.skip("QEMU micro:bit not installed")
@@ -265,11 +265,11 @@ def test_microbit_flash_checked_before_the_fine_tuner_loads(tmp_path: Path, mosq
 
     from fleet_helpers import microbit_files
 
-    from firmware_bridge.repl_proxy import MicrobitProxy
-    from hw.emulators import microbit
-    from hw.emulators.microbit import QemuMicrobit
-    from hw.repl import RawRepl
-    from toolchain.errors import ToolchainError
+    from toolchain.contracts.errors import ToolchainError
+    from toolchain.deploy.emulators import microbit
+    from toolchain.deploy.emulators.microbit import QemuMicrobit
+    from toolchain.deploy.repl import RawRepl
+    from toolchain.fleet.repl_proxy import MicrobitProxy
 
     if not microbit.available():
         pytest.skip("QEMU micro:bit not installed")

@@ -22,8 +22,8 @@ from fleet_helpers import REPO, JetsonProcess, make_pki, wasm_board  # noqa: E40
 from fleet_model import make_model  # noqa: E402
 from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
 
-from firmware_bridge import LinkError, MqttConfig, MqttHost, RoundResult, RoundUpdate, TlsOptions, encode  # noqa: E402
-from hw.emulators import wasm  # noqa: E402
+from toolchain.deploy.emulators import wasm  # noqa: E402
+from toolchain.fleet import LinkError, MqttConfig, MqttHost, RoundResult, RoundUpdate, TlsOptions, encode  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")]

@@ -17,7 +17,8 @@ from fleet_helpers import wasm_board  # noqa: E402
 from fleet_model import make_model  # noqa: E402
 from mosquitto_fixture import free_port, mosquitto, mosquitto_factory  # noqa: E402, F401
 
-from firmware_bridge import (  # noqa: E402
+from toolchain.deploy.emulators import wasm  # noqa: E402
+from toolchain.fleet import (  # noqa: E402
     Error,
     MqttConfig,
     MqttHost,
@@ -28,7 +29,6 @@ from firmware_bridge import (  # noqa: E402
     decode,
     encode,
 )
-from hw.emulators import wasm  # noqa: E402
 
 NOWHERE = f"127.0.0.1:{free_port()}"  # nothing listens: validation must come first
 MQTT = ["serve", "--transport", "mqtt", "--broker", NOWHERE, "--rounds", "2"]
@@ -105,7 +105,7 @@ def test_bad_input_is_one_clean_line(argv: list[str], words: str, tmp_path: Path
 @pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")
 def test_device_errors_carry_text(tmp_path: Path) -> None:
     """Every ERROR app.py puts on the wire says what it is (before: an empty text)."""
-    from firmware_bridge import Hello, seal
+    from toolchain.fleet import Hello, seal
 
     m = make_model()
     board = wasm_board(m, "dev-e", m.split(2)[0], b"key")
@@ -141,9 +141,9 @@ def test_jetson_agent_corrupt_signed_model_error_has_text(tmp_path: Path, mosqui
     and the agent keeps its previous model."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from firmware_bridge import Signer, Verifier, model_transfer
-    from firmware_bridge.device_agent import Agent
-    from firmware_bridge.messages import FMT_ONNX
+    from toolchain.contracts.wire.messages import FMT_ONNX
+    from toolchain.fleet import Signer, Verifier, model_transfer
+    from toolchain.fleet.device_agent import Agent
 
     key = Ed25519PrivateKey.generate()
     cfg = MqttConfig(port=mosquitto.port, fleet="e1")
@@ -188,8 +188,8 @@ def test_jetson_agent_checks_its_model_at_start(tmp_path: Path, mosquitto) -> No
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from firmware_bridge import Signer, bundle_header
-    from firmware_bridge.messages import FMT_ONNX
+    from toolchain.contracts.wire.messages import FMT_ONNX
+    from toolchain.fleet import Signer, bundle_header
 
     m = make_model()
     key = Ed25519PrivateKey.generate()
@@ -252,9 +252,9 @@ def test_jetson_agent_checks_its_model_at_start(tmp_path: Path, mosquitto) -> No
 def test_fleet_status_decodes_the_topics(mosquitto, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001, F811
     """``toolchain fleet-status``: who is online (retained STATUS, last will), model and version, last result and
     loss, last error; ``--follow`` prints each message decoded."""
-    from firmware_bridge import Hello, MqttDevice, Status
-    from firmware_bridge.messages import ST_IDLE
     from toolchain.cli import main
+    from toolchain.contracts.wire.messages import ST_IDLE
+    from toolchain.fleet import Hello, MqttDevice, Status
 
     cfg = MqttConfig(port=mosquitto.port, fleet="st")
     a, b = MqttDevice(cfg, "dev-a"), MqttDevice(cfg, "dev-b")

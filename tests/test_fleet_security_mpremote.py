@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from firmware_bridge import Hello, Ping, RoundStart, SerialLink, Status
-from hw.emulators import qemu_cortexm
+from toolchain.deploy.emulators import qemu_cortexm
+from toolchain.fleet import Hello, Ping, RoundStart, SerialLink, Status
 
 pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(not qemu_cortexm.available("an385"), reason=qemu_cortexm.MISSING)]

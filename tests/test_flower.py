@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from toolchain.flower import make_spec
-from toolchain.flower.driver import (
+from toolchain.learning.flower import make_spec
+from toolchain.learning.flower.driver import (
     Incoming,
     NeedMasks,
     NodeExchange,
@@ -25,8 +25,8 @@ from toolchain.flower.driver import (
     run_inprocess,
     server_loop,
 )
-from toolchain.pruning import ALGORITHMS
-from toolchain.train import TrainOptions
+from toolchain.learning.pruning import ALGORITHMS
+from toolchain.pipelines.train import TrainOptions
 
 # FedTiny is what issue #9 asks for: it also exercises setup exchanges and per-device client state.
 ALGO = "fedtiny" if "fedtiny" in ALGORITHMS else "gmp"
@@ -52,8 +52,8 @@ def _assert_same(model_pt: dict, strategy, flower_rounds: list[dict], ref_rounds
 
 
 def test_core_import_does_not_need_flwr():
-    # toolchain.train and the driver only add torch (slow to import on a busy machine), not flwr
-    code = ("import sys, toolchain, toolchain.cli, toolchain.flower, toolchain.flower.launch; "
+    # toolchain.pipelines.train and the driver only add torch (slow to import on a busy machine), not flwr
+    code = ("import sys, toolchain, toolchain.cli, toolchain.learning.flower, toolchain.learning.flower.launch; "
             "sys.exit(1 if 'flwr' in sys.modules or 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -75,8 +75,8 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("data", ["whole", "node-local"])
 def test_driver_with_isolated_clients_matches_inprocess(tmp_path, reference, data):
     """The Flower-free half: fresh model per message, per-node state, exact replay (no flwr needed).
-    ``node-local``: every node reads only its own shard folder (toolchain/flower/nodedata.py)."""
-    from toolchain.flower.nodedata import export_shards
+    ``node-local``: every node reads only its own shard folder (toolchain/learning/flower/nodedata.py)."""
+    from toolchain.learning.flower.nodedata import export_shards
 
     spec = make_spec(_opts(str(tmp_path / "o")), TRAIN_N, TEST_N)
     folders = export_shards(spec, tmp_path / "shards") if data == "node-local" else None
@@ -121,7 +121,7 @@ def test_driver_with_isolated_clients_matches_inprocess(tmp_path, reference, dat
 @pytest.fixture
 def superlink_and_three_supernodes():
     pytest.importorskip("flwr", reason="flwr is not installed (pip install -e '.[flower]')")
-    from toolchain.flower.launch import LocalFederation
+    from toolchain.learning.flower.launch import LocalFederation
 
     fed = LocalFederation(3)
     try:
@@ -144,7 +144,7 @@ def superlink_and_three_supernodes():
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_deployment_engine_matches_inprocess(superlink_and_three_supernodes, tmp_path, reference):
-    from toolchain.flower.launch import run_deployment
+    from toolchain.learning.flower.launch import run_deployment
 
     fed = superlink_and_three_supernodes
     spec = make_spec(_opts(str(tmp_path / "flower"), engine="flower"), TRAIN_N, TEST_N)
@@ -161,8 +161,8 @@ def test_deployment_engine_matches_inprocess(superlink_and_three_supernodes, tmp
 
 def test_records_round_trip_is_exact():
     """Payload bytes -> Flower ArrayRecord arrays -> the same bytes, for every layout the codec writes."""
-    from toolchain.fl.messages import TrainIns, TrainRes
-    from toolchain.flower import records
+    from toolchain.learning.fl.messages import TrainIns, TrainRes
+    from toolchain.learning.flower import records
 
     g = torch.Generator().manual_seed(0)
     w = {"a.weight": torch.randn(6, 5, generator=g), "a.bias": torch.randn(6, generator=g),
@@ -197,9 +197,9 @@ def test_flower_fixed_clipping_mod_clips_every_update(tmp_path, capfd):
     it clips each client's update (reply arrays minus instruction arrays), so after one FedAvg round the
     global model moved by at most the clipping norm, while the unclipped run moves much further."""
     pytest.importorskip("flwr", reason="flwr is not installed (pip install -e '.[flower]')")
-    from toolchain.fl.simulator import start_run
-    from toolchain.fl.strategy import float_state
-    from toolchain.flower.launch import run_simulation
+    from toolchain.learning.fl.simulator import start_run
+    from toolchain.learning.fl.strategy import float_state
+    from toolchain.learning.flower.launch import run_simulation
 
     clip = 0.05
     opts = TrainOptions(algo="fedavg", out=str(tmp_path / "dp"), model="lenet5", clients=2, rounds=1, batch_size=32,

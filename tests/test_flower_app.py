@@ -34,10 +34,10 @@ def _managed_superlinks(port: int) -> list[int]:
 @pytest.mark.timeout(400)
 def test_flwr_run_of_the_checked_in_app(tmp_path):
     pytest.importorskip("flwr", reason="flwr is not installed (pip install -e '.[flower]')")
-    from toolchain.flower import make_spec
-    from toolchain.flower.driver import run_inprocess
-    from toolchain.flower.launch import descendants, free_port
-    from toolchain.train import TrainOptions
+    from toolchain.learning.flower import make_spec
+    from toolchain.learning.flower.driver import run_inprocess
+    from toolchain.learning.flower.launch import descendants, free_port
+    from toolchain.pipelines.train import TrainOptions
 
     http, control = free_port(), free_port()
     ray_tmp = tempfile.mkdtemp(prefix="tcr")  # short: Ray's socket paths must stay under 108 bytes

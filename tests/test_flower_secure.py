@@ -16,13 +16,13 @@ import torch
 @pytest.mark.timeout(400)
 def test_tls_authenticated_supernodes_with_node_local_data(tmp_path):
     pytest.importorskip("flwr", reason="flwr is not installed (pip install -e '.[flower]')")
-    from toolchain.errors import ToolchainError
-    from toolchain.flower import make_spec
-    from toolchain.flower.driver import run_inprocess
-    from toolchain.flower.launch import LocalFederation, flwr_bin, free_port, run_deployment
-    from toolchain.flower.nodedata import export_shards
-    from toolchain.flower.security import make_node_key, make_pki
-    from toolchain.train import TrainOptions
+    from toolchain.contracts.errors import ToolchainError
+    from toolchain.learning.flower import make_spec
+    from toolchain.learning.flower.driver import run_inprocess
+    from toolchain.learning.flower.launch import LocalFederation, flwr_bin, free_port, run_deployment
+    from toolchain.learning.flower.nodedata import export_shards
+    from toolchain.learning.flower.security import make_node_key, make_pki
+    from toolchain.pipelines.train import TrainOptions
 
     opts = TrainOptions(algo="gmp", out=str(tmp_path / "run"), clients=2, rounds=2, density=0.2, lr=0.05,
                         quiet=True, engine="flower", seed=2)

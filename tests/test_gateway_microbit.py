@@ -17,10 +17,10 @@ from fleet_model import make_model  # noqa: E402
 from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
 from proc_helpers import ctrl_c_as_in_a_terminal  # noqa: E402
 
-from firmware_bridge import Ack, Hello, MqttConfig, MqttHost, Ping, RoundResult, RoundStart, RoundUpdate, Status  # noqa: E402
-from hw.emulators import microbit, wasm_repl  # noqa: E402
-from hw.repl import RawRepl  # noqa: E402
-from toolchain.ondevice.reference import reference_probe  # noqa: E402
+from toolchain.deploy.emulators import microbit, wasm_repl  # noqa: E402
+from toolchain.deploy.repl import RawRepl  # noqa: E402
+from toolchain.fleet import Ack, Hello, MqttConfig, MqttHost, Ping, RoundResult, RoundStart, RoundUpdate, Status  # noqa: E402
+from toolchain.verify.reference import reference_probe  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """Jetson runtime (device_runtime/jetson): ZO rounds in onnxruntime on the float and the QDQ int8 model equal the
-host reference (toolchain.ondevice.reference) within 1e-5; the update is bit-exact; the code is Python 3.8."""
+host reference (toolchain.verify.reference) within 1e-5; the update is bit-exact; the code is Python 3.8."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import sparse_models as sm  # noqa: E402
 from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
 
 from device_runtime.jetson.runtime import JetsonFineTuner  # noqa: E402
-from hw.profiles import get_profile  # noqa: E402
-from models.zoo import build_model  # noqa: E402
+from toolchain.boards.profiles import get_profile  # noqa: E402
 from toolchain.export.onnx_export import export_onnx  # noqa: E402
-from toolchain.ondevice.bundle import write_bundle  # noqa: E402
-from toolchain.ondevice.reference import (  # noqa: E402
+from toolchain.models.zoo import build_model  # noqa: E402
+from toolchain.package.bundle import write_bundle  # noqa: E402
+from toolchain.verify.reference import (  # noqa: E402
     onnx_features,
     onnx_head,
     onnx_reference_probe,
@@ -108,7 +108,7 @@ def test_bundle_lists_files_and_code_is_python38(bundle: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=bundle, capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["10", "84", "False"], out.stderr
     from device_runtime.jetson import zo_np
-    from toolchain.zo import derive, signs
+    from toolchain.contracts.zo import derive, signs
 
     for seed, k in ((0, 0), (2024, 3), (0xDEADBEEF, 1)):
         assert zo_np.derive(seed, k) == derive(seed, k)
@@ -136,9 +136,9 @@ def test_jetson_bundle_runs_the_agent_without_the_repository(tmp_path: Path, mos
 
     from fleet_model import make_model
 
-    from firmware_bridge import MqttConfig, MqttHost, Ping, RoundResult, RoundStart, RoundUpdate, Status
-    from firmware_bridge.messages import Ack, Error, Hello
-    from toolchain.ondevice.jetson_bundle import AGENT_PACKAGES, import_closure
+    from toolchain.contracts.wire.messages import Ack, Error, Hello
+    from toolchain.fleet import MqttConfig, MqttHost, Ping, RoundResult, RoundStart, RoundUpdate, Status
+    from toolchain.package.jetson import AGENT_PACKAGES, import_closure
 
     m = make_model()
     idx = m.split(3)[1]
@@ -147,11 +147,16 @@ def test_jetson_bundle_runs_the_agent_without_the_repository(tmp_path: Path, mos
     m.onnx(build / "model.onnx")
     written = write_bundle(build, get_profile("jetson-orin-nano"), spec=m.jetson_spec())
     cfg = json.loads((build / "bundle" / "config.json").read_text())
-    assert cfg["agent"]["firmware_bridge"] == ["device_agent", "errors", "messages", "mqtt_link", "security"]
-    assert {"bundle/run_agent.sh", "bundle/firmware_bridge/__init__.py", "bundle/firmware_bridge/messages.py"} <= set(
-        written) and "firmware_bridge/messages.py" in cfg["files"]
+    assert cfg["agent"]["modules"] == ["toolchain.contracts.wire.errors", "toolchain.contracts.wire.messages",
+                                       "toolchain.contracts.wire.security", "toolchain.fleet.device_agent",
+                                       "toolchain.fleet.mqtt_link"]
+    wire = "toolchain/contracts/wire"
+    assert {"bundle/run_agent.sh", "bundle/toolchain/__init__.py", f"bundle/{wire}/__init__.py",
+            f"bundle/{wire}/messages.py"} <= set(written) and f"{wire}/messages.py" in cfg["files"]
     needed, external = import_closure()
-    assert external == set(AGENT_PACKAGES) and not any(n.startswith(("toolchain", "hw")) for n in needed)
+    # the device side of the protocol only: no pipeline, learning, export or deploy code rides along
+    assert external == set(AGENT_PACKAGES) and all(
+        n.startswith(("toolchain.contracts.wire.", "toolchain.fleet.")) for n in needed if n.startswith("toolchain"))
     # "copied to the Jetson": another folder, the device's data next to it
     dev = tmp_path / "jetson" / "bundle"
     shutil.copytree(build / "bundle", dev)
@@ -167,13 +172,15 @@ def test_jetson_bundle_runs_the_agent_without_the_repository(tmp_path: Path, mos
     py = _clean_python(tmp_path)
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(dev), "PYTHON": py}
     probe = subprocess.run(
-        [py, "-c", "import sys, agent, runtime\nprint(sys.modules['firmware_bridge'].__file__)\n"
-                   "print(sorted({n.split('.')[0] for n in sys.modules} & {'toolchain', 'hw', 'device_runtime', 'serial', "
-                   "'torch'}))\ntry:\n    import toolchain\nexcept ImportError as e:\n    print(e)\n"],
+        [py, "-c", "import sys, agent, runtime\nprint(sys.modules['toolchain'].__file__)\n"
+                   "print(sorted({n.split('.')[0] for n in sys.modules} & {'device_runtime', 'serial', 'torch'}))\n"
+                   "print(sorted(n for n in sys.modules if n.startswith('toolchain.') and n.count('.') == 1))\n"
+                   "try:\n    import toolchain.pipelines\nexcept ImportError as e:\n    print(e)\n"],
         cwd=dev, env=env, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.splitlines() == [str(dev / "firmware_bridge" / "__init__.py"), "[]",
-                                         "No module named 'toolchain'"]
+    assert probe.stdout.splitlines() == [str(dev / "toolchain" / "__init__.py"), "[]",
+                                         "['toolchain.contracts', 'toolchain.fleet']",
+                                         "No module named 'toolchain.pipelines'"]
     helped = subprocess.run(["./run_agent.sh", "--help"], cwd=dev, env=env, capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "--broker" in helped.stdout and "--local" in helped.stdout, helped.stderr
     # a real run against mosquitto: HELLO, a round equal to the runtime's own probe, an update, STATUS
@@ -222,12 +229,12 @@ def test_jetson_bundle_runs_the_agent_without_the_repository(tmp_path: Path, mos
 
 
 def test_jetson_bundle_refuses_imports_it_cannot_carry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import toolchain.ondevice.jetson_bundle as jb
-    from toolchain.errors import ToolchainError
+    import toolchain.package.jetson as jb
+    from toolchain.contracts.errors import ToolchainError
 
-    cases = {"serial": "import serial\n", "toolchain.zo": "from toolchain.zo import derive\n",
+    cases = {"serial": "import serial\n", "toolchain.contracts.zo": "from toolchain.contracts.zo import derive\n",
              "torch": "def f():\n    import torch\n",  # lazy imports count too
-             "firmware_bridge.serial_link": "from firmware_bridge.serial_link import SerialLink\n"}  # needs pyserial
+             "toolchain.fleet.serial_link": "from toolchain.fleet.serial_link import SerialLink\n"}  # needs pyserial
     for what, body in cases.items():
         d = tmp_path / what
         d.mkdir()

@@ -16,9 +16,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparse_models as sm  # noqa: E402
 
-from hw.emulators import microbit  # noqa: E402
-from hw.repl import DeviceError, RawRepl, ReplError  # noqa: E402
-from toolchain.export.sparse_format import quantize_multiplier  # noqa: E402
+from toolchain.contracts.smf import quantize_multiplier  # noqa: E402
+from toolchain.deploy.emulators import microbit  # noqa: E402
+from toolchain.deploy.repl import DeviceError, RawRepl, ReplError  # noqa: E402
+from toolchain.package.microbit import minify_source  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not microbit.available(), reason="qemu-system-arm or the micro:bit firmware is missing")
 
@@ -65,7 +66,7 @@ def test_requantization_is_exact_on_micropython_1_9_2(board: tuple[microbit.Qemu
     """The engine's MultiplyByQuantizedMultiplier (15-bit digits, small ints) on the micro:bit firmware."""
     _, repl = board
     src = (sm.ENGINE_DIR / "smf_q.py").read_text()
-    repl.put_file("smf_q.py", microbit.minify_source(src).encode())
+    repl.put_file("smf_q.py", minify_source(src).encode())
     rng = random.Random(11)
     cases = []
     for _ in range(40):
@@ -111,7 +112,7 @@ def _soft_reset(repl: RawRepl, timeout: float = 20.0) -> None:
 
 
 def _put_module(repl: RawRepl, name: str) -> None:
-    repl.put_file(name + ".py", microbit.minify_source((sm.ENGINE_DIR / (name + ".py")).read_text()).encode())
+    repl.put_file(name + ".py", minify_source((sm.ENGINE_DIR / (name + ".py")).read_text()).encode())
 
 
 def _ints(line: str) -> list[int]:
@@ -136,7 +137,7 @@ MEM = "gc.collect()\nprint(gc.mem_alloc(), gc.mem_free())"
 
 def test_toolchain_microbit_model_bit_exact_on_microbit(microbit_build: Path) -> None:
     """The built model runs on the micro:bit (QEMU, 1.9.2) bit-exact with TFLite Micro; heap measured."""
-    from toolchain.export.sparse_format import FULLY_CONNECTED, read_smf
+    from toolchain.contracts.smf import FULLY_CONNECTED, read_smf
 
     tflite = microbit_build / "model.tflite"
     smf = (microbit_build / "model.smf").read_bytes()
@@ -162,14 +163,14 @@ def test_toolchain_microbit_model_bit_exact_on_microbit(microbit_build: Path) ->
           f"{used} B used; runtime code {runtime} B, model (buffers included) {model} B, "
           f"mem_alloc after load {a2} B ({free} B free), per inference {infer_alloc} B, after {after}")
     assert infer_alloc <= 64  # buffers are allocated once: inference allocates (almost) nothing
-    assert model <= 4096  # hw/boards/microbit.toml: ram_bytes for model + activations
+    assert model <= 4096  # toolchain/boards/builtin/microbit.toml: ram_bytes for model + activations
     assert a2 + infer_alloc <= HEAP_BYTES - 2048  # peak heap: room left for the application
 
 
 def _boot_with_model(repl: RawRepl, smf: bytes) -> tuple[int, int, int, int, int]:
     """Copy the engine and ``smf``, convert at a first boot, load at a second. Heap (gc.mem_alloc): after the
     conversion, at the second boot, after the runtime's import, after the model's load; then gc.mem_free."""
-    from toolchain.export.sparse_format import read_smf
+    from toolchain.contracts.smf import read_smf
 
     encodings = sorted({o.encoding for o in read_smf(smf).ops if o.weights is not None})
     for name in CONVERTER + RUNTIME + tuple(f"smf_mbe{e}" for e in encodings):
@@ -179,8 +180,8 @@ def _boot_with_model(repl: RawRepl, smf: bytes) -> tuple[int, int, int, int, int
     used, _ = _ints(repl.exec("import gc\nimport smf_mbc\nsmf_mbc.convert('model.smf', 'model.smc')\n" + MEM,
                               timeout=120))
     _soft_reset(repl)
-    from hw.flash_board import read_file
-    from toolchain.ondevice.bundle import smc_from_smf
+    from toolchain.deploy.flash_board import read_file
+    from toolchain.package.bundle import smc_from_smf
 
     # the board's conversion writes what the bundle ships (the same converter, run on the host under CPython)
     assert read_file(repl, "model.smc") == smc_from_smf(smf)
@@ -219,7 +220,7 @@ def test_zo_round_on_microbit(microbit_build: Path) -> None:
     with the host), then at the next boot ``ft.FineTuner(None, spec).probe`` + ``update`` over the last layer
     (float), scalars within the docs/zo.md tolerance of the host reference. On 1.9.2 the engine and zo + ft do
     not fit one heap (each module compiles on the device), so the features go through the flash file system."""
-    from toolchain.ondevice.reference import (
+    from toolchain.verify.reference import (
         engine_features,
         head_from_smf,
         reference_probe,

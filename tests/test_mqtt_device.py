@@ -1,7 +1,7 @@
 """device_runtime/micropython/link_mqtt.py: the device app on MQTT through micropython-lib's umqtt.simple
 (unmodified, fetched by scripts/setup_system.sh), on the MicroPython 1.29 WebAssembly board whose network
-interface is real TCP from Node.js (WasmBoard(net=True): hw/emulators/wasm_net.mjs + wasm_socket.py), against a
-real mosquitto on loopback and the host's coordinator over MqttFleet (firmware_bridge.fleet)."""
+interface is real TCP from Node.js (WasmBoard(net=True): toolchain/deploy/emulators/wasm_net.mjs + wasm_socket.py), against a
+real mosquitto on loopback and the host's coordinator over MqttFleet (toolchain.fleet.transports)."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ from fleet_helpers import DEV  # noqa: E402
 from fleet_model import FleetModel, local_files, make_model  # noqa: E402
 from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
 
-from firmware_bridge import MqttConfig, Signer  # noqa: E402
-from firmware_bridge.coordinator import Coordinator, RoundConfig  # noqa: E402
-from firmware_bridge.fleet import MqttFleet  # noqa: E402
-from firmware_bridge.messages import ST_IDLE, ST_OFFLINE  # noqa: E402
-from firmware_bridge.mqtt_link import MqttHost  # noqa: E402
-from hw.emulators import wasm  # noqa: E402
-from hw.emulators.wasm_net import board_files, umqtt_missing  # noqa: E402
-from hw.emulators.wasm_stream import WasmBoard, mqtt_boot  # noqa: E402
-from toolchain.ondevice.reference import reference_probe, reference_update  # noqa: E402
+from toolchain.contracts.wire.messages import ST_IDLE, ST_OFFLINE  # noqa: E402
+from toolchain.deploy.emulators import wasm  # noqa: E402
+from toolchain.deploy.emulators.wasm_net import board_files, umqtt_missing  # noqa: E402
+from toolchain.deploy.emulators.wasm_stream import WasmBoard, mqtt_boot  # noqa: E402
+from toolchain.fleet import MqttConfig, Signer  # noqa: E402
+from toolchain.fleet.coordinator import Coordinator, RoundConfig  # noqa: E402
+from toolchain.fleet.mqtt_link import MqttHost  # noqa: E402
+from toolchain.fleet.transports import MqttFleet  # noqa: E402
+from toolchain.verify.reference import reference_probe, reference_update  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")]

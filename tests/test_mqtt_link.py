@@ -13,7 +13,8 @@ import pytest
 from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
 from paho.mqtt.enums import CallbackAPIVersion
 
-from firmware_bridge import (
+from toolchain.contracts.wire.messages import ST_IDLE, ST_OFFLINE, ST_TRAINING
+from toolchain.fleet import (
     Hello,
     LinkError,
     MqttConfig,
@@ -25,7 +26,6 @@ from firmware_bridge import (
     TlsOptions,
     encode,
 )
-from firmware_bridge.messages import ST_IDLE, ST_OFFLINE, ST_TRAINING
 
 pytestmark = pytest.mark.timeout(120)  # a hung link or emulator fails the test instead of CI
 
@@ -77,7 +77,7 @@ def test_last_will_marks_a_killed_device_offline(mosquitto) -> None:  # noqa: F8
     host.start()
     code = (
         "import sys, time\n"
-        "from firmware_bridge import MqttConfig, MqttDevice\n"
+        "from toolchain.fleet import MqttConfig, MqttDevice\n"
         f"d = MqttDevice(MqttConfig(port={mosquitto.port}, fleet='f1', keepalive=5), 'doomed')\n"
         "d.start(); print('up', flush=True); time.sleep(60)\n"
     )

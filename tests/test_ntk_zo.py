@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.zoo import build_model
-from toolchain.fl import Federation, TrainConfig, simulate
-from toolchain.fl.masks import prunable_names
-from toolchain.fl.memory import forward_only_memory, measure_forward_peak_bytes
-from toolchain.fl.simulator import seed_everything
-from toolchain.fl.strategy import ClientData
-from toolchain.pruning import make_strategy, ntk
-from toolchain.pruning.zo_fl import NTKZeroOrder, ZOTrainIns, ZOTrainRes, active_view
+from toolchain.learning.fl import Federation, TrainConfig, simulate
+from toolchain.learning.fl.masks import prunable_names
+from toolchain.learning.fl.memory import forward_only_memory, measure_forward_peak_bytes
+from toolchain.learning.fl.simulator import seed_everything
+from toolchain.learning.fl.strategy import ClientData
+from toolchain.learning.pruning import make_strategy, ntk
+from toolchain.learning.pruning.zo_fl import NTKZeroOrder, ZOTrainIns, ZOTrainRes, active_view
+from toolchain.models.zoo import build_model
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,7 @@ def test_frobenius_federated_saliency_keeps_only_the_local_kernels(toy):
 
 
 def test_unknown_ntk_objective_is_refused(toy):
-    from toolchain.errors import ToolchainError
+    from toolchain.contracts.errors import ToolchainError
 
     with pytest.raises(ToolchainError, match="ntk_objective=spectral is not one of trace, frobenius"):
         _setup(toy, clients=2, per_round=2, rounds=1, ntk_objective="spectral")
@@ -250,8 +250,8 @@ def test_forward_peak_memory_is_measured():
 
 
 def test_train_cli_path_writes_a_sparse_model(tmp_path):
-    from toolchain.cli import _algo_options
-    from toolchain.train import TrainOptions, train
+    from toolchain.learning.options import algo_options as _algo_options
+    from toolchain.pipelines.train import TrainOptions, train
 
     opts = TrainOptions(algo="ntk-zo", out=str(tmp_path / "run"), clients=2, rounds=2, density=0.2, quiet=True,
                         batch_size=8, eval_samples=100,

@@ -1,4 +1,4 @@
-"""On-device ZO fine-tuning (device_runtime/micropython/ft.py) against the host reference (toolchain.ondevice).
+"""On-device ZO fine-tuning (device_runtime/micropython/ft.py) against the host reference (toolchain.package).
 
 Real parts: pruned int8 models converted by TensorFlow, the sparse engine and ft.py run by CPython, by MicroPython
 1.29 on WebAssembly, and by the micro:bit v1 firmware (MicroPython 1.9.2) in QEMU (heap measured there).
@@ -17,13 +17,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparse_models as sm  # noqa: E402
 
-from hw.emulators import microbit, wasm  # noqa: E402
-from hw.profiles import get_profile  # noqa: E402
-from hw.repl import DeviceError, RawRepl  # noqa: E402
-from toolchain.export.sparse_format import tflite_to_smf  # noqa: E402
-from toolchain.ondevice.bundle import write_bundle  # noqa: E402
-from toolchain.ondevice.harness import run_rounds  # noqa: E402
-from toolchain.ondevice.reference import (  # noqa: E402
+from toolchain.boards.profiles import get_profile  # noqa: E402
+from toolchain.contracts.smf import tflite_to_smf  # noqa: E402
+from toolchain.deploy.emulators import microbit, wasm  # noqa: E402
+from toolchain.deploy.emulators.harness import run_rounds  # noqa: E402
+from toolchain.deploy.repl import DeviceError, RawRepl  # noqa: E402
+from toolchain.package.bundle import write_bundle  # noqa: E402
+from toolchain.package.microbit import minify_source  # noqa: E402
+from toolchain.verify.reference import (  # noqa: E402
     Head,
     engine_features,
     head_accuracy,
@@ -79,7 +80,7 @@ def test_head_is_the_int8_layer_in_float(lenet: tuple[Path, bytes]) -> None:
     x = sm.quantized_inputs(path, 200)
     feats = engine_features(smf, x, head)
     z_int8 = sm.tflm_outputs(path, x).astype(np.int64)
-    from toolchain.ondevice.reference import head_logits
+    from toolchain.verify.reference import head_logits
 
     agree = float((head_logits(head, head.weights, feats).argmax(1) == z_int8.argmax(1)).mean())
     assert agree >= 0.9, agree  # (int8 ties and output rounding make a few differ)
@@ -201,7 +202,7 @@ def _soft_reset_raw(repl: RawRepl, timeout: float = 30.0) -> None:
 
 
 def _minified(name: str) -> bytes:
-    return microbit.minify_source((sm.ENGINE_DIR / f"{name}.py").read_text()).encode()
+    return minify_source((sm.ENGINE_DIR / f"{name}.py").read_text()).encode()
 
 
 MB_CONVERTER = ("smf_mbc", "smf_mb1", "smf_mb2", "smf_mb3", "smf_mb4")

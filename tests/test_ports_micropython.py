@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hw.emulators import qemu_cortexm, unix_port  # noqa: E402
+from toolchain.deploy.emulators import qemu_cortexm, unix_port  # noqa: E402
 
 needs_unix = pytest.mark.skipif(not unix_port.available(), reason=unix_port.MISSING)
 needs_mpy_cross = pytest.mark.skipif(not unix_port.mpy_cross_available(), reason=unix_port.MISSING)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from firmware_bridge import (
+from toolchain.contracts.wire import messages as M
+from toolchain.deploy.emulators.wasm import available, run_micropython
+from toolchain.fleet import (
     Ack,
     Error,
     Frame,
@@ -36,8 +38,6 @@ from firmware_bridge import (
     encode_frame,
     model_transfer,
 )
-from firmware_bridge import messages as M
-from hw.emulators.wasm import available, run_micropython
 
 pytestmark = pytest.mark.timeout(120)  # a hung link or emulator fails the test instead of CI
 

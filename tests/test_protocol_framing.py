@@ -8,11 +8,11 @@ import threading
 
 import pytest
 
-from firmware_bridge import Frame, FrameDecoder, LinkError, SerialLink, cobs_decode, cobs_encode, crc32, encode_frame
-from firmware_bridge.crc import crc32_halves_reference
-from firmware_bridge.errors import ProtocolError
-from firmware_bridge.framing import decode_body, max_encoded_len
-from firmware_bridge.pty_relay import LineFaults, PtyRelay
+from toolchain.contracts.wire.crc import crc32_halves_reference
+from toolchain.contracts.wire.errors import ProtocolError
+from toolchain.contracts.wire.framing import decode_body, max_encoded_len
+from toolchain.fleet import Frame, FrameDecoder, LinkError, SerialLink, cobs_decode, cobs_encode, crc32, encode_frame
+from toolchain.fleet.pty_relay import LineFaults, PtyRelay
 
 pytestmark = pytest.mark.timeout(120)  # a hung link or emulator fails the test instead of CI
 

@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_protocol_device import host_verdict, run
 
-from firmware_bridge import (
+from toolchain.contracts.wire.framing import SEQ_MOD
+from toolchain.deploy.emulators.wasm import available
+from toolchain.fleet import (
     Ack,
     Error,
     Frame,
@@ -31,8 +33,6 @@ from firmware_bridge import (
     encode,
     encode_frame,
 )
-from firmware_bridge.framing import SEQ_MOD
-from hw.emulators.wasm import available
 
 pytestmark = pytest.mark.timeout(120)  # a hung link or emulator fails the test instead of CI
 

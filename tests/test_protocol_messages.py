@@ -9,7 +9,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from firmware_bridge import (
+from toolchain.contracts.wire import messages as M
+from toolchain.fleet import (
     Ack,
     Error,
     Hello,
@@ -32,7 +33,6 @@ from firmware_bridge import (
     encode,
     model_transfer,
 )
-from firmware_bridge import messages as M
 
 pytestmark = pytest.mark.timeout(120)  # a hung link or emulator fails the test instead of CI
 

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from models.datasets import Dataset
-from models.zoo import build_model
-from toolchain.fl import Federation, TrainConfig, simulate
-from toolchain.fl.masks import kept_count, masks_equal
-from toolchain.fl.messages import TrainRes
-from toolchain.fl.simulator import seed_everything
-from toolchain.pruning import ALGORITHMS
-from toolchain.pruning.scores import keep_count
+from toolchain.data.datasets import Dataset
+from toolchain.learning.fl import Federation, TrainConfig, simulate
+from toolchain.learning.fl.masks import kept_count, masks_equal
+from toolchain.learning.fl.messages import TrainRes
+from toolchain.learning.fl.simulator import seed_everything
+from toolchain.learning.pruning import ALGORITHMS
+from toolchain.learning.pruning.scores import keep_count
+from toolchain.models.zoo import build_model
 
 BASELINES = ["random", "magnitude", "snip", "synflow", "prunefl", "feddst"]
 

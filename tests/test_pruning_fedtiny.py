@@ -4,15 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.datasets import Dataset
-from models.zoo import build_model
-from toolchain.fl import Federation, TrainConfig, simulate
-from toolchain.fl.masks import kept_count, masks_equal
-from toolchain.fl.messages import TrainIns, TrainRes
-from toolchain.fl.simulator import seed_everything
-from toolchain.pruning.blocks import block_for_adjustment, model_blocks
-from toolchain.pruning.fedtiny import FedTiny, bn_modules
-from toolchain.pruning.scores import keep_count
+from toolchain.data.datasets import Dataset
+from toolchain.learning.fl import Federation, TrainConfig, simulate
+from toolchain.learning.fl.masks import kept_count, masks_equal
+from toolchain.learning.fl.messages import TrainIns, TrainRes
+from toolchain.learning.fl.simulator import seed_everything
+from toolchain.learning.pruning.blocks import block_for_adjustment, model_blocks
+from toolchain.learning.pruning.fedtiny import FedTiny, bn_modules
+from toolchain.learning.pruning.scores import keep_count
+from toolchain.models.zoo import build_model
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_authors_preset(toy):
 def test_candidate_pool_hits_density(base):
     import numpy as np
 
-    from toolchain.fl.strategy import ServerContext
+    from toolchain.learning.fl.strategy import ServerContext
 
     cfg = TrainConfig(density=0.05, algo_options={"candidate_base": base, "num_candidates": 4, "exact_count": 0})
     s = FedTiny(cfg)

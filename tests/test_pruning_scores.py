@@ -1,14 +1,13 @@
-"""One-shot scoring/mask functions (toolchain.pruning.scores) and the prune/grow primitives (dynamic)."""
+"""One-shot scoring/mask functions (toolchain.learning.pruning.scores) and the prune/grow primitives (dynamic)."""
 
 import math
 
 import pytest
 import torch
 
-from models.zoo import build_model
-from toolchain.fl.masks import kept_count, prunable_names
-from toolchain.fl.messages import TrainRes
-from toolchain.pruning.dynamic import (
+from toolchain.learning.fl.masks import kept_count, prunable_names
+from toolchain.learning.fl.messages import TrainRes
+from toolchain.learning.pruning.dynamic import (
     aggregate_sparse_gradients,
     cosine_rate,
     is_adjust_round,
@@ -16,7 +15,7 @@ from toolchain.pruning.dynamic import (
     swap_counts,
     topk_inactive_gradients,
 )
-from toolchain.pruning.scores import (
+from toolchain.learning.pruning.scores import (
     erk_counts,
     erk_densities,
     keep_count,
@@ -25,6 +24,7 @@ from toolchain.pruning.scores import (
     snip_masks,
     synflow_masks,
 )
+from toolchain.models.zoo import build_model
 
 
 @pytest.fixture(scope="module")

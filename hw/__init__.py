@@ -1,1 +1,0 @@
-"""Board profiles (``hw/boards/*.toml``), emulators, flashing and hardware-in-the-loop support."""

@@ -1,0 +1,36 @@
+"""Pruning algorithms as federated strategies, by CLI name.
+
+Each entry maps an ``--algo`` name to a :class:`toolchain.learning.fl.Strategy` subclass; adding a method is
+adding a module and one line here.
+"""
+
+from __future__ import annotations
+
+from toolchain.contracts.errors import ToolchainError
+from toolchain.learning.fl.config import TrainConfig
+from toolchain.learning.fl.strategy import Strategy
+from toolchain.learning.pruning.baselines import SNIP, FedDST, Magnitude, PruneFL, RandomERK, SynFlow
+from toolchain.learning.pruning.fedmef import FedMef
+from toolchain.learning.pruning.fedtiny import FedTiny
+from toolchain.learning.pruning.gmp import GradualMagnitude
+from toolchain.learning.pruning.zo_fl import NTKZeroOrder
+
+ALGORITHMS: dict[str, type[Strategy]] = {
+    "fedavg": Strategy,
+    "gmp": GradualMagnitude,
+    "ntk-zo": NTKZeroOrder,
+    "fedmef": FedMef,
+    "fedtiny": FedTiny,
+    "random": RandomERK,
+    "magnitude": Magnitude,
+    "snip": SNIP,
+    "synflow": SynFlow,
+    "prunefl": PruneFL,
+    "feddst": FedDST,
+}
+
+
+def make_strategy(name: str, cfg: TrainConfig) -> Strategy:
+    if name not in ALGORITHMS:
+        raise ToolchainError(f"unknown algorithm '{name}'; choose one of: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name](cfg)
