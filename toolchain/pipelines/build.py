@@ -10,40 +10,38 @@ training (:mod:`toolchain.contracts.staging`): a folder this tool did not write 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from toolchain import __version__
 from toolchain.boards.profiles import BOARDS_ENV, BoardProfile, UnknownBoard, all_profiles, load_profile, resolve
 from toolchain.contracts.errors import EXIT_CHANCE, EXIT_VERIFY, BudgetError, ToolchainError
 from toolchain.contracts.manifest import Budget, Manifest, artifact_entry
 from toolchain.contracts.smf import tflite_to_smf
-from toolchain.contracts.staging import check_out, replace_dir, staging_dir
+from toolchain.contracts.staging import check_out, staged
 from toolchain.data.datasets import Dataset, load_dataset
-from toolchain.export.c_array import write_c_array
-from toolchain.export.keras_mirror import build_keras_mirror
-from toolchain.export.onnx_export import export_onnx, onnx_logits
-from toolchain.export.silence import captured_fds
-from toolchain.export.tflite import convert_int8, unsupported_ops
-from toolchain.learning.fl import Federation, simulate
+from toolchain.export.artifacts import Exported, export_artifacts
+from toolchain.learning.fl import simulate
 from toolchain.learning.fl.local import evaluate
 from toolchain.learning.fl.masks import kept_count
 from toolchain.learning.fl.quality import chance_accuracy, chance_message
-from toolchain.learning.fl.simulator import seed_everything
+from toolchain.learning.fl.simulator import RoundRecord
 from toolchain.learning.options import BUILD_DEFAULTS, FederatedOptions
-from toolchain.learning.pruning import make_strategy
+from toolchain.learning.setup import set_up
 from toolchain.models.fold_bn import fold_batchnorm, max_abs_diff
-from toolchain.models.zoo import build_model, prunable_layers
+from toolchain.models.zoo import prunable_layers
 from toolchain.package.bundle import write_bundle
 from toolchain.pipelines.report import add_latency_shares, board_table, confusion, layer_table, write_report
 from toolchain.pipelines.select import (
     Estimate,
+    Footprint,
     advise,
     board_kind,
     budget_message,
@@ -52,7 +50,7 @@ from toolchain.pipelines.select import (
     preflight,
     select_model,
 )
-from toolchain.verify.interpreters import litert_outputs, quantize_input, tflm_min_arena, tflm_outputs
+from toolchain.verify.int8 import Int8Run, run_int8
 
 
 @dataclass(kw_only=True)
@@ -115,7 +113,11 @@ def _stage(timings: dict[str, float], name: str, t0: float) -> float:
 
 
 def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Manifest:
-    """Run every stage; returns the manifest written to ``<out>/manifest.json``."""
+    """Run every stage; returns the manifest written to ``<out>/manifest.json``.
+
+    validate -> data -> budget gate (estimate) -> train -> [staging: save training, fold, export, verify,
+    package, budget, report] -> rename into ``out``. Each stage is a function of the stage before it.
+    """
     profile = validate(opts)  # every input and --out, before any work
     out = out_path(opts, profile)
     timings: dict[str, float] = {}
@@ -127,33 +129,39 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Manifest:
     log(f"estimating the model's size on {profile.name} (the exporters on the untrained model)")
     estimate_fn = _estimator(opts, profile, data)
     estimate = select_model(profile, data.input_shape, opts.density, estimate_fn, opts.model)
-    model_name = estimate.model
-    log(f"estimate for {model_name} at density {opts.density} on {profile.name}: {estimate.footprint.short()} "
+    log(f"estimate for {estimate.model} at density {opts.density} on {profile.name}: {estimate.footprint.short()} "
         f"(board: {profile.ram_bytes} B RAM, {profile.flash_bytes} B flash)")
     t = _stage(timings, "estimate", t)
-    seed_everything(opts.seed)  # the initial weights are part of the run
-    model = build_model(model_name, data.input_shape, data.num_classes)
-    cfg = opts.train_config()
-    fed = Federation.from_dataset(data, cfg)
-    strategy = make_strategy(opts.algo, cfg)
-    log(f"training {model_name} on {opts.dataset} with {opts.algo}: {cfg.clients} clients, {cfg.rounds} rounds, "
-        f"target density {opts.density}")
-    history = simulate(strategy, model, fed, cfg, progress=not opts.quiet)
+    trained = train_stage(opts, data, estimate.model, log)
     t = _stage(timings, "train", t)
 
-    staging = staging_dir(out)
-    try:
-        manifest = _export_and_verify(opts, profile, data, strategy, model_name, fed, history, staging, timings, t,
-                                      estimate, estimate_fn, log)
+    calibration = data.preprocessing.apply(
+        data.x_train[np.random.default_rng(opts.seed).permutation(len(data.y_train))[:opts.calibration_samples]])
+    with staged(out) as staging:
+        save_training(opts, trained, staging)
+        folded, float_acc = fold_stage(trained, data)
+        t = _stage(timings, "fold_eval", t)
+        log(f"exporting: BN folded (float accuracy {float_acc * 100:.2f} %), int8 TFLite, C array, ONNX")
+        x_test = data.preprocessing.apply(data.x_test)  # NHWC float
+        exported = export_artifacts(folded, data.input_shape, calibration,
+                                    torch.from_numpy(x_test[:64]).permute(0, 3, 1, 2), staging, opts.dense_as_conv)
+        t = _stage(timings, "export", t)
+        log(f"verifying: TFLite Micro arena by bisection, then LiteRT and TFLite Micro on {len(data.y_test)} test "
+            "images")
+        checked = run_int8(exported.tflite, exported.tflite_path, x_test)
+        t = _stage(timings, "verify", t)
+        log(f"bundle and budget for {profile.name} (int8 TFLite Micro accuracy "
+            f"{checked.accuracy(data.y_test)[1] * 100:.2f} %)")
+        bundle_files = package_stage(profile, staging, exported.tflite.data, calibration)
+        t = _stage(timings, "bundle", t)
+        budget, fp, acts = budget_stage(opts, profile, trained, data, staging, checked.arena, estimate, estimate_fn)
+        manifest = _manifest(opts, profile, data, trained, float_acc, exported, checked, budget, fp, acts, staging,
+                             bundle_files, timings)
         timings["total"] = round(time.perf_counter() - t_start, 2)
         manifest.timings_s = timings
         manifest.write(staging / "manifest.json")
         log("report: report.md and plots/")
-        write_report(staging, manifest.as_dict(), [r.as_dict() for r in history])
-        replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_report(staging, manifest.as_dict(), [r.as_dict() for r in trained.history])
     if manifest.quality.get("at_chance"):
         # written on purpose (the user inspects what went wrong), but not reported as a success
         raise ChanceLevel(manifest.quality["message"], manifest)
@@ -175,86 +183,83 @@ def _estimator(opts: BuildOptions, profile: BoardProfile, data: Dataset) -> Call
     return estimate_fn
 
 
-def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset, strategy, model_name: str,
-                       fed: Federation, history, staging: Path, timings: dict[str, float], t: float,
-                       estimate: Estimate, estimate_fn: Callable[[str, float], Estimate],
-                       log: Callable[[str], None] = print) -> Manifest:
+@dataclass
+class Trained:
+    """What training hands to export: the model (eval mode), its masks and the round history."""
 
-    model = strategy.model.eval()
-    masks = strategy.masks
-    kept, total = kept_count(masks), sum(m.numel() for m in masks.values())
-    torch.save({"arch": model.arch, "state_dict": model.state_dict(), "masks": masks,
-                "algorithm": opts.algo, "config": asdict(opts)}, staging / "model.pt")
-    with (staging / "metrics.jsonl").open("w") as f:
-        for rec in history:
+    model_name: str
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    history: list[RoundRecord]
+
+
+def train_stage(opts: BuildOptions, data: Dataset, model_name: str, log: Callable[[str], None]) -> Trained:
+    run = set_up(opts, data, model_name)
+    log(f"training {model_name} on {opts.dataset} with {opts.algo}: {run.cfg.clients} clients, {run.cfg.rounds} "
+        f"rounds, target density {opts.density}")
+    history = simulate(run.strategy, run.model, run.fed, run.cfg, progress=not opts.quiet)
+    return Trained(model_name, run.strategy.model.eval(), run.strategy.masks, history)
+
+
+def save_training(opts: BuildOptions, trained: Trained, out: Path) -> None:
+    """``model.pt`` (arch, weights, masks, options) and ``metrics.jsonl`` (one line per round)."""
+    torch.save({"arch": trained.model.arch, "state_dict": trained.model.state_dict(), "masks": trained.masks,
+                "algorithm": opts.algo, "config": asdict(opts)}, out / "model.pt")
+    with (out / "metrics.jsonl").open("w") as f:
+        for rec in trained.history:
             f.write(json.dumps(rec.as_dict()) + "\n")
 
-    folded = fold_batchnorm(model)
-    x_test_f = data.preprocessing.apply(data.x_test)  # NHWC float
-    x_test_t = torch.from_numpy(x_test_f).permute(0, 3, 1, 2)
-    if max_abs_diff(model, folded, x_test_t[:64]) > 1e-3:
+
+def fold_stage(trained: Trained, data: Dataset) -> tuple[nn.Module, float]:
+    """The BN-folded model (checked equal to the trained one) and its float test accuracy."""
+    folded = fold_batchnorm(trained.model)
+    x_test = torch.from_numpy(data.preprocessing.apply(data.x_test)).permute(0, 3, 1, 2)
+    if max_abs_diff(trained.model, folded, x_test[:64]) > 1e-3:
         raise ToolchainError("BN folding changed the model's outputs; please report this model", EXIT_VERIFY)
-    float_acc, _ = evaluate(folded, x_test_t, torch.from_numpy(data.y_test))
-    t = _stage(timings, "fold_eval", t)
+    float_acc, _ = evaluate(folded, x_test, torch.from_numpy(data.y_test))
+    return folded, float_acc
 
-    log(f"exporting: BN folded (float accuracy {float_acc * 100:.2f} %), int8 TFLite, C array, ONNX")
-    calib_idx = np.random.default_rng(opts.seed).permutation(len(data.y_train))[:opts.calibration_samples]
-    with captured_fds():
-        keras_model = build_keras_mirror(folded, data.input_shape, opts.dense_as_conv)
-        tfl = convert_int8(keras_model, data.preprocessing.apply(data.x_train[calib_idx]))
-    bad = unsupported_ops(tfl.ops)
-    if bad:
-        raise ToolchainError(f"the int8 graph uses ops TFLite Micro lacks: {', '.join(bad)}", EXIT_VERIFY)
-    tflite_path = staging / "model.tflite"
-    tflite_path.write_bytes(tfl.data)
-    write_c_array(tfl.data, staging)
-    onnx_path = staging / "model.onnx"
-    export_onnx(folded, data.input_shape, onnx_path)
-    onnx_err = float(np.abs(onnx_logits(onnx_path, x_test_t[:64].numpy())
-                            - folded(x_test_t[:64]).detach().numpy()).max())
-    if onnx_err > 1e-3:
-        raise ToolchainError(f"ONNX export differs from the torch model by {onnx_err:.2e}", EXIT_VERIFY)
-    t = _stage(timings, "export", t)
 
-    log(f"verifying: TFLite Micro arena by bisection, then LiteRT and TFLite Micro on {len(data.y_test)} test "
-        "images")
-    xq = quantize_input(x_test_f, tfl.input_quant.scale, tfl.input_quant.zero_point)
-    arena = tflm_min_arena(tflite_path)
-    lite = litert_outputs(tfl.data, xq)
-    micro = tflm_outputs(tflite_path, xq, arena_size=arena)  # the measured minimum arena runs the whole test set
-    mismatch = int((lite != micro).sum())
-    acc_lite = float((lite.argmax(1) == data.y_test).mean())
-    acc_micro = float((micro.argmax(1) == data.y_test).mean())
+def package_stage(profile: BoardProfile, out: Path, tflite: bytes, calibration: np.ndarray) -> dict[str, Path]:
+    """What the board runs beside the TFLite model: ``model.smf`` on MicroPython boards (pruned weights cost
+    nothing there) and the on-device bundle (MicroPython, Jetson); TFLite Micro / C boards take model_data.cc."""
+    kind = board_kind(profile)
+    if kind == "micropython":
+        (out / "model.smf").write_bytes(tflite_to_smf(tflite))
+    return {} if kind == "tflm" else write_bundle(out, profile, calibration=calibration)
+
+
+def budget_stage(opts: BuildOptions, profile: BoardProfile, trained: Trained, data: Dataset, out: Path, arena: int,
+                 estimate: Estimate, estimate_fn: Callable[[str, float], Estimate]) -> tuple[Budget, Footprint, Any]:
+    """The files as written, counted by the same rules as the estimate; refuses (exit 3, with advice) if the
+    board cannot hold them."""
+    acts = live_activations(trained.model, data.input_shape)
+    fp = footprint(profile, out, arena, acts)
+    budget = Budget(profile.ram_bytes, profile.flash_bytes, fp.ram_needed, fp.flash_needed, fp.flash_parts,
+                    kind=board_kind(profile), ram_parts=fp.ram_parts, estimate=estimate.as_dict())
+    if not budget.fits:
+        advice = advise(profile, trained.model_name, opts.density, data.input_shape, estimate_fn, user_model=True)
+        raise BudgetError(budget_message(profile, trained.model_name, opts.density, fp, advice, estimated=False))
+    return budget, fp, acts
+
+
+def _manifest(opts: BuildOptions, profile: BoardProfile, data: Dataset, trained: Trained, float_acc: float,
+              exported: Exported, checked: Int8Run, budget: Budget, fp: Footprint, acts: Any, staging: Path,
+              bundle_files: dict[str, Path], timings: dict[str, float]) -> Manifest:
+    model, masks, tfl = trained.model, trained.masks, exported.tflite
+    kept, total = kept_count(masks), sum(m.numel() for m in masks.values())
+    acc_lite, acc_micro = checked.accuracy(data.y_test)
     chance = chance_accuracy(data.y_test, data.num_classes)
     at_chance = chance_message(acc_micro, chance)
     quality = {"chance": chance, "accuracy": acc_micro, "at_chance": at_chance is not None,
                **({"message": at_chance} if at_chance else {})}
-    t = _stage(timings, "verify", t)
-
-    log(f"bundle and budget for {profile.name} (int8 TFLite Micro accuracy {acc_micro * 100:.2f} %)")
-    model_bytes = len(tfl.data)
-    kind = board_kind(profile)
-    if kind == "micropython":  # MicroPython boards run the sparse model file: pruned weights cost nothing there
-        (staging / "model.smf").write_bytes(tflite_to_smf(tfl.data))
-    bundle_files: dict[str, Path] = {}
-    if kind != "tflm":  # TFLite Micro / C boards take model_data.cc: no on-device bundle
-
-        bundle_files = write_bundle(staging, profile, calibration=data.preprocessing.apply(data.x_train[calib_idx]))
-    t = _stage(timings, "bundle", t)
-    acts = live_activations(model, data.input_shape)
-    fp = footprint(profile, staging, arena, acts)
-    budget = Budget(profile.ram_bytes, profile.flash_bytes, fp.ram_needed, fp.flash_needed, fp.flash_parts,
-                    kind=kind, ram_parts=fp.ram_parts, estimate=estimate.as_dict())
-    if not budget.fits:
-        advice = advise(profile, model_name, opts.density, data.input_shape, estimate_fn, user_model=True)
-        raise BudgetError(budget_message(profile, model_name, opts.density, fp, advice, estimated=False))
     smf_path = staging / "model.smf"
     layers = layer_table(model, masks, data.input_shape, smf_path.read_bytes() if smf_path.is_file() else None)
-    boards = board_table(staging, profile, fp.as_dict(), arena, acts, layers)
+    boards = board_table(staging, profile, fp.as_dict(), checked.arena, acts, layers)
     add_latency_shares(layers, boards[profile.name])  # the per-layer column is the target's estimate
     notes = []
-    if mismatch:
-        notes.append(f"LiteRT and TFLite Micro int8 outputs differ in {mismatch} entries")
+    if checked.mismatch:
+        notes.append(f"LiteRT and TFLite Micro int8 outputs differ in {checked.mismatch} entries")
     if opts.dense_as_conv:
         notes.append("dense layers are exported as 1x1 CONV_2D: LiteRT's int8 FULLY_CONNECTED rounds differently "
                      "from TFLite Micro's (single vs double rounding)")
@@ -264,14 +269,14 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
     artifacts.update({name: artifact_entry(staging, path) for name, path in bundle_files.items()})
     return Manifest(
         target=profile.name, algorithm=opts.algo, dataset=opts.dataset,
-        model={"name": model_name, "prunable_weights": total, "kept_weights": kept,
+        model={"name": trained.model_name, "prunable_weights": total, "kept_weights": kept,
                "parameters": sum(p.numel() for p in model.parameters()),
                "layers": [n for n, _ in prunable_layers(model)]},
         density=kept / total,
         accuracy={"float": float_acc, "tflite_int8": acc_lite, "tflm_int8": acc_micro},
-        int8_agreement={"litert_vs_tflm_identical": mismatch == 0, "mismatched_outputs": mismatch,
-                        "compared_outputs": int(lite.size), "litert_resolver": "BUILTIN_REF"},
-        arena_bytes=arena, flash_bytes=model_bytes, budget=budget,
+        int8_agreement={"litert_vs_tflm_identical": checked.mismatch == 0, "mismatched_outputs": checked.mismatch,
+                        "compared_outputs": int(checked.litert.size), "litert_resolver": "BUILTIN_REF"},
+        arena_bytes=checked.arena, flash_bytes=len(tfl.data), budget=budget,
         input={"shape": [1, *data.input_shape], "layout": "NHWC", "dtype": "int8",
                "quantization": {"scale": tfl.input_quant.scale, "zero_point": tfl.input_quant.zero_point},
                "preprocessing": data.preprocessing.as_dict()},
@@ -280,7 +285,7 @@ def _export_and_verify(opts: BuildOptions, profile: BoardProfile, data: Dataset,
         artifacts=artifacts,
         config={**asdict(opts), "train": opts.train_config().as_dict(), "ops": sorted(set(tfl.ops))},
         board=profile.as_dict(), timings_s=timings, toolchain_version=__version__, notes=notes, quality=quality,
-        layers=layers, confusion=confusion(data.y_test, micro.argmax(1), data.num_classes), boards=boards,
+        layers=layers, confusion=confusion(data.y_test, checked.tflm.argmax(1), data.num_classes), boards=boards,
     )
 
 

@@ -15,13 +15,11 @@ from typing import Any
 from toolchain.contracts.errors import ToolchainError
 from toolchain.contracts.staging import check_out
 from toolchain.data.datasets import load_dataset
-from toolchain.learning.fl import Federation, simulate
-from toolchain.learning.fl.simulator import seed_everything
+from toolchain.learning.fl import simulate
 from toolchain.learning.flower import ENGINES, launch, make_spec, require_flwr
 from toolchain.learning.options import TRAIN_DEFAULTS, FederatedOptions
-from toolchain.learning.pruning import make_strategy
 from toolchain.learning.run_output import quality, write_run
-from toolchain.models.zoo import build_model
+from toolchain.learning.setup import set_up
 
 
 @dataclass(kw_only=True)
@@ -54,14 +52,11 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     if opts.engine != "inprocess":  # same strategy objects and outputs, Flower as the transport
         return train_flower(opts)
     data = load_dataset(opts.dataset, opts.data)
-    cfg = opts.train_config()
-    seed_everything(opts.seed)  # the initial weights are part of the run
-    model = build_model(opts.model, data.input_shape, data.num_classes)
-    fed = Federation.from_dataset(data, cfg)
-    strategy = make_strategy(opts.algo, cfg)
-    labels = fed.eval_y.numpy()
-    return write_run(Path(opts.out), asdict(opts), strategy, cfg,
-                     lambda on_round: simulate(strategy, model, fed, cfg, progress=not opts.quiet, on_round=on_round),
+    run = set_up(opts, data)
+    labels = run.fed.eval_y.numpy()
+    return write_run(Path(opts.out), asdict(opts), run.strategy, run.cfg,
+                     lambda on_round: simulate(run.strategy, run.model, run.fed, run.cfg, progress=not opts.quiet,
+                                               on_round=on_round),
                      f"{opts.algo} / {opts.model} / {opts.dataset}",
                      verdict=lambda accuracy: quality(accuracy, labels, data.num_classes))
 

@@ -42,7 +42,9 @@ from toolchain.learning.fl.simulator import (
 )
 from toolchain.learning.fl.strategy import ClientData, Strategy
 from toolchain.learning.flower.nodedata import read_shard
+from toolchain.learning.options import FederatedOptions
 from toolchain.learning.pruning import make_strategy
+from toolchain.learning.setup import set_up
 from toolchain.models.zoo import build_model
 
 __all__ = ["SETUP", "TRAIN", "client_seed"]  # re-exported: the Flower apps and tests use them from here
@@ -71,13 +73,13 @@ class RunSpec:
     def from_json(cls, text: str) -> RunSpec:
         return cls(**json.loads(text))
 
+    def federated(self) -> FederatedOptions:
+        """The run's options (the recorded extras, such as the engine and the output folder, left out)."""
+        names = {f.name for f in dataclasses.fields(FederatedOptions)}
+        return FederatedOptions(**{k: v for k, v in self.options.items() if k in names})
+
     def config(self) -> TrainConfig:
-        o = self.options
-        return TrainConfig(rounds=o["rounds"], clients=o["clients"], per_round=o["per_round"] or o["clients"],
-                           local_epochs=o["local_epochs"], batch_size=o["batch_size"], lr=o["lr"],
-                           optimizer=o["optimizer"], partition=o["partition"], alpha=o["alpha"],
-                           density=o["density"], seed=o["seed"], eval_samples=o["eval_samples"],
-                           threads=o["threads"], algo_options=dict(o["algo_options"]))
+        return self.federated().train_config()
 
     def dataset(self, data_dir: str | None = None) -> Dataset:
         """The run's dataset; ``data_dir`` (a SuperNode's ``data-dir`` node config) overrides ``--data``."""
@@ -159,14 +161,9 @@ class NodeExchange:
 
 
 def build_server(spec: RunSpec) -> tuple[Strategy, nn.Module, Federation, TrainConfig]:
-    """Data, initial model and strategy exactly as ``toolchain.pipelines.train.train`` builds them."""
-    opts = spec.options
-    data = spec.dataset()
-    cfg = spec.config()
-    seed_everything(opts["seed"])  # the initial weights are part of the run
-    model = build_model(opts["model"], data.input_shape, data.num_classes)
-    fed = Federation.from_dataset(data, cfg)
-    return make_strategy(opts["algo"], cfg), model, fed, cfg
+    """Data, initial model and strategy exactly as ``toolchain train`` builds them (:func:`set_up`)."""
+    run = set_up(spec.federated(), spec.dataset())
+    return run.strategy, run.model, run.fed, run.cfg
 
 
 def server_loop(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainConfig, exchange: Exchange,
@@ -277,7 +274,6 @@ def client_runtime(spec_json: str, partition_id: int, num_partitions: int, data_
         _REPLAYS.clear()  # one run per process at a time
         _RUNTIMES.clear()
         if local_data is not None:
-
             data = read_shard(local_data, spec.options["dataset"])
             x, y = to_tensors(data.x_train, data.y_train, data)
             mine = ClientData(partition_id, x, y)
