@@ -36,8 +36,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import sparse_models as sm  # noqa: E402
 
-from toolchain.contracts.smf import SmfModel, read_smf, tflite_to_smf  # noqa: E402
+from toolchain.contracts.smf import SmfModel, read_smf  # noqa: E402
 from toolchain.deploy.emulators import qemu_cortexm, smf_ports, unix_port  # noqa: E402
+from toolchain.export.smf_writer import tflite_to_smf  # noqa: E402
 
 CACHE = REPO / ".cache" / "engine"
 ENGINES = {  # name -> (native, layout)

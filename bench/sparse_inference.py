@@ -28,8 +28,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import sparse_models as sm  # noqa: E402  (the test models: Keras -> pruned -> full-int8 .tflite)
 
-from toolchain.contracts.smf import read_smf, tflite_to_smf  # noqa: E402
+from toolchain.contracts.smf import read_smf  # noqa: E402
 from toolchain.deploy.emulators.wasm import run_micropython  # noqa: E402
+from toolchain.export.smf_writer import tflite_to_smf  # noqa: E402
 
 TIMED = """
 import time, ubinascii

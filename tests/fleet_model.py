@@ -24,10 +24,9 @@ from toolchain.contracts.smf import (
     OP,
     TENSOR,
     VERSION,
-    activation_range,
-    encode_weights,
-    quantize_multiplier,
 )
+from toolchain.export.requant import activation_range, quantize_multiplier
+from toolchain.export.smf_writer import encode_weights
 from toolchain.verify.reference import Head, engine_features, head_from_smf
 
 

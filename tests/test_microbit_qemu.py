@@ -16,9 +16,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparse_models as sm  # noqa: E402
 
-from toolchain.contracts.smf import quantize_multiplier  # noqa: E402
 from toolchain.deploy.emulators import microbit  # noqa: E402
 from toolchain.deploy.repl import DeviceError, RawRepl, ReplError  # noqa: E402
+from toolchain.export.requant import quantize_multiplier  # noqa: E402
 from toolchain.package.microbit import minify_source  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not microbit.available(), reason="qemu-system-arm or the micro:bit firmware is missing")

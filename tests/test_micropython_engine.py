@@ -18,8 +18,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparse_models as sm  # noqa: E402
 
-from toolchain.contracts.smf import quantize_multiplier, tflite_to_smf  # noqa: E402
 from toolchain.deploy.emulators import smf_ports, wasm  # noqa: E402
+from toolchain.export.requant import quantize_multiplier  # noqa: E402
+from toolchain.export.smf_writer import tflite_to_smf  # noqa: E402
 
 needs_wasm = pytest.mark.skipif(not wasm.available(), reason="Node.js or the MicroPython WebAssembly package is missing")
 

@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparse_models as sm  # noqa: E402
 
 from toolchain.boards.profiles import get_profile  # noqa: E402
-from toolchain.contracts.smf import tflite_to_smf  # noqa: E402
 from toolchain.deploy.emulators import microbit, wasm  # noqa: E402
 from toolchain.deploy.emulators.harness import run_rounds  # noqa: E402
 from toolchain.deploy.repl import DeviceError, RawRepl  # noqa: E402
+from toolchain.export.smf_writer import tflite_to_smf  # noqa: E402
 from toolchain.package.bundle import write_bundle  # noqa: E402
 from toolchain.package.microbit import minify_source  # noqa: E402
 from toolchain.verify.reference import (  # noqa: E402

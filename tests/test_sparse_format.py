@@ -16,6 +16,7 @@ import sparse_models as sm  # noqa: E402
 
 from toolchain.contracts import smf as sf  # noqa: E402
 from toolchain.deploy.emulators import wasm  # noqa: E402
+from toolchain.export import requant, smf_writer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +51,7 @@ def _tflite_weights(tflite: bytes) -> list[tuple[str, np.ndarray, np.ndarray]]:
 @pytest.mark.parametrize("kind", sm.KINDS)
 def test_roundtrip_matches_tflite(kind: str, model_dir: Path) -> None:
     tflite = sm.cached_tflite(model_dir, kind).read_bytes()
-    smf = sf.tflite_to_smf(tflite)
+    smf = smf_writer.tflite_to_smf(tflite)
     model = sf.read_smf(smf)
     weighted = [op for op in model.ops if op.weights is not None]
     expected = _tflite_weights(tflite)
@@ -67,7 +68,7 @@ def test_roundtrip_matches_tflite(kind: str, model_dir: Path) -> None:
 
 def test_quantize_multiplier_matches_tflite_definition() -> None:
     for real in (0.5, 0.999999999, 1.0, 1e-9, 3.7e-5, 0.0123, 2.5, 2**-31, 2**-40):
-        m, s = sf.quantize_multiplier(real)
+        m, s = requant.quantize_multiplier(real)
         if real < 2**-32:
             assert (m, s) == (0, 0)
             continue
@@ -81,7 +82,7 @@ def test_every_encoding_roundtrips_and_smallest_wins(rows: int, cols: int, densi
     rng = np.random.default_rng(rows * cols)
     w = rng.integers(-127, 128, (rows, cols)).astype(np.int8)
     w[rng.random((rows, cols)) >= density] = 0
-    block = sf.encode_weights(w)
+    block = smf_writer.encode_weights(w)
     decoded, enc, end = sf.decode_weights(block, 0)
     assert end == len(block)
     np.testing.assert_array_equal(decoded, w)
@@ -90,7 +91,7 @@ def test_every_encoding_roundtrips_and_smallest_wins(rows: int, cols: int, densi
         sf.DENSE: w.size,
         sf.BITMAP: (w.size + 7) // 8 + nnz,
         sf.CSR: 2 * rows + (1 if cols <= 256 else 2) * nnz + nnz,
-        sf.RLE: 2 * len(sf._rle_pairs(w.reshape(-1))),
+        sf.RLE: 2 * len(smf_writer._rle_pairs(w.reshape(-1))),
     }
     assert len(block) - sf.WEIGHTS.size == min(sizes.values())
     assert sizes[enc] == min(sizes.values())
@@ -103,7 +104,7 @@ def test_size_follows_kept_weights() -> None:
     for keep in (0.01, 0.02, 0.05, 0.1):
         pruned = np.where(rng.random(w.shape) < keep, w, 0).astype(np.int8)
         nnz = int(np.count_nonzero(pruned))
-        size = len(sf.encode_weights(pruned)) - sf.WEIGHTS.size
+        size = len(smf_writer.encode_weights(pruned)) - sf.WEIGHTS.size
         assert size <= 2 * nnz + 2 * 120 + w.size // 256  # ~2 bytes per kept weight
         sizes.append(size / nnz)
     assert max(sizes) < 2.3
@@ -125,7 +126,7 @@ EXPECTED = {"flipped": "CRC32", "truncated": "truncated", "bad_magic": "not a sp
 
 
 def test_corrupt_files_rejected_on_host(model_dir: Path) -> None:
-    smf = sf.tflite_to_smf(sm.cached_tflite(model_dir, "microbit").read_bytes())
+    smf = smf_writer.tflite_to_smf(sm.cached_tflite(model_dir, "microbit").read_bytes())
     for name, data in _corruptions(smf).items():
         with pytest.raises(sf.SmfError, match=EXPECTED[name].split()[0]):
             sf.read_smf(data)
@@ -133,7 +134,7 @@ def test_corrupt_files_rejected_on_host(model_dir: Path) -> None:
 
 @pytest.mark.skipif(not wasm.available(), reason="Node.js or the MicroPython WebAssembly package is missing")
 def test_corrupt_files_rejected_in_micropython(model_dir: Path) -> None:
-    smf = sf.tflite_to_smf(sm.cached_tflite(model_dir, "microbit").read_bytes())
+    smf = smf_writer.tflite_to_smf(sm.cached_tflite(model_dir, "microbit").read_bytes())
     cases = _corruptions(smf)
     files = {**sm.engine_files(), **{f"/{name}.smf": data for name, data in cases.items()}, "/good.smf": smf}
     code = f"from smf import Model\nfor name in {['good', *cases]!r}:\n"
@@ -164,6 +165,6 @@ def test_unsupported_operator_is_a_clear_error() -> None:
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     conv.inference_input_type = conv.inference_output_type = tf.int8
     with pytest.raises(sf.SmfError, match="TANH is not supported"):
-        sf.tflite_to_smf(conv.convert())
+        smf_writer.tflite_to_smf(conv.convert())
     with pytest.raises(sf.SmfError, match="not a valid .tflite"):
-        sf.tflite_to_smf(b"garbage" * 10)
+        smf_writer.tflite_to_smf(b"garbage" * 10)

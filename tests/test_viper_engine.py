@@ -20,8 +20,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparse_models as sm  # noqa: E402
 
-from toolchain.contracts.smf import tflite_to_smf  # noqa: E402
 from toolchain.deploy.emulators import smf_ports  # noqa: E402
+from toolchain.export.smf_writer import tflite_to_smf  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N_INPUTS = 1000
@@ -166,7 +166,7 @@ def test_requantization_arithmetic(port: str) -> None:
     _need(port)
     import random
 
-    from toolchain.contracts.smf import quantize_multiplier
+    from toolchain.export.requant import quantize_multiplier
 
     rng = random.Random(7)
     cases = []

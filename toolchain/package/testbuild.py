@@ -2,7 +2,7 @@
 
 ``make_build(tflite, target, out)`` writes what ``toolchain build`` writes for the flashing/HIL stages:
 ``manifest.json`` (the keys they read: target, input/output quantization, artifacts), ``model.tflite`` and
-``model.smf`` (converted by the real exporter, ``toolchain.contracts.smf.tflite_to_smf``).
+``model.smf`` (converted by the real exporter, ``toolchain.export.smf_writer.tflite_to_smf``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from toolchain import __version__
 from toolchain.boards.profiles import get_profile
-from toolchain.contracts.smf import tflite_to_smf
+from toolchain.export.smf_writer import tflite_to_smf
 
 
 def _io(detail: dict) -> dict:

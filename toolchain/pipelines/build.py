@@ -24,10 +24,10 @@ from toolchain import __version__
 from toolchain.boards.profiles import BOARDS_ENV, BoardProfile, UnknownBoard, all_profiles, load_profile, resolve
 from toolchain.contracts.errors import EXIT_CHANCE, EXIT_VERIFY, BudgetError, ToolchainError
 from toolchain.contracts.manifest import Budget, Manifest, artifact_entry
-from toolchain.contracts.smf import tflite_to_smf
 from toolchain.contracts.staging import check_out, staged
 from toolchain.data.datasets import Dataset, load_dataset
 from toolchain.export.artifacts import Exported, export_artifacts
+from toolchain.export.smf_writer import tflite_to_smf
 from toolchain.learning.fl import simulate
 from toolchain.learning.fl.local import evaluate
 from toolchain.learning.fl.masks import kept_count

@@ -23,7 +23,8 @@ from torch import nn
 from toolchain.boards.latency import METHOD, NOT_MEASURED, estimate
 from toolchain.boards.profiles import BoardProfile, all_profiles
 from toolchain.contracts.errors import ToolchainError
-from toolchain.contracts.smf import read_smf, tflite_to_smf
+from toolchain.contracts.smf import read_smf
+from toolchain.export.smf_writer import tflite_to_smf
 from toolchain.models.zoo import prunable_layers
 from toolchain.package.bundle import write_bundle
 from toolchain.pipelines.select import board_kind, footprint

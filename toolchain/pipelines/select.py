@@ -29,10 +29,11 @@ import torch
 
 from toolchain.boards.profiles import BoardProfile
 from toolchain.contracts.errors import BudgetError, ToolchainError
-from toolchain.contracts.smf import read_smf, tflite_to_smf
+from toolchain.contracts.smf import read_smf
 from toolchain.export.keras_mirror import build_keras_mirror
 from toolchain.export.onnx_export import export_onnx
 from toolchain.export.silence import captured_fds
+from toolchain.export.smf_writer import tflite_to_smf
 from toolchain.export.tflite import convert_int8
 from toolchain.models.fold_bn import fold_batchnorm
 from toolchain.models.zoo import build_model, prunable_layers
