@@ -39,10 +39,7 @@ class HilBoard:
 
 
 def _tiny_tflite(cache: Path) -> bytes:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import sparse_models as sm
+    from support import sparse_models as sm
 
     path = cache / "hil_microbit.tflite"
     if not path.is_file():

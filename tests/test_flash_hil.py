@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import cli, one_line_error
-from proc_helpers import ctrl_c_as_in_a_terminal
+from support.cli_helpers import cli, one_line_error
+from support.proc_helpers import ctrl_c_as_in_a_terminal
 
 from toolchain.deploy.emulators import microbit as mb
 from toolchain.deploy.emulators import wasm_repl
@@ -252,7 +252,7 @@ def test_jetson_flash_writes_an_install_archive(tmp_path: Path, capsys: pytest.C
     with tarfile.open(archive) as tar:
         files = {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
     assert {"model.onnx", "config.json", "install.sh", "SHA256SUMS", "agent.py", "runtime.py", "run_agent.sh",
-            "requirements.txt", "toolchain.fleet/device_agent.py"} <= set(files)  # the agent runs from the archive
+            "requirements.txt", "toolchain/fleet/device_agent.py"} <= set(files)  # the agent runs from the archive
     for line in files["SHA256SUMS"].decode().splitlines():
         digest, name = line.split("  ")
         assert hashlib.sha256(files[name]).hexdigest() == digest

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import cli, one_line_error
+from support.cli_helpers import cli, one_line_error
 
 from toolchain.contracts.wire.security import device_key
 from toolchain.deploy.emulators import wasm_repl

@@ -12,19 +12,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fleet_helpers import JetsonProcess, MicrobitDevice, wasm_board  # noqa: E402
-from fleet_model import make_model  # noqa: E402
-from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
+from support.fleet_helpers import JetsonProcess, MicrobitDevice, wasm_board
+from support.fleet_model import make_model
+from support.mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
 
 from toolchain.contracts.wire import messages
-from toolchain.deploy.emulators import microbit, wasm  # noqa: E402
-from toolchain.fleet import MqttConfig, Signer  # noqa: E402
-from toolchain.fleet.coordinator import Coordinator, RoundConfig, counted_results, read_rounds  # noqa: E402
-from toolchain.fleet.gateway import Gateway  # noqa: E402
-from toolchain.fleet.pty_relay import LineFaults  # noqa: E402
-from toolchain.fleet.transports import MqttFleet, RoundUpdate, SerialFleet, decode_any  # noqa: E402
+from toolchain.deploy.emulators import microbit, wasm
+from toolchain.fleet import MqttConfig, Signer
+from toolchain.fleet.coordinator import Coordinator, RoundConfig, counted_results, read_rounds
+from toolchain.fleet.gateway import Gateway
+from toolchain.fleet.pty_relay import LineFaults
+from toolchain.fleet.transports import MqttFleet, RoundUpdate, SerialFleet, decode_any
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")]

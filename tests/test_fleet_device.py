@@ -4,18 +4,15 @@ accepts and rejects, model transfer checks, update ordering; and `toolchain serv
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from support.fleet_helpers import wasm_board
+from support.fleet_model import make_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fleet_helpers import wasm_board  # noqa: E402
-from fleet_model import make_model  # noqa: E402
-
-from toolchain.contracts.wire.security import seal  # noqa: E402
-from toolchain.deploy.emulators import wasm  # noqa: E402
-from toolchain.fleet import (  # noqa: E402
+from toolchain.contracts.wire.security import seal
+from toolchain.deploy.emulators import wasm
+from toolchain.fleet import (
     Ack,
     Error,
     Hello,
@@ -29,8 +26,8 @@ from toolchain.fleet import (  # noqa: E402
     encode,
     model_transfer,
 )
-from toolchain.fleet.transports import RoundUpdate  # noqa: E402
-from toolchain.verify.reference import reference_probe, reference_update  # noqa: E402
+from toolchain.fleet.transports import RoundUpdate
+from toolchain.verify.reference import reference_probe, reference_update
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")]

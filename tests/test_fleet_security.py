@@ -11,22 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.fleet_helpers import JetsonProcess, RogueDevice
+from support.fleet_model import make_model
+from support.mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fleet_helpers import JetsonProcess, RogueDevice  # noqa: E402
-from fleet_model import make_model  # noqa: E402
-from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
-
-from toolchain.contracts.zo import ClientReply  # noqa: E402
-from toolchain.fleet import MqttConfig, MqttDevice, RoundResult  # noqa: E402
-from toolchain.fleet.coordinator import (  # noqa: E402
+from toolchain.contracts.zo import ClientReply
+from toolchain.fleet import MqttConfig, MqttDevice, RoundResult
+from toolchain.fleet.coordinator import (
     Coordinator,
     RoundConfig,
     counted_results,
     read_rounds,
     robust_aggregate,
 )
-from toolchain.fleet.transports import MqttFleet  # noqa: E402
+from toolchain.fleet.transports import MqttFleet
 
 pytestmark = pytest.mark.timeout(300)
 FORGED = ((1e6,) * 8, 0.0, (1 << 30) - 1)  # the issue's RoundResult(r, [1e6]*8, loss 0, n=2**30-1)
@@ -153,7 +151,7 @@ def test_per_device_keys_and_signed_rounds(tmp_path: Path, mosquitto) -> None:  
     sealed with theirs. A stranger on the broker publishes the issue's forged ROUND_UPDATE (lr 10, gbar 1e6) on
     their down topics, unsigned and sealed with the master or the other device's key: every one is refused with
     ERROR(AUTH) and no device moves off the fleet's version."""
-    from fleet_helpers import wasm_board
+    from support.fleet_helpers import wasm_board
 
     from toolchain.deploy.emulators import wasm
     from toolchain.fleet import Error, MqttHost, RoundUpdate, Signer, device_key, seal
@@ -223,7 +221,7 @@ def model_transfer_for(model: bytes, signer: object) -> list:
 def test_microbit_proxy_takes_signed_rounds_only(tmp_path: Path, mosquitto) -> None:  # noqa: ANN001, F811
     """The QEMU micro:bit behind the raw-REPL proxy with its own key (gateway --device-keys): rounds sealed by the
     coordinator run on the board, a forged ROUND_UPDATE on its topic is refused (AUTH) before the board sees it."""
-    from fleet_helpers import MicrobitDevice
+    from support.fleet_helpers import MicrobitDevice
 
     from toolchain.deploy.emulators import microbit
     from toolchain.fleet import Error, MqttHost, RoundUpdate, device_key
@@ -263,7 +261,7 @@ def test_microbit_flash_checked_before_the_fine_tuner_loads(tmp_path: Path, mosq
     refuses, in one line, a head.bin with a flipped byte; the intact one is served."""
     import hashlib
 
-    from fleet_helpers import microbit_files
+    from support.fleet_helpers import microbit_files
 
     from toolchain.contracts.errors import ToolchainError
     from toolchain.deploy.emulators import microbit

@@ -16,14 +16,12 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from support.fleet_helpers import REPO, JetsonProcess, make_pki, wasm_board
+from support.fleet_model import make_model
+from support.mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fleet_helpers import REPO, JetsonProcess, make_pki, wasm_board  # noqa: E402
-from fleet_model import make_model  # noqa: E402
-from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
-
-from toolchain.deploy.emulators import wasm  # noqa: E402
-from toolchain.fleet import LinkError, MqttConfig, MqttHost, RoundResult, RoundUpdate, TlsOptions, encode  # noqa: E402
+from toolchain.deploy.emulators import wasm
+from toolchain.fleet import LinkError, MqttConfig, MqttHost, RoundResult, RoundUpdate, TlsOptions, encode
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")]

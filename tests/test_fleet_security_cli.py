@@ -11,14 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from support.fleet_helpers import wasm_board
+from support.fleet_model import make_model
+from support.mosquitto_fixture import free_port, mosquitto, mosquitto_factory  # noqa: F401
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fleet_helpers import wasm_board  # noqa: E402
-from fleet_model import make_model  # noqa: E402
-from mosquitto_fixture import free_port, mosquitto, mosquitto_factory  # noqa: E402, F401
-
-from toolchain.deploy.emulators import wasm  # noqa: E402
-from toolchain.fleet import (  # noqa: E402
+from toolchain.deploy.emulators import wasm
+from toolchain.fleet import (
     Error,
     MqttConfig,
     MqttHost,

@@ -1,7 +1,7 @@
 """Faults without loss (issue 16, item 4), against a real mosquitto on loopback: a broker SIGKILL mid-round,
 devices power-cut / killed mid-round, the final update to a device that was down when the last round closed,
 and an id flood (2000 HELLO + STATUS from new ids) during a round. Devices: Jetson agents (processes) and the
-MicroPython WebAssembly board running app.py behind the gateway (``toolchain.fleet/gateway.py``)."""
+MicroPython WebAssembly board running app.py behind the gateway (``toolchain/fleet/gateway.py``)."""
 
 from __future__ import annotations
 
@@ -14,18 +14,16 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from support.fleet_helpers import JetsonProcess, wasm_board
+from support.fleet_model import make_model
+from support.mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fleet_helpers import JetsonProcess, wasm_board  # noqa: E402
-from fleet_model import make_model  # noqa: E402
-from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
-
-from toolchain.contracts.wire.messages import ST_IDLE, Hello, Ping, Status, encode  # noqa: E402
-from toolchain.deploy.emulators import wasm  # noqa: E402
-from toolchain.fleet import MqttConfig, MqttHost, Signer  # noqa: E402
-from toolchain.fleet.coordinator import Coordinator, RoundConfig, counted_results, read_rounds  # noqa: E402
-from toolchain.fleet.gateway import Gateway  # noqa: E402
-from toolchain.fleet.transports import MqttFleet, wait_for  # noqa: E402
+from toolchain.contracts.wire.messages import ST_IDLE, Hello, Ping, Status, encode
+from toolchain.deploy.emulators import wasm
+from toolchain.fleet import MqttConfig, MqttHost, Signer
+from toolchain.fleet.coordinator import Coordinator, RoundConfig, counted_results, read_rounds
+from toolchain.fleet.gateway import Gateway
+from toolchain.fleet.transports import MqttFleet, wait_for
 
 pytestmark = [pytest.mark.timeout(420),
               pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")]

@@ -10,17 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
+from support.fleet_helpers import microbit_files
+from support.fleet_model import make_model
+from support.mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
+from support.proc_helpers import ctrl_c_as_in_a_terminal
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fleet_helpers import microbit_files  # noqa: E402
-from fleet_model import make_model  # noqa: E402
-from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
-from proc_helpers import ctrl_c_as_in_a_terminal  # noqa: E402
-
-from toolchain.deploy.emulators import microbit, wasm_repl  # noqa: E402
-from toolchain.deploy.repl import RawRepl  # noqa: E402
-from toolchain.fleet import Ack, Hello, MqttConfig, MqttHost, Ping, RoundResult, RoundStart, RoundUpdate, Status  # noqa: E402
-from toolchain.verify.reference import reference_probe  # noqa: E402
+from toolchain.deploy.emulators import microbit, wasm_repl
+from toolchain.deploy.repl import RawRepl
+from toolchain.fleet import Ack, Hello, MqttConfig, MqttHost, Ping, RoundResult, RoundStart, RoundUpdate, Status
+from toolchain.verify.reference import reference_probe
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]

@@ -13,17 +13,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from support import sparse_models as sm
+from support.mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sparse_models as sm  # noqa: E402
-from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
-
-from device_runtime.jetson.runtime import JetsonFineTuner  # noqa: E402
-from toolchain.boards.profiles import get_profile  # noqa: E402
-from toolchain.export.onnx_export import export_onnx  # noqa: E402
-from toolchain.models.zoo import build_model  # noqa: E402
-from toolchain.package.bundle import write_bundle  # noqa: E402
-from toolchain.verify.reference import (  # noqa: E402
+from device_runtime.jetson.runtime import JetsonFineTuner
+from toolchain.boards.profiles import get_profile
+from toolchain.export.onnx_export import export_onnx
+from toolchain.models.zoo import build_model
+from toolchain.package.bundle import write_bundle
+from toolchain.verify.reference import (
     onnx_features,
     onnx_head,
     onnx_reference_probe,
@@ -134,7 +132,7 @@ def test_jetson_bundle_runs_the_agent_without_the_repository(tmp_path: Path, mos
     import shutil
     import subprocess
 
-    from fleet_model import make_model
+    from support.fleet_model import make_model
 
     from toolchain.contracts.wire.messages import Ack, Error, Hello
     from toolchain.fleet import MqttConfig, MqttHost, Ping, RoundResult, RoundStart, RoundUpdate, Status

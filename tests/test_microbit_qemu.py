@@ -7,19 +7,17 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import sparse_models as sm
+from support.repl_helpers import soft_reset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sparse_models as sm  # noqa: E402
-
-from toolchain.deploy.emulators import microbit  # noqa: E402
-from toolchain.deploy.repl import DeviceError, RawRepl, ReplError  # noqa: E402
-from toolchain.export.requant import quantize_multiplier  # noqa: E402
-from toolchain.package.microbit import minify_source  # noqa: E402
+from toolchain.deploy.emulators import microbit
+from toolchain.deploy.repl import DeviceError, RawRepl, ReplError
+from toolchain.export.requant import quantize_multiplier
+from toolchain.package.microbit import minify_source
 
 pytestmark = pytest.mark.skipif(not microbit.available(), reason="qemu-system-arm or the micro:bit firmware is missing")
 
@@ -101,15 +99,6 @@ def _lcg_inputs(n: int, size: int, seed: int = 1) -> np.ndarray:
     return out
 
 
-def _soft_reset(repl: RawRepl, timeout: float = 20.0) -> None:
-    """Ctrl-D at the raw REPL prompt: a clean boot (fresh heap, files kept), back at the raw prompt."""
-    repl.serial.write(b"\x04")
-    got, deadline = b"", time.monotonic() + timeout
-    while not got.endswith(b"raw REPL; CTRL-B to exit\r\n>"):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no raw REPL prompt after soft reset: {got[-200:]!r}")
-        got += repl.serial.read(max(1, repl.serial.in_waiting))
-
 
 def _put_module(repl: RawRepl, name: str) -> None:
     repl.put_file(name + ".py", minify_source((sm.ENGINE_DIR / (name + ".py")).read_text()).encode())
@@ -176,16 +165,16 @@ def _boot_with_model(repl: RawRepl, smf: bytes) -> tuple[int, int, int, int, int
     for name in CONVERTER + RUNTIME + tuple(f"smf_mbe{e}" for e in encodings):
         _put_module(repl, name)
     repl.put_file("model.smf", smf)
-    _soft_reset(repl)
+    soft_reset(repl, timeout=20.0)
     used, _ = _ints(repl.exec("import gc\nimport smf_mbc\nsmf_mbc.convert('model.smf', 'model.smc')\n" + MEM,
                               timeout=120))
-    _soft_reset(repl)
+    soft_reset(repl, timeout=20.0)
     from toolchain.deploy.flash_board import read_file
     from toolchain.package.bundle import smc_from_smf
 
     # the board's conversion writes what the bundle ships (the same converter, run on the host under CPython)
     assert read_file(repl, "model.smc") == smc_from_smf(smf)
-    _soft_reset(repl)
+    soft_reset(repl, timeout=20.0)
     a0, _ = _ints(repl.exec("import gc\n" + MEM))
     a1, _ = _ints(repl.exec("import smf_mbk\nimport smf_mb\n" + MEM, timeout=120))
     a2, free = _ints(repl.exec("m = smf_mb.Model('model.smc')\n" + MEM, timeout=120))
@@ -250,7 +239,7 @@ def test_zo_round_on_microbit(microbit_build: Path) -> None:
         repl.put_file("head.bin", head.to_bytes())  # (the engine's files are removed: the flash holds ~15 KB)
         for name in ("zo", "ft"):
             _put_module(repl, name)
-        _soft_reset(repl)  # third boot: zo + ft on a clean heap
+        soft_reset(repl, timeout=20.0)  # third boot: zo + ft on a clean heap
         spec = {"head": head.spec(), "estimator": "forward"}
         params = dict(cols=head.cols, n=n, spec=spec, seed=seed, k=k, mu=mu, ys=ys, lr=lr)
         out = [line for cmd in ZO_ROUND for line in repl.exec(cmd % params, timeout=300).strip().splitlines()]

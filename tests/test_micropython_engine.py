@@ -9,18 +9,15 @@ of MicroPython 1.28 built from source, whose ``-X heapsize`` is a real bound.
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import sparse_models as sm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sparse_models as sm  # noqa: E402
-
-from toolchain.deploy.emulators import smf_ports, wasm  # noqa: E402
-from toolchain.export.requant import quantize_multiplier  # noqa: E402
-from toolchain.export.smf_writer import tflite_to_smf  # noqa: E402
+from toolchain.deploy.emulators import smf_ports, wasm
+from toolchain.export.requant import quantize_multiplier
+from toolchain.export.smf_writer import tflite_to_smf
 
 needs_wasm = pytest.mark.skipif(not wasm.available(), reason="Node.js or the MicroPython WebAssembly package is missing")
 

@@ -14,21 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.fleet_helpers import DEV
+from support.fleet_model import FleetModel, local_files, make_model
+from support.mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fleet_helpers import DEV  # noqa: E402
-from fleet_model import FleetModel, local_files, make_model  # noqa: E402
-from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: E402, F401
-
-from toolchain.contracts.wire.messages import ST_IDLE, ST_OFFLINE  # noqa: E402
-from toolchain.deploy.emulators import wasm  # noqa: E402
-from toolchain.deploy.emulators.wasm_net import board_files, umqtt_missing  # noqa: E402
-from toolchain.deploy.emulators.wasm_stream import WasmBoard, mqtt_boot  # noqa: E402
-from toolchain.fleet import MqttConfig, Signer  # noqa: E402
-from toolchain.fleet.coordinator import Coordinator, RoundConfig  # noqa: E402
-from toolchain.fleet.mqtt_link import MqttHost  # noqa: E402
-from toolchain.fleet.transports import MqttFleet  # noqa: E402
-from toolchain.verify.reference import reference_probe, reference_update  # noqa: E402
+from toolchain.contracts.wire.messages import ST_IDLE, ST_OFFLINE
+from toolchain.deploy.emulators import wasm
+from toolchain.deploy.emulators.wasm_net import board_files, umqtt_missing
+from toolchain.deploy.emulators.wasm_stream import WasmBoard, mqtt_boot
+from toolchain.fleet import MqttConfig, Signer
+from toolchain.fleet.coordinator import Coordinator, RoundConfig
+from toolchain.fleet.mqtt_link import MqttHost
+from toolchain.fleet.transports import MqttFleet
+from toolchain.verify.reference import reference_probe, reference_update
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
 from paho.mqtt.enums import CallbackAPIVersion
+from support.mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
 
 from toolchain.contracts.wire.messages import ST_IDLE, ST_OFFLINE, ST_TRAINING
 from toolchain.fleet import (

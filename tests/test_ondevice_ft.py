@@ -7,24 +7,21 @@ Real parts: pruned int8 models converted by TensorFlow, the sparse engine and ft
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import sparse_models as sm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sparse_models as sm  # noqa: E402
-
-from toolchain.boards.profiles import get_profile  # noqa: E402
-from toolchain.deploy.emulators import microbit, wasm  # noqa: E402
-from toolchain.deploy.emulators.harness import run_rounds  # noqa: E402
-from toolchain.deploy.repl import DeviceError, RawRepl  # noqa: E402
-from toolchain.export.smf_writer import tflite_to_smf  # noqa: E402
-from toolchain.package.bundle import write_bundle  # noqa: E402
-from toolchain.package.microbit import minify_source  # noqa: E402
-from toolchain.verify.reference import (  # noqa: E402
+from toolchain.boards.profiles import get_profile
+from toolchain.deploy.emulators import microbit, wasm
+from toolchain.deploy.emulators.harness import run_rounds
+from toolchain.deploy.repl import DeviceError, RawRepl
+from toolchain.export.smf_writer import tflite_to_smf
+from toolchain.package.bundle import write_bundle
+from toolchain.package.microbit import minify_source
+from toolchain.verify.reference import (
     Head,
     engine_features,
     head_accuracy,
@@ -190,15 +187,6 @@ def _reboot_friendly(repl: RawRepl, timeout: float = 30.0) -> str:
     repl.enter_raw()
     return got.decode(errors="replace")
 
-
-def _soft_reset_raw(repl: RawRepl, timeout: float = 30.0) -> None:
-    """Ctrl-D at the raw REPL prompt: fresh heap, files kept, main.py not run."""
-    repl.serial.write(b"\x04")
-    got, deadline = b"", time.monotonic() + timeout
-    while not got.endswith(b"raw REPL; CTRL-B to exit\r\n>"):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no raw REPL prompt after soft reset: {got[-200:]!r}")
-        got += repl.serial.read(max(1, repl.serial.in_waiting))
 
 
 def _minified(name: str) -> bytes:

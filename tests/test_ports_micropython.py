@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from toolchain.deploy.emulators import qemu_cortexm, unix_port  # noqa: E402
+from toolchain.deploy.emulators import qemu_cortexm, unix_port
 
 needs_unix = pytest.mark.skipif(not unix_port.available(), reason=unix_port.MISSING)
 needs_mpy_cross = pytest.mark.skipif(not unix_port.mpy_cross_available(), reason=unix_port.MISSING)

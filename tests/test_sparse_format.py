@@ -4,19 +4,16 @@ on the host and in MicroPython (WebAssembly)."""
 from __future__ import annotations
 
 import struct
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import sparse_models as sm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sparse_models as sm  # noqa: E402
-
-from toolchain.contracts import smf as sf  # noqa: E402
-from toolchain.deploy.emulators import wasm  # noqa: E402
-from toolchain.export import requant, smf_writer  # noqa: E402
+from toolchain.contracts import smf as sf
+from toolchain.deploy.emulators import wasm
+from toolchain.export import requant, smf_writer
 
 
 @pytest.fixture(scope="session")

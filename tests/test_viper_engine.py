@@ -5,23 +5,20 @@ and the qemu Cortex-M3 board (armv7m native code, -icount shift=0); the engine c
 architecture, as toolchain/package/bundle.py does for a board. Reference outputs from
 ``tflite_micro.runtime.Interpreter``. Models: the default ``toolchain build --target esp32`` pipeline (LeNet-5,
 global magnitude pruning to 10 %; 2 federated rounds to keep the test short) and the test models of
-tests/sparse_models.py covering every operator (conv, depthwise, pad, add, mean, pooling, fully connected).
+tests/support/sparse_models.py covering every operator (conv, depthwise, pad, add, mean, pooling, fully connected).
 """
 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import sparse_models as sm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sparse_models as sm  # noqa: E402
-
-from toolchain.deploy.emulators import smf_ports  # noqa: E402
-from toolchain.export.smf_writer import tflite_to_smf  # noqa: E402
+from toolchain.deploy.emulators import smf_ports
+from toolchain.export.smf_writer import tflite_to_smf
 
 REPO = Path(__file__).resolve().parents[1]
 N_INPUTS = 1000

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import time
 from array import array
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.repl_helpers import soft_reset
 
 from toolchain.contracts.zo import (
     ActiveWeights,
@@ -34,7 +34,6 @@ from toolchain.contracts.zo import (
 )
 from toolchain.contracts.zo import vectors as zo_vectors
 from toolchain.deploy.emulators import microbit, wasm
-from toolchain.deploy.repl import RawRepl
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_PATH = ROOT / "device_runtime" / "micropython" / "zo.py"
@@ -251,15 +250,6 @@ zo.update(w, SEED >> 16, SEED & 65535, LR, GS)
 print(' '.join([repr(v) for v in w]))
 """
 
-
-def soft_reset(repl: RawRepl, timeout: float = 10.0) -> None:
-    """Ctrl-D at the raw REPL's empty prompt: soft reboot (fresh heap, files kept), back at the raw prompt."""
-    repl.serial.write(b"\x04")
-    got, deadline = b"", time.monotonic() + timeout
-    while not got.endswith(b"raw REPL; CTRL-B to exit\r\n>"):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no raw REPL prompt after soft reset: {got[-200:]!r}")
-        got += repl.serial.read(max(1, repl.serial.in_waiting))
 
 
 @pytest.mark.skipif(not microbit.available(), reason="qemu-system-arm / micro:bit firmware not installed")

@@ -14,14 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from fleet_model import FleetModel, local_files
 
 from toolchain.deploy.emulators.microbit import QemuMicrobit
 from toolchain.deploy.emulators.wasm_stream import WasmBoard, app_boot
 from toolchain.deploy.repl import RawRepl
 from toolchain.fleet.mqtt_link import MqttConfig
 
-REPO = Path(__file__).resolve().parents[1]
+from .fleet_model import FleetModel, local_files
+from .repl_helpers import soft_reset
+
+REPO = Path(__file__).resolve().parents[2]
 DEV = REPO / "device_runtime" / "micropython"
 class PortBridge:
     """A fresh pty (``.port``) joined to an existing serial device (e.g. QEMU's pty) through fault filters."""
@@ -89,8 +91,6 @@ class MicrobitDevice:
 
     def __init__(self, m: FleetModel, device: str, idx: np.ndarray, cfg: MqttConfig, heartbeat_s: float = 30.0,
                  round_key: bytes | None = None) -> None:
-        from test_zo_contract import soft_reset
-
         from toolchain.fleet.repl_proxy import repl_agent
 
         self.qemu = QemuMicrobit()

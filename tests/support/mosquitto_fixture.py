@@ -1,6 +1,6 @@
 """A real mosquitto broker on a free loopback port, for tests. Import the fixtures into a test module:
 
-    from mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
+    from support.mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
 """
 
 from __future__ import annotations
