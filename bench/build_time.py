@@ -6,28 +6,18 @@ bench/results/build_time.json and .md with the machine, the per-stage timings an
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "load_avg_at_start": os.getloadavg()}
+from common import REPO, RESULTS, machine, parser, write_results
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = parser(__doc__)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--target", default="esp32")
     args = ap.parse_args()
@@ -36,7 +26,7 @@ def main() -> int:
         out = Path(tempfile.mkdtemp()) / args.target
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "build", "--target", args.target, "--out",
-                               str(out), "--quiet"], capture_output=True, text=True, cwd=ROOT)
+                               str(out), "--quiet"], capture_output=True, text=True, cwd=REPO)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
@@ -47,9 +37,8 @@ def main() -> int:
                      "arena_bytes": m["arena_bytes"], "flash_bytes": m["flash_bytes"]})
         print(f"run {i + 1}: {wall:.1f} s, int8 TFLM accuracy {m['accuracy']['tflm_int8'] * 100:.2f} %")
     result = {"benchmark": "build_time", "command": f"toolchain build --target {args.target}", "limit_s": 90,
-              "machine": machine(), "runs": runs, "max_wall_s": max(r["wall_s"] for r in runs)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "build_time.json").write_text(json.dumps(result, indent=2) + "\n")
+              "machine": machine("platform", "python", "cpus", "processor", "load_avg_at_start"), "runs": runs,
+              "max_wall_s": max(r["wall_s"] for r in runs)}
     lines = [f"# `{result['command']}` wall time", "",
              f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs, "
              f"load average at start {result['machine']['load_avg_at_start'][0]:.2f}.", "",
@@ -61,7 +50,7 @@ def main() -> int:
                      f"| {a['float'] * 100:.2f} % | {a['tflite_int8'] * 100:.2f} % | {a['tflm_int8'] * 100:.2f} % "
                      f"| {r['density']:.4f} | {r['litert_vs_tflm_identical']} |")
     lines += ["", f"Limit: 90 s. Slowest run: {result['max_wall_s']:.1f} s.", ""]
-    (RESULTS / "build_time.md").write_text("\n".join(lines))
+    write_results(RESULTS / "build_time", result, "\n".join(lines))
     return 0
 
 

@@ -4,7 +4,7 @@ Instructions per inference and per kept MAC on the qemu Cortex-M3 board (MPS2_AN
 guest time counts instructions, toolchain/deploy/emulators/qemu_cortexm.py), per layer and in total, for
 
 - the default ``toolchain build --target esp32`` model (built into .cache/engine/esp32 if missing), and
-- LeNet-5-like models with every layer pruned to 1 %, 5 % and 10 % (tests/sparse_models.py);
+- LeNet-5-like models with every layer pruned to 1 %, 5 % and 10 % (tests/support/sparse_models.py);
 
 milliseconds per inference and the smallest heap that runs the engine on the unix port (x64; ms are wall
 time of a shared machine, so only indicative). Every run's outputs are checked against TFLite Micro. The
@@ -19,9 +19,6 @@ Writes bench/results/engine_speed.json, .md and .png.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,16 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import REPO, RESULTS, machine, parser, pyplot, write_results
+from support import sparse_models as sm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-import sparse_models as sm  # noqa: E402
-
-from toolchain.contracts.smf import SmfModel, read_smf  # noqa: E402
-from toolchain.deploy.emulators import qemu_cortexm, smf_ports, unix_port  # noqa: E402
-from toolchain.export.smf_writer import tflite_to_smf  # noqa: E402
+from toolchain.contracts.smf import SmfModel, read_smf
+from toolchain.deploy.emulators import qemu_cortexm, smf_ports, unix_port
+from toolchain.export.smf_writer import tflite_to_smf
 
 CACHE = REPO / ".cache" / "engine"
 ENGINES = {  # name -> (native, layout)
@@ -290,7 +283,7 @@ def fit_cost(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--inputs", type=int, default=20)
     ap.add_argument("--bytecode-inputs", type=int, default=2)
     ap.add_argument("--unix-inputs", type=int, default=200)
@@ -344,15 +337,11 @@ def main() -> None:
 
 def write(results: list[dict[str, Any]], fits: dict[str, Any], layer_rows: list[dict[str, Any]],
           args: argparse.Namespace, wall: float) -> None:
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     doc = {"runtime": "MicroPython 1.28.0 built from ../shared/vendor (scripts/build_micropython.sh): qemu port "
                       "MPS2_AN385 (Cortex-M3, armv7m native code) under qemu-system-arm -icount shift=0; unix port x64",
            "inputs": {"viper": args.inputs, "bytecode": args.bytecode_inputs, "unix": args.unix_inputs},
            "models": results, "cost_fit": fits, "layers": layer_rows,
-           "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                       "cpu_count": os.cpu_count()}, "wall_time_s": round(wall, 1)}
-    (out / "engine_speed.json").write_text(json.dumps(doc, indent=2) + "\n")
+           "machine": machine("platform", "python", "cpu_count"), "wall_time_s": round(wall, 1)}
     md = ["# Device engine speed: instructions on a Cortex-M3 (QEMU -icount), ms on the unix port", "",
           f"Runtime: {doc['runtime']}. Instructions per inference are the mean over {args.inputs} MNIST test inputs "
           f"({args.bytecode_inputs} for the bytecode engine), per layer over the first 3; every output checked against "
@@ -408,17 +397,13 @@ def write(results: list[dict[str, Any]], fits: dict[str, Any], layer_rows: list[
         md.append(f"| {k} | {f['c0']} | {f['c1']} | {f['c2']} | {f['layers']} | {quality} |")
     md += ["", f"Wall time {doc['wall_time_s']} s on {doc['machine']['platform']}, {doc['machine']['cpu_count']} CPUs.",
            ""]
-    (out / "engine_speed.md").write_text("\n".join(md))
+    write_results(RESULTS / "engine_speed", doc, "\n".join(md))
     print("\n".join(md))
-    plot(results, out / "engine_speed.png")
+    plot(results, RESULTS / "engine_speed.png")
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     names = list(results[0]["engines"])
     width = 0.8 / len(names)

@@ -20,31 +20,24 @@ Results are merged into the JSON after every run, so an interrupted benchmark ke
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import REPO, RESULTS, machine, parser, pyplot, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from toolchain.data.datasets import load_dataset
+from toolchain.learning.fl import Federation, TrainConfig, simulate
+from toolchain.learning.fl.masks import apply_masks, dense_masks
+from toolchain.learning.fl.sap import enable_sap, keep_count, measure_footprint
+from toolchain.learning.fl.simulator import seed_everything, to_tensors
+from toolchain.learning.pruning import ALGORITHMS, make_strategy
+from toolchain.learning.pruning.scores import random_erk_masks
+from toolchain.models.zoo import build_model
 
-from toolchain.data.datasets import load_dataset  # noqa: E402
-from toolchain.learning.fl import Federation, TrainConfig, simulate  # noqa: E402
-from toolchain.learning.fl.masks import apply_masks, dense_masks  # noqa: E402
-from toolchain.learning.fl.sap import enable_sap, keep_count, measure_footprint  # noqa: E402
-from toolchain.learning.fl.simulator import seed_everything, to_tensors  # noqa: E402
-from toolchain.learning.pruning import ALGORITHMS, make_strategy  # noqa: E402
-from toolchain.learning.pruning.scores import random_erk_masks  # noqa: E402
-from toolchain.models.zoo import build_model  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10"
-OUT = ROOT / "bench" / "results"
+DATA = REPO.parent / "shared" / "data" / "cifar10"
 DENSITIES = (0.01, 0.05, 0.1)
 MODELS = {"resnet8": {}, "mobilenetv2": {}}
 MEM_BATCH = 64  # the authors' batch size
@@ -57,10 +50,8 @@ REDUCED = {
 }
 
 
-def machine() -> dict:
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_avg_at_start": os.getloadavg()}
+def machine_info() -> dict:
+    return machine("platform", "python", "torch", "cpus", "torch_threads", "load_avg_at_start")
 
 
 def batch(data, n: int = MEM_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,11 +257,7 @@ def verdict(res: dict) -> list[str]:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     mem = res.get("memory", [])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, name in zip(axes[:2], MODELS, strict=True):
@@ -306,9 +293,8 @@ def plot(res: dict, path: Path) -> None:
 
 def save(res: dict) -> None:
     res["verdict"] = verdict(res)
-    (OUT / "fedmef.json").write_text(json.dumps(res, indent=2) + "\n")
-    (OUT / "fedmef.md").write_text(render(res))
-    plot(res, OUT / "fedmef.png")
+    write_results(RESULTS / "fedmef", res, render(res))
+    plot(res, RESULTS / "fedmef.png")
 
 
 ABLATIONS = {
@@ -321,8 +307,8 @@ ABLATIONS = {
 
 def ablation(t0: float) -> None:
     """Which FedMef component costs accuracy in the reduced configuration (ResNet-8, 5 %)."""
-    path = OUT / "fedmef_ablation.json"
-    res = json.loads(path.read_text()) if path.exists() else {"machine": machine(), "reduced_config": REDUCED,
+    path = RESULTS / "fedmef_ablation.json"
+    res = json.loads(path.read_text()) if path.exists() else {"machine": machine_info(), "reduced_config": REDUCED,
                                                                "runs": []}
     data = reduced_data()
     done = {r["label"] for r in res["runs"]}
@@ -347,11 +333,11 @@ def render_ablation(res: dict) -> None:
              "| variant | density | options | accuracy | footprint MiB (measured) |", "|---|---|---|---|---|"]
     lines += [f"| {x['label']} | {x['density']} | `{json.dumps(x['options'])}` | {x['accuracy'] * 100:.2f} % | "
               f"{x['footprint']['total'] / 2**20:.2f} |" for x in res["runs"]]
-    (OUT / "fedmef_ablation.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "fedmef_ablation.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--accuracy-only", action="store_true", help="keep the memory rows already in the JSON")
     ap.add_argument("--ablation", action="store_true",
@@ -361,7 +347,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    path = OUT / "fedmef.json"
+    path = RESULTS / "fedmef.json"
     if args.ablation:
         ablation(t0)
         return
@@ -369,7 +355,7 @@ def main() -> None:
         save(json.loads(path.read_text()))
         return
     res = json.loads(path.read_text()) if path.exists() and args.accuracy_only else {}
-    res["machine"] = machine()
+    res["machine"] = machine_info()
     res["reduced_config"] = REDUCED
     full = load_dataset("cifar10", DATA)
     if not args.accuracy_only:

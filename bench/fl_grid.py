@@ -28,35 +28,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from common import REPO, RESULTS, machine
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from toolchain.data.datasets import load_dataset
+from toolchain.learning.fl import Federation, TrainConfig, simulate
+from toolchain.learning.fl.quality import chance_accuracy
+from toolchain.learning.fl.simulator import seed_everything
+from toolchain.learning.pruning import make_strategy
+from toolchain.models.zoo import build_model
+from toolchain.pipelines.train import TrainOptions
 
-from toolchain.data.datasets import load_dataset  # noqa: E402
-from toolchain.learning.fl import Federation, TrainConfig, simulate  # noqa: E402
-from toolchain.learning.fl.quality import chance_accuracy  # noqa: E402
-from toolchain.learning.fl.simulator import seed_everything  # noqa: E402
-from toolchain.learning.pruning import make_strategy  # noqa: E402
-from toolchain.models.zoo import build_model  # noqa: E402
-from toolchain.pipelines.train import TrainOptions  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
-CACHE = ROOT / ".cache" / "fl_grid"
+CACHE = REPO / ".cache" / "fl_grid"
 
 
 def _cli_defaults(**overrides: Any) -> dict[str, Any]:
     """The TrainConfig that ``toolchain train`` builds from its defaults (plus the issue's flags)."""
     opts = TrainOptions(algo="fedavg", out="-", **overrides)
-    cfg = opts.config().as_dict()
+    cfg = opts.train_config().as_dict()
     cfg.pop("density"), cfg.pop("seed"), cfg.pop("algo_options")
     return cfg
 
@@ -85,9 +79,7 @@ GRIDS: dict[str, dict[str, Any]] = {
 
 
 def machine_info() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpus": os.cpu_count(), "torch_threads": 1,
-            "processor": platform.processor() or platform.machine(), "device": "cpu"}
+    return machine("host", "platform", "python", "torch", "cpus", "torch_threads", "processor", device="cpu")
 
 
 def run_key(method: str, density: float, seed: int) -> str:

@@ -28,28 +28,21 @@ Run: ``nice -n 10 .venv/bin/python bench/fl_pruning.py --config quick``
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from common import RESULTS, machine, parser, pyplot, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from toolchain.data.datasets import Dataset, load_dataset
+from toolchain.learning.fl import Federation, TrainConfig, simulate
+from toolchain.learning.fl.simulator import seed_everything
+from toolchain.learning.pruning import make_strategy
+from toolchain.models.zoo import build_model
 
-from toolchain.data.datasets import Dataset, load_dataset  # noqa: E402
-from toolchain.learning.fl import Federation, TrainConfig, simulate  # noqa: E402
-from toolchain.learning.fl.simulator import seed_everything  # noqa: E402
-from toolchain.learning.pruning import make_strategy  # noqa: E402
-from toolchain.models.zoo import build_model  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
 METHODS = ["fedtiny", "random", "magnitude", "snip", "synflow", "prunefl", "feddst"]
 
 
@@ -98,8 +91,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def machine_info() -> dict[str, Any]:
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "torch_threads": 1, "processor": platform.processor() or platform.machine()}
+    return machine("platform", "python", "torch", "cpus", "torch_threads", "processor")
 
 
 def subset(data: Dataset, n: int | None, seed: int) -> Dataset:
@@ -205,11 +197,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     methods = sorted({r["method"] for r in res["runs"] if r["method"] != "fedavg"})
     for m in methods:
@@ -230,13 +218,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def write(res: dict[str, Any], out: Path, part: str | None = None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     stem = out / (f"fl_pruning_{res['config']}" + (f"_part-{part}" if part else ""))
     if part:  # partial results (one process of a split run): JSON only, merged by --merge
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+        write_results(stem, res, indent=1)
         return
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(res))
+    write_results(stem, res, markdown(res), indent=1)
     plot(res, stem.with_suffix(".png"))
 
 
@@ -294,7 +280,6 @@ def memory_sweep(out: Path) -> dict[str, Any]:
                              "ratio_total": t["total"] / d["total"],
                              "ratio_without_activations": (t["total"] - t["activations"]) / (d["total"] - d["activations"])})
     res = {"machine": machine_info(), "optimizer": "adam", "rows": rows}
-    (out / "fl_pruning_memory.json").write_text(json.dumps(res, indent=1) + "\n")
     lines = ["# Device memory: FedTiny accounting vs dense FedAvg (Adam), by batch size", "",
              "Weights/gradients/optimizer/top-K by formula, activations measured (docs/memory.md).", "",
              "| model | density | batch | dense KiB | FedTiny KiB | ratio total | ratio without activations | activations KiB |",
@@ -303,7 +288,7 @@ def memory_sweep(out: Path) -> dict[str, Any]:
         lines.append(f"| {r['model']} | {r['density']} | {r['batch']} | {r['dense']['total'] / 1024:.1f} | "
                      f"{r['fedtiny']['total'] / 1024:.1f} | {r['ratio_total']:.3f} | "
                      f"{r['ratio_without_activations']:.3f} | {r['dense']['activations'] / 1024:.1f} |")
-    (out / "fl_pruning_memory.md").write_text("\n".join(lines) + "\n")
+    write_results(out / "fl_pruning_memory", res, "\n".join(lines) + "\n", indent=1)
     return res
 
 
@@ -330,7 +315,7 @@ def reproduce(out: Path, methods: list[str] | None, densities: list[float] | Non
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__, out=RESULTS)
     p.add_argument("--config", choices=list(CONFIGS), default="quick")
     p.add_argument("--data", default=None, help="dataset folder (CIFAR-10 binary version)")
     p.add_argument("--methods", default=",".join(["fedavg", *METHODS]))
@@ -339,7 +324,6 @@ def main() -> int:
     p.add_argument("--part", default=None, help="write a partial result (split a config over processes)")
     p.add_argument("--merge", action="store_true", help="merge the config's partial results and render")
     p.add_argument("--memory-sweep", action="store_true", help="dense vs FedTiny memory over batch sizes")
-    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--reproduce", action="store_true", help="re-run the quick config and compare with the committed JSON")
     args = p.parse_args()
     torch.set_num_threads(1)

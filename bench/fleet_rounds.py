@@ -12,25 +12,21 @@ bench/results/protocol.md (bench/protocol_bytes.py). Writes bench/results/fleet_
 
 from __future__ import annotations
 
-import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from common import RESULTS, machine, parser, write_results
+from support.fleet_helpers import JetsonProcess, wasm_board
+from support.fleet_model import make_model
+from support.mosquitto_fixture import Broker
 
-from fleet_helpers import JetsonProcess, wasm_board  # noqa: E402
-from fleet_model import make_model  # noqa: E402
-from mosquitto_fixture import Broker  # noqa: E402
-
-from toolchain.fleet import MqttConfig, Signer  # noqa: E402
-from toolchain.fleet.coordinator import Coordinator, RoundConfig, read_rounds  # noqa: E402
-from toolchain.fleet.gateway import Gateway  # noqa: E402
-from toolchain.fleet.transports import MqttFleet, SerialFleet  # noqa: E402
+from toolchain.fleet import MqttConfig, Signer
+from toolchain.fleet.coordinator import Coordinator, RoundConfig, read_rounds
+from toolchain.fleet.gateway import Gateway
+from toolchain.fleet.transports import MqttFleet, SerialFleet
 
 KEY = b"bench-key"
 ROUNDS = 6
@@ -110,6 +106,7 @@ def run_mqtt(tmp: Path, n_jetsons: int = 2) -> dict:
 
 
 def main() -> int:
+    parser(__doc__).parse_args()
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -117,13 +114,9 @@ def main() -> int:
     res["k"] = K
     res["expected_message_bytes"] = {"ROUND_START": 25, "ROUND_RESULT": 14 + 4 * K, "ROUND_UPDATE": 14 + 4 * K,
                                      "ACK": 7}
-    res["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
-                      "processor": platform.processor() or platform.machine()}
+    res["machine"] = machine("platform", "python", "processor")
     res["wall_s"] = round(time.time() - t0, 1)
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fleet_rounds.json").write_text(json.dumps(res, indent=1) + "\n")
     lines = ["# Fleet rounds: bytes per device per round, round latency", "",
              f"{res['date']}, {res['machine']['platform']}, Python {res['machine']['python']}; wall time "
              f"{res['wall_s']} s (shared, heavily loaded 2-core machine: latencies are upper bounds). K = {K}, "
@@ -147,7 +140,7 @@ def main() -> int:
     lines += ["", "Expected message sizes (docs/protocol.md, docs/fleet.md): ROUND_START 25 B, ROUND_RESULT and "
               f"ROUND_UPDATE 14 + 4K = {14 + 4 * K} B, ACK 7 B; STATUS heartbeats and PINGs come on top. "
               "Round latency is from ROUND_START to the close (slowest participant)."]
-    (out / "fleet_rounds.md").write_text("\n".join(lines) + "\n")
+    write_results(RESULTS / "fleet_rounds", res, "\n".join(lines) + "\n", indent=1)
     print("\n".join(lines))
     return 0
 

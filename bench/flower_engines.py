@@ -15,41 +15,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import RESULTS, machine, parser, write_results
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from toolchain.learning.flower import make_spec  # noqa: E402
-from toolchain.learning.flower.driver import run_inprocess  # noqa: E402
-from toolchain.pipelines.train import TrainOptions  # noqa: E402
-
-RESULTS = REPO / "bench" / "results"
+from toolchain.learning.flower import make_spec
+from toolchain.learning.flower.driver import run_inprocess
+from toolchain.pipelines.train import TrainOptions
 
 
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def engine_versions() -> dict[str, Any]:
     import flwr
     import ray
 
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpus": os.cpu_count(), "torch": torch.__version__, "flwr": flwr.__version__ if hasattr(flwr, "__version__")
-            else "1.41.0", "ray": ray.__version__, "load_avg_before": list(os.getloadavg())}
+    return {"flwr": flwr.__version__ if hasattr(flwr, "__version__") else "1.41.0", "ray": ray.__version__}
 
 
 def compare(out: Path, ref) -> dict[str, Any]:
@@ -65,7 +49,7 @@ def rounds_of(out: Path) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--algo", default="gmp")
     ap.add_argument("--model", default="lenet5")
     ap.add_argument("--clients", type=int, default=3)
@@ -83,7 +67,8 @@ def main() -> None:
     from toolchain.learning.flower.launch import run_simulation
 
     work = Path(tempfile.mkdtemp(prefix="flower-bench-"))
-    info = machine()
+    info = machine("platform", "python", "cpu", "cpus", "torch", **engine_versions(),
+                   load_avg_before=list(os.getloadavg()))
     t_all = time.perf_counter()
 
     def spec_for(engine: str):
@@ -143,9 +128,7 @@ def finish(args: argparse.Namespace, info: dict[str, Any], engines: dict[str, di
                            "train_samples": args.train_samples, "test_samples": args.test_samples,
                            "per_round": args.per_round or args.clients, "batch_size": 32, "local_epochs": 1},
               "engines": engines, "wall_time_s": time.perf_counter() - t_all}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    write_results(RESULTS / args.name, result, markdown(result))
     print((RESULTS / f"{args.name}.md").read_text())
     shutil.rmtree(work, ignore_errors=True)
 

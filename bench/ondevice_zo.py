@@ -18,26 +18,18 @@ heap, e.g. ``--port unix --pool 64 --batch 16 --k 16 --out bench/results/ondevic
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import RESULTS, machine, parser, pyplot, write_results
+from support import sparse_models as sm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-import sparse_models as sm  # noqa: E402
-
-from toolchain.boards.profiles import get_profile  # noqa: E402
-from toolchain.deploy.emulators.harness import DeviceRun, _parse, _script, device_files, run_rounds  # noqa: E402
-from toolchain.verify.reference import (  # noqa: E402
+from toolchain.boards.profiles import get_profile
+from toolchain.deploy.emulators.harness import DeviceRun, _parse, _script, device_files, run_rounds
+from toolchain.verify.reference import (
     engine_features,
     head_accuracy,
     head_from_smf,
@@ -229,7 +221,7 @@ def render(results: list[dict], meta: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, out=RESULTS / "ondevice_zo", out_help="results path without suffix (.json, .md, .png)")
     ap.add_argument("--build", action="append", required=True, help="NAME=DIR of a MicroPython target build")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--k", type=int, default=32)
@@ -238,7 +230,6 @@ def main() -> None:
     ap.add_argument("--mu", type=float, default=1e-3)
     ap.add_argument("--pool", type=int, default=512)
     ap.add_argument("--eval", type=int, default=1000)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "ondevice_zo"))
     ap.add_argument("--port", choices=("cpython", "unix", "an385"), default="cpython",
                     help="run the device code under CPython, on the MicroPython 1.28 unix port (bounded heap) or on "
                          "its Cortex-M3 build under QEMU (instructions per round)")
@@ -250,8 +241,8 @@ def main() -> None:
         results.append(bench_target(name, Path(path), args.rounds, args.k, args.batch, args.lr, args.mu, args.pool,
                                     args.eval, args.port))
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("accuracy_per_round", "losses")}))
-    meta = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, Python "
-                       f"{platform.python_version()}",
+    m = machine("host", "arch", "cpus", "python")
+    meta = {"machine": f"{m['host']} {m['arch']} {m['cpus']} cpus, Python {m['python']}",
             "port": {"unix": "MicroPython 1.28 unix port x64 (device code: ft.py, zo.py, smf engine with native "
                              "kernels), heap bounded to twice the board profile's RAM",
                      "an385": "MicroPython 1.28 on a Cortex-M3 (qemu MPS2_AN385, -icount shift=0; device code: ft.py, "
@@ -259,15 +250,9 @@ def main() -> None:
                      "cpython": "CPython (device code: ft.py, zo.py, smf engine)"}[args.port],
             "wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(render(results, meta))
+    write_results(out, {"meta": meta, "results": results}, render(results, meta), indent=1)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in results:
             ax.plot(100 * np.array(r["accuracy_per_round"]), label=f"{r['target']} ({r['model']}, d={r['trainable']['d']})")

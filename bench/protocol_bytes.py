@@ -6,23 +6,17 @@ latency host -> device -> host over a pty throttled to 115200 baud and over MQTT
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from common import RESULTS, machine, parser, write_results
+from support.mosquitto_fixture import Broker
 
-from mosquitto_fixture import Broker  # noqa: E402
-
-from toolchain.fleet import (  # noqa: E402
+from toolchain.fleet import (
     Frame,
     MqttConfig,
     MqttDevice,
@@ -33,7 +27,7 @@ from toolchain.fleet import (  # noqa: E402
     encode,
     encode_frame,
 )
-from toolchain.fleet.pty_relay import PtyRelay  # noqa: E402
+from toolchain.fleet.pty_relay import PtyRelay
 
 KS = (1, 4, 16, 64)
 BAUD_BYTES = 11520  # 115200 baud, 8N1
@@ -152,16 +146,9 @@ def mqtt_latency() -> dict:
     return out
 
 
-def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+def mosquitto_version() -> str:
     mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()[:1]
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpus": os.cpu_count(), "mosquitto": mosq[0] if mosq else ""}
+    return mosq[0] if mosq else ""
 
 
 def to_markdown(res: dict) -> str:
@@ -183,20 +170,19 @@ def to_markdown(res: dict) -> str:
         s, m = res["latency_serial"][str(k)], res["latency_mqtt"][str(k)]
         lines.append(f"| {k} | {s['median_ms']} | {s['p90_ms']} | {m['median_ms']} | {m['p90_ms']} |")
     lines += ["", f"Serial retransmissions during the run: {res['latency_serial']['retransmits']}. MQTT: broker config of "
-              "tests/mosquitto_fixture.py (`set_tcp_nodelay true`) and TCP_NODELAY on the clients; without both, every "
-              "QoS 1 hop waits for a delayed ACK (88 ms round trip measured).", ""]
+              "tests/support/mosquitto_fixture.py (`set_tcp_nodelay true`) and TCP_NODELAY on the clients; without both, "
+              "every QoS 1 hop waits for a delayed ACK (88 ms round trip measured).", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
+    parser(__doc__).parse_args()
     t0 = time.time()
-    res = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "bytes": byte_table(),
+    res = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "machine": machine("platform", "python", "cpu", "cpus", mosquitto=mosquitto_version()), "bytes": byte_table(),
            "latency_serial": serial_latency(), "latency_mqtt": mqtt_latency()}
     res["wall_s"] = round(time.time() - t0, 2)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "protocol.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "protocol.md").write_text(to_markdown(res))
+    write_results(RESULTS / "protocol", res, to_markdown(res))
     print(to_markdown(res))
 
 

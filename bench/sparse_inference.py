@@ -11,26 +11,17 @@ Writes bench/results/sparse_inference.json and .md.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import RESULTS, machine, parser, write_results
+from support import sparse_models as sm  # the test models: Keras -> pruned -> full-int8 .tflite
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-import sparse_models as sm  # noqa: E402  (the test models: Keras -> pruned -> full-int8 .tflite)
-
-from toolchain.contracts.smf import read_smf  # noqa: E402
-from toolchain.deploy.emulators.wasm import run_micropython  # noqa: E402
-from toolchain.export.smf_writer import tflite_to_smf  # noqa: E402
+from toolchain.contracts.smf import read_smf
+from toolchain.deploy.emulators.wasm import run_micropython
+from toolchain.export.smf_writer import tflite_to_smf
 
 TIMED = """
 import time, ubinascii
@@ -57,7 +48,7 @@ def run(smf: bytes, x: np.ndarray, dense: bool) -> tuple[np.ndarray, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--inputs", type=int, default=50)
     ap.add_argument("--density", type=float, default=0.05)
     args = ap.parse_args()
@@ -88,13 +79,9 @@ def main() -> None:
         "flash_ratio": round(len(tflite) / len(smf), 2),
         "encodings": [op.name + ":" + ["dense", "bitmap", "csr", "rle"][op.encoding]
                       for op in model.ops if op.weights is not None],
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_count": os.cpu_count(), "processor": platform.processor()},
+        "machine": machine("platform", "python", "cpu_count", "processor"),
         "wall_time_s": round(time.time() - t0, 1),
     }
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sparse_inference.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         "# Sparse vs dense inference (MicroPython engine, WebAssembly)",
         "",
@@ -116,7 +103,7 @@ def main() -> None:
         f"{result['machine']['python']}; wall time {result['wall_time_s']} s (model training and conversion included).",
         "",
     ]
-    (out / "sparse_inference.md").write_text("\n".join(md))
+    write_results(RESULTS / "sparse_inference", result, "\n".join(md))
     print("\n".join(md))
 
 
