@@ -161,18 +161,12 @@ def board_sha256(repl: RawRepl, name: str, info: BoardInfo) -> str:
 
 
 def soft_reset(repl: RawRepl, settle: float = 1.0) -> None:
-    """Soft-reset the board (fresh heap; files stay) and re-enter the raw REPL."""
+    """Soft-reset the board (fresh heap; files stay) and re-enter the raw REPL; a board that does not come back
+    is a ToolchainError with what to do."""
     if not repl.in_raw:
         repl.enter_raw()
-    repl.serial.write(b"\x04")  # Ctrl-D on an empty raw-REPL line: soft reset
-    repl.serial.flush()
-    import time
-
-    time.sleep(settle)
-    repl._drain(0.3)  # noqa: SLF001 - RawRepl's own helper (same package)
-    repl.in_raw = False
     try:
-        repl.enter_raw()
+        repl.soft_reset(settle)
     except ReplError:
         raise ToolchainError(f"the board on {repl.serial.port} did not come back after a soft reset; "
                              "press its reset button and retry") from None

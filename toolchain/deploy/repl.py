@@ -111,6 +111,18 @@ class RawRepl:
             return
         raise ReplError(f"no raw REPL on {self.serial.port} after {attempts} attempts (is a MicroPython board there?)")
 
+    def soft_reset(self, settle: float = 1.0) -> None:
+        """Soft-reset the board (fresh heap; files stay) and re-enter the raw REPL (ReplError when it does not
+        come back)."""
+        if not self.in_raw:
+            self.enter_raw()
+        self.serial.write(CTRL_D)  # Ctrl-D on an empty raw-REPL line: soft reset
+        self.serial.flush()
+        time.sleep(settle)
+        self._drain(0.3)
+        self.in_raw = False
+        self.enter_raw()
+
     def exec_raw(self, code: str, timeout: float | None = None) -> tuple[str, str]:
         """Run ``code``; return (stdout, stderr) without raising on a device exception."""
         if not self.in_raw:

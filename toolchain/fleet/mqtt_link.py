@@ -381,7 +381,11 @@ class MqttHost(_Endpoint):
             self._changed.notify_all()
 
     def send(self, device_id: str, msg: Message) -> None:
-        self._publish(self.cfg.topic(device_id, DOWN), encode(msg))
+        self.send_raw(device_id, encode(msg))
+
+    def send_raw(self, device_id: str, raw: bytes) -> None:
+        """Publish an already encoded message on the device's ``down`` topic (LinkError when paho refuses it)."""
+        self._publish(self.cfg.topic(device_id, DOWN), raw)
 
     def online(self) -> list[str]:
         """Ids of the devices online now (a copy taken under the lock: paho's thread adds slots meanwhile)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from toolchain.contracts.wire.errors import LinkError, ProtocolError
 from toolchain.contracts.wire.messages import MAX_K, T_ROUND_UPDATE, U30, Hello, Message, Ping, RoundUpdate, encode
 from toolchain.contracts.wire.messages import decode as decode_any
-from toolchain.fleet.mqtt_link import DOWN, MqttConfig, MqttHost
+from toolchain.fleet.mqtt_link import MqttConfig, MqttHost
 from toolchain.fleet.serial_link import SerialLink
 
 __all__ = ["MAX_K", "T_ROUND_UPDATE", "U30", "FleetStats", "MqttFleet", "RoundUpdate", "SerialFleet", "decode_any",
@@ -129,7 +129,7 @@ class MqttFleet:
         self.stats.bytes_down[device] = self.stats.bytes_down.get(device, 0) + len(raw)
         # raw bytes (already encoded by the coordinator), not re-decoded
         try:
-            self.host._publish(self.cfg.topic(device, DOWN), raw)
+            self.host.send_raw(device, raw)
         except LinkError:
             self.stats.send_failures += 1  # paho's queue is full (a flood): the coordinator re-sends what matters
 

@@ -39,7 +39,7 @@ from toolchain.learning.fl.strategy import ClientData, ServerContext, float_stat
 from toolchain.learning.pruning.baselines import server_pretrain
 from toolchain.learning.pruning.blocks import block_for_adjustment, model_blocks
 from toolchain.learning.pruning.dynamic import F32, DynamicPruning
-from toolchain.learning.pruning.scores import _erk_raw, keep_count, layer_topk
+from toolchain.learning.pruning.scores import erk_probabilities, keep_count, layer_topk
 
 # Authors' code ([AUTH] fedlottery ``main_fedavg.py``) defaults that are algorithm options. Run-level
 # settings of that code (Adam amsgrad lr 1e-3 wd 1e-4, 5 local epochs, batch 64, Dirichlet 0.5) are
@@ -125,7 +125,7 @@ class FedTiny(DynamicPruning):
         if base_name == "uniform":  # [AUTH] noise-uniform-magnitude: every layer around rho'
             base = {n: rho_adj for n in sizes}
         elif base_name == "erk":  # [LIB]-style ERK layer densities as the centre of the noise
-            base = _erk_raw({n: params[n].shape for n in sizes}, rho_adj)
+            base = erk_probabilities({n: params[n].shape for n in sizes}, rho_adj)
         else:
             raise ToolchainError(f"candidate_base must be uniform or erk, got {base_name!r}")
         rng = np.random.default_rng(self.cfg.seed + 104729)

@@ -34,10 +34,10 @@ def _prunable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: params[n] for n in prunable_names(model)}
 
 
-def _erk_raw(shapes: dict[str, torch.Size], density: float) -> dict[str, float]:
-    """ERK layer densities (Evci et al. 2020, RigL ``sparse_utils``): p_l = eps * sum(dims)/prod(dims),
-    eps chosen so that sum_l p_l n_l = density * N; layers that would exceed 1 become dense and eps is
-    solved again over the rest."""
+def erk_probabilities(shapes: dict[str, torch.Size], density: float) -> dict[str, float]:
+    """ERK layer densities before rounding to counts (Evci et al. 2020, RigL ``sparse_utils``):
+    p_l = eps * sum(dims)/prod(dims), eps chosen so that sum_l p_l n_l = density * N; layers that would exceed 1
+    become dense and eps is solved again over the rest. ``erk_counts`` rounds them to exact counts."""
     total = sum(math.prod(s) for s in shapes.values())
     dense: set[str] = set()
     while True:
@@ -62,7 +62,7 @@ def erk_counts(model: nn.Module, density: float) -> dict[str, int]:
     shapes = {n: p.shape for n, p in _prunable(model).items()}
     sizes = {n: math.prod(s) for n, s in shapes.items()}
     target = keep_count(sum(sizes.values()), density)
-    probs = _erk_raw(shapes, density)
+    probs = erk_probabilities(shapes, density)
     ideal = {n: min(probs[n], 1.0) * sizes[n] for n in shapes}
     counts = {n: min(sizes[n], max(1, math.floor(v))) for n, v in ideal.items()}
     diff = target - sum(counts.values())
@@ -101,7 +101,7 @@ def random_erk_masks(model: nn.Module, density: float, generator: torch.Generato
     params = _prunable(model)
     out: Masks = {}
     if bernoulli:
-        probs = _erk_raw({n: p.shape for n, p in params.items()}, density)
+        probs = erk_probabilities({n: p.shape for n, p in params.items()}, density)
         for n, p in params.items():
             out[n] = torch.rand(p.shape, generator=generator) < min(probs[n], 1.0)
         return out
