@@ -7,14 +7,13 @@ both ways (``up``; STATUS also retained on ``status``); the serial link adds fra
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable
 
-from toolchain.contracts.wire.errors import LinkError, ProtocolError
+from toolchain.contracts.wire.errors import ProtocolError
 from toolchain.contracts.wire.messages import Hello, Ping, decode, encode
 from toolchain.fleet.mqtt_link import MqttConfig, RawMqttDevice
-from toolchain.fleet.serial_link import SerialLink
+from toolchain.fleet.serial_link import QueuedSender, SerialLink
 
 __all__ = ["Gateway", "RawMqttDevice"]  # RawMqttDevice lives in mqtt_link (the Jetson bundle has no serial_link)
 
@@ -29,16 +28,17 @@ class Gateway:
         self.forwarded_down = 0
         self._stop = threading.Event()
         self._links: dict[str, SerialLink] = {}
-        self._queues: dict[str, queue.Queue[bytes | None]] = {}
+        self._senders: dict[str, QueuedSender] = {}  # down: MQTT -> board, off paho's thread
         self._threads: list[threading.Thread] = []
         for port in ports:
-            self._links[port] = SerialLink.open(port, baudrate, max_message=max_message, ack_timeout=0.5, retries=10)
-            self._queues[port] = queue.Queue()
-            for target in (self._up, self._down):
-                t = threading.Thread(target=target, args=(port,), daemon=True, name=f"gateway-{port}")
-                t.start()
-                self._threads.append(t)
-            self._queues[port].put(encode(Ping()))  # boards that booted earlier answer with HELLO
+            link = self._links[port] = SerialLink.open(port, baudrate, max_message=max_message, ack_timeout=0.5,
+                                                       retries=10)
+            t = threading.Thread(target=self._up, args=(port,), daemon=True, name=f"gateway-{port}")
+            t.start()
+            self._threads.append(t)
+            self._senders[port] = QueuedSender(link, name=f"gateway-{port}", on_sent=self._forwarded_down,
+                                               on_error=lambda exc, port=port: self.log(f"{port}: {exc}"))
+            self._senders[port].put(encode(Ping()))  # boards that booted earlier answer with HELLO
 
     def _up(self, port: str) -> None:
         link = self._links[port]
@@ -54,8 +54,7 @@ class Gateway:
             if isinstance(msg, Hello) and (dev is None or dev.device_id != msg.device_id):
                 dev = self.devices.get(msg.device_id)
                 if dev is None:
-                    q = self._queues[port]
-                    dev = RawMqttDevice(self.cfg, msg.device_id, q.put)
+                    dev = RawMqttDevice(self.cfg, msg.device_id, self._senders[port].put)
                     dev.start()
                     self.devices[msg.device_id] = dev
                     self.log(f"{port}: {msg.device_id} ({msg.board}, {msg.firmware}) on MQTT")
@@ -63,22 +62,13 @@ class Gateway:
                 dev.publish_up(raw)
                 self.forwarded_up += 1
 
-    def _down(self, port: str) -> None:
-        link, q = self._links[port], self._queues[port]
-        while not self._stop.is_set():
-            raw = q.get()
-            if raw is None:
-                return
-            try:
-                link.send(raw)
-                self.forwarded_down += 1
-            except (LinkError, ProtocolError) as exc:
-                self.log(f"{port}: {exc}")
+    def _forwarded_down(self) -> None:
+        self.forwarded_down += 1
 
     def close(self) -> None:
         self._stop.set()
-        for q in self._queues.values():
-            q.put(None)
+        for sender in self._senders.values():
+            sender.stop()
         for dev in self.devices.values():
             dev.stop()
         for link in self._links.values():

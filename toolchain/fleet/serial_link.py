@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import serial
@@ -153,3 +154,41 @@ class SerialLink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class QueuedSender:
+    """Sends messages over a :class:`SerialLink` from its own thread, in the order queued, so that whoever queues
+    (the coordinator, a paho callback in the gateway) never waits for the link's acks and retransmissions.
+
+    ``on_sent()`` runs after each acknowledged message, ``on_error(exc)`` when one fails (the peer is gone, or the
+    message does not fit); the thread carries on with the next. ``stop`` ends it after the message in flight."""
+
+    def __init__(self, link: SerialLink, *, name: str = "serial-sender", on_sent: Callable[[], None] | None = None,
+                 on_error: Callable[[Exception], None] | None = None) -> None:
+        self.link = link
+        self._on_sent = on_sent or (lambda: None)
+        self._on_error = on_error or (lambda _exc: None)
+        self._queue: queue.Queue[bytes | None] = queue.Queue()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def put(self, raw: bytes) -> None:
+        """Queue ``raw`` (protocol message bytes); never blocks."""
+        self._queue.put(raw)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            raw = self._queue.get()
+            if raw is None:
+                return
+            try:
+                self.link.send(raw)
+            except (LinkError, ProtocolError) as exc:
+                self._on_error(exc)
+            else:
+                self._on_sent()

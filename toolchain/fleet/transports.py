@@ -21,7 +21,7 @@ from toolchain.contracts.wire.errors import LinkError, ProtocolError
 from toolchain.contracts.wire.messages import MAX_K, T_ROUND_UPDATE, U30, Hello, Message, Ping, RoundUpdate, encode
 from toolchain.contracts.wire.messages import decode as decode_any
 from toolchain.fleet.mqtt_link import MqttConfig, MqttHost
-from toolchain.fleet.serial_link import SerialLink
+from toolchain.fleet.serial_link import QueuedSender, SerialLink
 
 __all__ = ["MAX_K", "T_ROUND_UPDATE", "U30", "FleetStats", "MqttFleet", "RoundUpdate", "SerialFleet", "decode_any",
            "wait_for"]
@@ -43,19 +43,18 @@ class SerialFleet:
         self.stats = FleetStats()
         self._inbox: queue.Queue[tuple[str, Message | RoundUpdate]] = queue.Queue()
         self._links: dict[str, SerialLink] = {}
-        self._queues: dict[str, queue.Queue[bytes | None]] = {}
+        self._senders: dict[str, QueuedSender] = {}  # send() never waits for a board's acks
         self._ids: dict[str, str] = {}  # port -> device id (from HELLO)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         for port in ports:
             link = SerialLink.open(port, baudrate, max_message=max_message, ack_timeout=ack_timeout, retries=retries)
             self._links[port] = link
-            self._queues[port] = queue.Queue()
-            for target in (self._reader, self._sender):
-                t = threading.Thread(target=target, args=(port,), daemon=True, name=f"serial-fleet-{port}")
-                t.start()
-                self._threads.append(t)
-            self._queues[port].put(encode(Ping()))  # a board that booted before us answers with its HELLO
+            t = threading.Thread(target=self._reader, args=(port,), daemon=True, name=f"serial-fleet-{port}")
+            t.start()
+            self._threads.append(t)
+            self._senders[port] = QueuedSender(link, name=f"serial-fleet-{port}", on_error=self._send_failed)
+            self._senders[port].put(encode(Ping()))  # a board that booted before us answers with its HELLO
 
     def _reader(self, port: str) -> None:
         link = self._links[port]
@@ -76,22 +75,14 @@ class SerialFleet:
             self.stats.bytes_up[dev] = self.stats.bytes_up.get(dev, 0) + len(raw)
             self._inbox.put((dev, msg))
 
-    def _sender(self, port: str) -> None:
-        link, q = self._links[port], self._queues[port]
-        while not self._stop.is_set():
-            raw = q.get()
-            if raw is None:
-                return
-            try:
-                link.send(raw)
-            except (LinkError, ProtocolError):
-                self.stats.send_failures += 1  # the device is gone; the coordinator re-sends what matters
+    def _send_failed(self, _exc: Exception) -> None:
+        self.stats.send_failures += 1  # the device is gone; the coordinator re-sends what matters
 
     def send(self, device: str, raw: bytes) -> None:
         for port, dev in self._ids.items():
             if dev == device:
                 self.stats.bytes_down[device] = self.stats.bytes_down.get(device, 0) + len(raw)
-                self._queues[port].put(raw)
+                self._senders[port].put(raw)
                 return
 
     def devices(self) -> list[str]:
@@ -110,8 +101,8 @@ class SerialFleet:
 
     def close(self) -> None:
         self._stop.set()
-        for q in self._queues.values():
-            q.put(None)
+        for sender in self._senders.values():
+            sender.stop()
         for link in self._links.values():
             link.close()
 
