@@ -31,7 +31,7 @@ KEY = b"fleet-test-hmac-key"
 
 def test_round_update_codec() -> None:
     u = RoundUpdate(7, 0xDEADBEEF, 0.5, (1.5, -2.25, 0.0))
-    raw = u.encode()
+    raw = messages.encode(u)
     assert len(raw) == 14 + 4 * 3 and raw[:2] == b"\x01\x12"
     assert decode_any(raw) == u
     assert RoundUpdate is messages.RoundUpdate  # protocol 1.1 message; the fleet module re-exports it

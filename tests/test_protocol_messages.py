@@ -105,7 +105,6 @@ def test_golden_layouts() -> None:
     assert encode(ru) == b"\x01\x12" + struct.pack("<IIffff", 9, 0xDEADBEEF, 0.5, 1.5, -2.25, 0.0)
     assert encode(ru).hex() == "011209000000efbeadde0000003f0000c03f000010c000000000"  # docs/protocol.md example
     assert len(encode(ru)) == 14 + 4 * 3 and decode(encode(ru)) == ru
-    assert ru.encode() == encode(ru) and RoundUpdate.decode(encode(ru)) == ru  # the fleet-era methods still work
 
 
 @pytest.mark.parametrize("k", [1, 4, 16, 64, 256])

@@ -211,22 +211,6 @@ def scalar_tolerance(loss: float, mu: float, float_bits: int) -> float:
     return 64 * eps * max(1.0, abs(loss)) / mu
 
 
-def pack_features(feats: np.ndarray) -> bytes:
-    """int8 [n, cols] as bytes (what a device stores for its local data set of head inputs)."""
-    return np.ascontiguousarray(feats, np.int8).tobytes()
-
-
-def unpack_head(data: bytes, rows: int, cols: int, nnz: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(weights f32, ptr u16, cols) from ``head.bin`` (inverse of :meth:`Head.to_bytes`)."""
-    n = nnz + rows
-    w = np.frombuffer(data, "<f4", n, 0)
-    ptr = np.frombuffer(data, "<u2", rows + 1, 4 * n)
-    col = np.frombuffer(data, "<u1" if cols <= 256 else "<u2", nnz, 4 * n + 2 * (rows + 1))
-    if len(data) != 4 * n + 2 * (rows + 1) + col.nbytes:
-        raise ValueError(f"head.bin has {len(data)} bytes, expected {4 * n + 2 * (rows + 1) + col.nbytes}")
-    return w, ptr, col
-
-
 
 # --- Jetson (onnxruntime) -----------------------------------------------------------------------------------------
 

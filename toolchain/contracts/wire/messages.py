@@ -406,17 +406,6 @@ class RoundUpdate:
         _u30("round_id", round_id)
         return cls(round_id, seed, lr, _parse_scalars(r, "ROUND_UPDATE"))
 
-    # Kept from when ROUND_UPDATE was a fleet extension (toolchain.fleet.transports): same as encode(msg) / decode(raw).
-    def encode(self) -> bytes:
-        return encode(self)
-
-    @classmethod
-    def decode(cls, data: bytes | bytearray | memoryview) -> RoundUpdate:
-        msg = decode(data)
-        if not isinstance(msg, cls):
-            raise ProtocolError("not a ROUND_UPDATE")
-        return msg
-
 
 @dataclass(frozen=True)
 class Signed:

@@ -211,16 +211,6 @@ def enable_sap(model: nn.Module, gamma: float = DEFAULT_GAMMA, fp16: bool = True
     return model
 
 
-def disable_sap(model: nn.Module) -> nn.Module:
-    back = {v: k for k, v in _SWAP.items()}
-    for mod in model.modules():
-        if type(mod) in back:
-            mod.__class__ = back[type(mod)]
-        elif type(mod) is BitReLU:
-            mod.__class__ = nn.ReLU
-    return model
-
-
 # ---- measured footprint ----------------------------------------------------------------------------
 @dataclass
 class Footprint:
