@@ -28,7 +28,7 @@ def toy(mnist):
 def _cli_config(**algo_options) -> TrainConfig:
     """``toolchain train``'s own defaults, with the issue's federation, 3 rounds of 2 local epochs on 300 images per client."""
     cfg = TrainOptions(algo="random", out="-", density=0.05, clients=10, per_round=4, rounds=3, local_epochs=2,
-                       algo_options=algo_options).config()
+                       algo_options=algo_options).train_config()
     cfg.eval_samples = None
     return cfg
 

@@ -61,8 +61,8 @@ class FederatedOptions:
                 raise ToolchainError(f"{name} must be at least 1, got {value}")
         if self.per_round is not None and not 1 <= self.per_round <= self.clients:
             raise ToolchainError(f"--per-round must be between 1 and --clients ({self.clients}), got {self.per_round}")
-        if not self.lr > 0:
-            raise ToolchainError(f"--lr must be positive, got {self.lr}")
+        if not self.lr >= 0:  # 0 is allowed: a run that does not learn (the chance-level checks use it)
+            raise ToolchainError(f"--lr must be at least 0, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise ToolchainError(f"unknown optimizer '{self.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
         if self.partition not in PARTITIONS:
