@@ -9,7 +9,7 @@ guest time counts instructions, toolchain/deploy/emulators/qemu_cortexm.py), per
 milliseconds per inference and the smallest heap that runs the engine on the unix port (x64; ms are wall
 time of a shared machine, so only indicative). Every run's outputs are checked against TFLite Micro. The
 per-layer figures fit the cost model that picks a layer's layout (``layout='auto'``,
-device_runtime/micropython/smf_vp.py); the fit is printed and saved.
+device_runtime/micropython/smf_viper_prep.py); the fit is printed and saved.
 
     .venv/bin/python bench/engine_speed.py [--inputs 20] [--bytecode-inputs 2]
 
@@ -223,7 +223,7 @@ def esp32_default() -> Path:
 
 
 def features(r: dict[str, Any], layout: str) -> list[float]:
-    """The cost model's loop counts of layer r under layout (device_runtime/micropython/smf_vp.py COST)."""
+    """The cost model's loop counts of layer r under layout (device_runtime/micropython/smf_viper_prep.py COST)."""
     if r["name"] != "CONV_2D":
         return [r["kept_macs"] if layout != "dense" else r["dense_macs"], 0, r["outputs"]]
     if layout == "ws":
@@ -386,7 +386,7 @@ def write(results: list[dict[str, Any]], fits: dict[str, Any], layer_rows: list[
            "outputs), fully connected = (MACs, -, outputs). Convolutions: least squares on the differences "
            "between the layouts of each layer (the requantization is the same code for every layout but costs "
            "what the data make it, so differences cancel it; c2 relative to ws's); fully connected: least squares "
-           "per layout. device_runtime/micropython/smf_vp.py `COST` holds these figures and `layout='auto'` picks, "
+           "per layout. device_runtime/micropython/smf_viper_prep.py `COST` holds these figures and `layout='auto'` picks, "
            "per layer, the lowest prediction (dense only if its weight copy fits). The convolution fit has only "
            "two geometries (LeNet's conv1 and conv2) at four densities: it ranks them right, and is untested "
            "beyond.", "",

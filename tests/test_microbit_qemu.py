@@ -1,6 +1,7 @@
 """The emulated micro:bit (QEMU, MicroPython 1.9.2 firmware) and the raw-REPL client; the engine's
 requantization arithmetic on the real 1.9.2 firmware; the model that ``toolchain build --target microbit``
-produces, run by the micro:bit engine (``smf_mb*``) bit-exact with TFLite Micro, and a ZO round on it."""
+produces, run by the micro:bit engine (``microbit_*``, shipped as ``smf_mb*``) bit-exact with TFLite Micro, and a ZO
+round on it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from support.repl_helpers import soft_reset
 from toolchain.deploy.emulators import microbit
 from toolchain.deploy.repl import DeviceError, RawRepl, ReplError
 from toolchain.export.requant import quantize_multiplier
-from toolchain.package.microbit import minify_source
+from toolchain.package.load import engine_source, microbit_engine_files
+from toolchain.package.microbit import microbit_source
 
 pytestmark = pytest.mark.skipif(not microbit.available(), reason="qemu-system-arm or the micro:bit firmware is missing")
 
@@ -61,10 +63,12 @@ def _reference(x: int, m: int, s: int) -> int:
 
 
 def test_requantization_is_exact_on_micropython_1_9_2(board: tuple[microbit.QemuMicrobit, RawRepl]) -> None:
-    """The engine's MultiplyByQuantizedMultiplier (15-bit digits, small ints) on the micro:bit firmware."""
+    """The engine's MultiplyByQuantizedMultiplier (smf_requant: 15-bit digits, small ints) on the micro:bit firmware,
+    as the micro:bit gets it (smf_q.py)."""
     _, repl = board
-    src = (sm.ENGINE_DIR / "smf_q.py").read_text()
-    repl.put_file("smf_q.py", minify_source(src).encode())
+    name, data = microbit_source("smf_requant", engine_source)
+    assert name == "smf_q.py"
+    repl.put_file(name, data)
     rng = random.Random(11)
     cases = []
     for _ in range(40):
@@ -81,8 +85,6 @@ def test_requantization_is_exact_on_micropython_1_9_2(board: tuple[microbit.Qemu
 
 # ---------------------------------------------------------------- the model built for the micro:bit
 
-CONVERTER = ("smf_mbc", "smf_mb1", "smf_mb2", "smf_mb3", "smf_mb4")  # first boot, then deleted
-RUNTIME = ("smf_mbk", "smf_mb")
 N_MNIST = 20  # MNIST test images, sent over the raw REPL (the flash file system holds ~15 KB)
 N_RANDOM = 300  # uniform int8 inputs generated on the device (16-bit LCG, replayed here)
 HEAP_BYTES = 9744  # free heap of the 1.9.2 firmware after a soft reset (gc.mem_free)
@@ -101,7 +103,7 @@ def _lcg_inputs(n: int, size: int, seed: int = 1) -> np.ndarray:
 
 
 def _put_module(repl: RawRepl, name: str) -> None:
-    repl.put_file(name + ".py", minify_source((sm.ENGINE_DIR / (name + ".py")).read_text()).encode())
+    repl.put_file(*microbit_source(name, engine_source))
 
 
 def _ints(line: str) -> list[int]:
@@ -159,11 +161,9 @@ def test_toolchain_microbit_model_bit_exact_on_microbit(microbit_build: Path) ->
 def _boot_with_model(repl: RawRepl, smf: bytes) -> tuple[int, int, int, int, int]:
     """Copy the engine and ``smf``, convert at a first boot, load at a second. Heap (gc.mem_alloc): after the
     conversion, at the second boot, after the runtime's import, after the model's load; then gc.mem_free."""
-    from toolchain.contracts.smf import read_smf
-
-    encodings = sorted({o.encoding for o in read_smf(smf).ops if o.weights is not None})
-    for name in CONVERTER + RUNTIME + tuple(f"smf_mbe{e}" for e in encodings):
-        _put_module(repl, name)
+    # the converter (first boot, then deleted) and the runtime, under their micro:bit names
+    for name, data in microbit_engine_files(smf, converter=True).items():
+        repl.put_file(name, data)
     repl.put_file("model.smf", smf)
     soft_reset(repl, timeout=20.0)
     used, _ = _ints(repl.exec("import gc\nimport smf_mbc\nsmf_mbc.convert('model.smf', 'model.smc')\n" + MEM,

@@ -8,16 +8,21 @@ of MicroPython 1.28 built from source, whose ``-X heapsize`` is a real bound.
 
 from __future__ import annotations
 
+import ast
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from support import sparse_models as sm
 
+from toolchain.contracts.smf import DECODERS, KERNELS
 from toolchain.deploy.emulators import smf_ports, wasm
 from toolchain.export.requant import quantize_multiplier
 from toolchain.export.smf_writer import tflite_to_smf
+from toolchain.package.load import ENGINE_DIR, engine_source, engine_tables, microbit_engine_files
+from toolchain.package.microbit import MICROBIT_NAMES
 
 needs_wasm = pytest.mark.skipif(not wasm.available(), reason="Node.js or the MicroPython WebAssembly package is missing")
 
@@ -68,7 +73,7 @@ def _mbqm_reference(x: int, m: int, s: int) -> int:
 
 @needs_wasm
 def test_requantization_arithmetic_on_micropython() -> None:
-    """smf_q.mbqm on MicroPython against the reference formula, edge cases included."""
+    """smf_requant.mbqm on MicroPython against the reference formula, edge cases included."""
     rng = random.Random(7)
     cases = []
     for _ in range(3000):
@@ -77,7 +82,7 @@ def test_requantization_arithmetic_on_micropython() -> None:
                         rng.choice([0, 1, -1, 32767, 32768, -32768, 2**30 - 1, -(2**30)])])
         cases.append((x >> max(s, 0), m, s))
     text = "".join(f"{x} {m} {s}\n" for x, m, s in cases).encode()
-    code = ("from smf_q import mbqm\nfor line in open('/cases.txt'):\n    x, m, s = [int(v) for v in line.split()]\n"
+    code = ("from smf_requant import mbqm\nfor line in open('/cases.txt'):\n    x, m, s = [int(v) for v in line.split()]\n"
             "    print(mbqm(x, m & 0x7FFF, m >> 15, s))\n")
     out = wasm.run_micropython(code, files={**sm.engine_files(), "/cases.txt": text})
     got = [int(v) for v in out.split()]
@@ -98,3 +103,40 @@ def test_bytecode_engine_fits_a_bounded_heap(kind: str, model_dir: Path) -> None
     assert info["engine"] == "bytecode"
     np.testing.assert_array_equal(got, sm.tflm_outputs(path, x))
     print(f"{kind}: bytecode engine within a {HEAP // 1024} KB unix heap; the model holds {info['model_heap']} B")
+
+
+def test_the_engine_carries_the_format_modules_tables() -> None:
+    """One opcode table: the engine's KERNELS (smf_tables) and DECODERS (smf_bodies) are the blocks generated from
+    toolchain.contracts.smf (what every bundle ships), and name modules and functions that exist."""
+    for name in engine_tables():
+        src = (ENGINE_DIR / f"{name}.py").read_text()
+        assert src == engine_source(name), f"{name}.py's generated table is stale: write engine_tables()['{name}']"
+    for module, function in KERNELS.values():
+        assert f"\ndef {function}(" in (ENGINE_DIR / f"{module}.py").read_text()
+    for module in DECODERS.values():
+        assert "\ndef load(d, p, rows, n):" in (ENGINE_DIR / f"{module}.py").read_text()
+
+
+def test_the_microbit_gets_short_names_and_the_shared_kernels_linked(model_dir: Path) -> None:
+    """The micro:bit's files: short names, imports rewritten to them, and the general engine's mbqm and avgpool
+    linked into smf_mbk (no import of their modules, which are not shipped there)."""
+    smf = tflite_to_smf(sm.cached_tflite(model_dir, "microbit").read_bytes())
+    files = microbit_engine_files(smf, converter=True)
+    assert {"smf_mbk.py", "smf_mb.py", "smf_mbc.py", "smf_mb1.py", "smf_mb4.py"} <= set(files)
+    for name, data in files.items():
+        tree = ast.parse(data.decode())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert imported <= {"array", "gc", "sys", "smf_mbk", "smf_mbc"}, (name, imported)
+        assert "microbit_" not in data.decode(), name
+    kernels = {n.name for n in ast.parse(files["smf_mbk.py"].decode()).body if isinstance(n, ast.FunctionDef)}
+    assert kernels == {"mbqm", "fc", "avgpool"}
+
+
+def test_the_readme_glossary_is_what_the_microbit_gets() -> None:
+    """device_runtime/micropython/README.md lists the micro:bit's short names: the bundle's MICROBIT_NAMES."""
+    text = (ENGINE_DIR / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| `(\w+)` \|$", text, flags=re.M))
+    assert rows == MICROBIT_NAMES
+    for module in MICROBIT_NAMES:
+        assert (ENGINE_DIR / f"{module}.py").is_file(), module

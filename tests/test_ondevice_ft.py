@@ -20,7 +20,6 @@ from toolchain.deploy.emulators.harness import run_rounds
 from toolchain.deploy.repl import DeviceError, RawRepl
 from toolchain.export.smf_writer import tflite_to_smf
 from toolchain.package.bundle import write_bundle
-from toolchain.package.microbit import minify_source
 from toolchain.verify.reference import (
     Head,
     engine_features,
@@ -187,14 +186,6 @@ def _reboot_friendly(repl: RawRepl, timeout: float = 30.0) -> str:
     repl.enter_raw()
     return got.decode(errors="replace")
 
-
-
-def _minified(name: str) -> bytes:
-    return minify_source((sm.ENGINE_DIR / f"{name}.py").read_text()).encode()
-
-
-MB_CONVERTER = ("smf_mbc", "smf_mb1", "smf_mb2", "smf_mb3", "smf_mb4")
-MB_RUNTIME = ("smf_mbk", "smf_mb")
 
 
 @pytest.mark.skipif(not microbit.available(), reason="qemu-system-arm or the micro:bit firmware is missing")

@@ -1,9 +1,10 @@
-# Sparse int8 inference engine (MicroPython 1.9.2 .. 1.29, also CPython). Format: docs/sparse-model-format.md.
+# Sparse int8 inference engine (MicroPython 1.9.2 .. 1.29, also CPython). Format: docs/sparse-model-format.md;
+# what each module is: README.md here.
 #   m = Model(open('model.smf', 'rb').read())   # or Model('model.smf'): read piecewise (small boards)
 #   out = m.infer(input_bytes)  # int8 in, array('b') out (reused by the next call)
-# Loading runs loader modules whose code is dropped afterwards (smf_u: helpers, smf_chk: checks, smf_ld:
-# tables, smf_w, smf_e<n>, smf_k, smf_thr: parameters and weights); kernels (smf_fc, smf_conv, ...) are imported only if the model uses
-# them: on a micro:bit every module is compiled from source on the device and its code stays in the heap.
+# Loading runs loader modules whose code is dropped afterwards (load() below); kernels (smf_fc, smf_conv, ...)
+# are imported only if the model uses them: on a micro:bit every module is compiled from source on the device
+# and its code stays in the heap.
 
 
 def drop(name):
@@ -20,6 +21,36 @@ def drop(name):
     gc.collect()
 
 
+def load(m, data, dense=False):
+    # the loaders, each imported, run and dropped: header and CRC (smf_check), tables (smf_tables), operator
+    # bodies (smf_bodies: parameters by smf_params, weights by one decoder per encoding), constant rows
+    # (smf_const_rows). Fills m.tensors, m.ops, m.bufs (sizes), m.acc (scratch words), m.out (output size),
+    # m.input, m.output, m.input_size; ops[i] = (kernel (module, function), opcode, in0, in1, out, params).
+    # Also the micro:bit converter's loader (microbit_convert). Imports happen here, at a shallow call depth:
+    # the compiler is recursive and the micro:bit stack small.
+    import gc
+    import smf_reader  # (helpers for the loaders: compiled first, while the heap is still in one piece)
+    gc.collect()
+    import smf_check
+    smf_check.load(data)
+    drop('smf_check')
+    import smf_tables
+    smf_tables.load(m, data)
+    drop('smf_tables')
+    import smf_params  # (before smf_bodies, which imports it: no compile nested in another module's import)
+    import smf_bodies
+    for e in smf_bodies.load(m, data, dense):  # channel blocks and weights of every operator
+        drop(e)  # (the weight decoders used)
+    drop('smf_bodies')
+    drop('smf_params')
+    drop('smf_reader')
+    import smf_const_rows
+    for o in m.ops:
+        if o[1] <= 3:  # (opcodes 1..3: the weighted operators, docs/sparse-model-format.md)
+            smf_const_rows.load(m, o)
+    drop('smf_const_rows')
+
+
 class Model:
     def __init__(self, data, dense=False, native=None, layout='auto'):
         # dense=True runs the same kernels over every weight (zeros included): the baseline for benchmarks
@@ -27,33 +58,14 @@ class Model:
         # bytecode; True = viper or an error. layout (viper only): 'auto' (per layer, cost model),
         # 'sparse' (kept weights only) or 'dense' (every weight, contiguous loops)
         # after loading: tensors[i] = (h, w, c, buffer, zero_point); input, output: tensor ids;
-        # input_size; ops[i] = (kernel, opcode, in0, in1, out, params)
-        # imports happen here, at a shallow call depth: the compiler is recursive and the micro:bit stack small
-        import gc
-        import smf_u  # (helpers for the loaders: compiled first, while the heap is still in one piece)
-        gc.collect()
-        import smf_chk
-        smf_chk.load(data)
-        drop('smf_chk')
-        import smf_ld
-        smf_ld.load(self, data)
-        drop('smf_ld')
-        import smf_wl
-        smf_wl.load(self, data, dense)  # channel blocks and weights of every operator
-        drop('smf_wl')
-        drop('smf_w')
-        drop('smf_u')
-        import smf_k
-        for o in self.ops:
-            if o[1] <= 3:
-                smf_k.load(self, o)
-        drop('smf_k')
-        if [o for o in self.ops if o[1] < 3]:  # convolutions: clamp limits (smf_thr)
-            import smf_thr
+        # input_size; ops[i] = (kernel, opcode, in0, in1, out, params); v: the native kernels' module or None
+        load(self, data, dense)
+        if [o for o in self.ops if o[1] < 3]:  # convolutions (opcodes 1, 2): clamp limits (smf_clamp_limits)
+            import smf_clamp_limits
             for i in range(len(self.ops)):
                 if self.ops[i][1] < 3:
-                    self.ops[i] = smf_thr.load(self, self.ops[i])
-            drop('smf_thr')
+                    self.ops[i] = smf_clamp_limits.load(self, self.ops[i])
+            drop('smf_clamp_limits')
         self.v = None
         if native is not False:
             try:  # SyntaxError: no native emitter (WebAssembly); ValueError: .mpy of another architecture
@@ -72,10 +84,10 @@ class Model:
             self.bufs[i] = array('b', bytearray(self.bufs[i]))  # (bytearray initialisers are copied raw)
         self.acc = array('i', bytearray(4 * self.acc)) if self.acc else None
         self.out = array('b', bytearray(self.out))
-        if self.v:  # native kernels: parameter blocks and per-layer layout (smf_vp, dropped afterwards)
-            import smf_vp
-            smf_vp.prepare(self, layout)
-            drop('smf_vp')
+        if self.v:  # native kernels: parameter blocks and per-layer layout (smf_viper_prep, dropped afterwards)
+            import smf_viper_prep
+            smf_viper_prep.prepare(self, layout)
+            drop('smf_viper_prep')
 
     def input_buffer(self):
         # the array('b') whose first input_size entries infer() reads (it may be longer: buffers are shared);

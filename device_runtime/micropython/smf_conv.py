@@ -2,7 +2,7 @@
 # channel, each kept weight is applied to every output pixel it reaches, so pruned weights cost nothing.
 # Taps that fall into implicit (SAME) padding contribute 0 in TFLite; the zero point folded into the bias
 # is added back for them.
-from smf_q import mbqm
+from smf_requant import mbqm
 
 
 def conv(m, op):
@@ -21,7 +21,7 @@ def conv(m, op):
     zin = xt[4]
     zout = yt[4]
     geo, lo, hi, bias, ml, mh, sh, ptr, cols, vals = op[5]
-    tlo, thi = op[6]  # accumulator limits that requantize to lo / hi (smf_thr)
+    tlo, thi = op[6]  # accumulator limits that requantize to lo / hi (smf_clamp_limits)
     kw = geo[1]
     sy = geo[2]
     sx = geo[3]

@@ -1,6 +1,6 @@
 # FULLY_CONNECTED int8 (TFLite reference): y = clamp(MBQM(bias + sum(w * (x - zp_in))) + zp_out).
 # Only kept weights are visited (CSR rows); the input zero point is folded into the bias at load.
-from smf_q import mbqm
+from smf_requant import mbqm
 
 
 def fc(m, op):

@@ -1,5 +1,5 @@
 # MAX_POOL_2D int8 as TFLite Micro's reference kernel: the maximum over the in-bounds part of each window,
-# clamped to the fused activation range.
+# clamped to the fused activation range. Parameters as smf_avgpool's.
 
 
 def maxpool(m, op):
@@ -10,23 +10,21 @@ def maxpool(m, op):
     y = m.bufs[yt[3]]
     W = xt[1]
     C = xt[2]
-    g = op[5]
-    lo = g[6] - 256 if g[6] > 127 else g[6]
-    hi = g[7] - 256 if g[7] > 127 else g[7]
+    fh, fw, sh, sw, pt, pl, lo, hi = op[5]
     o = 0
     for oy in range(yt[0]):
-        ya = oy * g[2] - g[4]
-        yb = min(xt[0], ya + g[0])
+        ya = oy * sh - pt
+        yb = min(xt[0], ya + fh)
         ya = max(0, ya)
         for ox in range(yt[1]):
-            xa = ox * g[3] - g[5]
-            xb = min(W, xa + g[1])
+            xa = ox * sw - pl
+            xb = min(W, xa + fw)
             xa = max(0, xa)
             for c in range(C):
                 v = -128
                 for iy in range(ya, yb):
                     i = (iy * W + xa) * C + c
-                    for ix in range(xa, xb):
+                    for _ in range(xa, xb):
                         if x[i] > v:
                             v = x[i]
                         i += C

@@ -1,5 +1,5 @@
 # MEAN over height and width (global average pooling) int8, as TFLite Micro's reference kernel.
-from smf_q import mbqm, lo15, hi16
+from smf_requant import mbqm, lo15, hi16
 
 
 def mean(m, op):

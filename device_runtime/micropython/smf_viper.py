@@ -1,9 +1,9 @@
 # Native (viper) kernels of the .smf engine: the same TFLite Micro arithmetic as the bytecode kernels
-# (smf_conv, smf_fc, smf_q, ...), compiled to machine code by the port's native emitter or ahead of time by
+# (smf_conv, smf_fc, smf_requant, ...), compiled to machine code by the port's native emitter or ahead of time by
 # mpy-cross -march=<arch>. Importing this module fails (SyntaxError: no native emitter, ValueError: .mpy
 # of another architecture) on ports without one; smf.Model then keeps the bytecode kernels.
 #
-# Conventions (set up once at load by smf_vp):
+# Conventions (set up once at load by smf_viper_prep):
 # - activations stay int8 in the model's buffers (the bytecode kernels, smf.Model users such as ft.py
 #   and the fallback for ops without a native kernel read them as they are); viper's ptr8 loads are
 #   unsigned, and x ^ 0x80 = x + 128 (0..255) is one operation, so kernels compute on u = x + 128 and
@@ -11,13 +11,13 @@
 # - ptr32 loads are zero-extended on 64-bit ports (x64): signed values are sign-extended with
 #   (v << S) >> S, S = 32 there and 0 on 32-bit ports; accumulators wrap modulo 2**32 on both, so only
 #   values that are compared or requantized need it;
-# - every intermediate of the requantization stays below 2**31 (15-bit digits, as smf_q), so the result
+# - every intermediate of the requantization stays below 2**31 (15-bit digits, as smf_requant), so the result
 #   is the same on 32- and 64-bit machines;
 # - per-layer integers live in array('i') parameter blocks (G, P), per-channel ones in R (8 words each:
 #   tlo, thi, ml, mh, sh, p0, p1, bias); kept weights as the loader decoded them (int8 values Kv, u16
 #   indices K: the column for fully connected rows, (ci << 8) | tap for convolutions, rewritten in place).
 import micropython
-from smf_q import mbqm as _mbqm
+from smf_requant import mbqm as _mbqm
 
 
 def _big(x, m0, m1, s, zo, lo, hi):
@@ -31,7 +31,7 @@ def _big(x, m0, m1, s, zo, lo, hi):
 def rq(acc: ptr32, y: ptr8, P: ptr32, R: ptr32):
     # y[yo + e*ys] = clamp(MBQM(acc[e]) + zout) for e < n; P = n, yo, ys, q0, qs, zout, lo, hi, S;
     # element e uses R[q0 + e*qs ...] = tlo, thi, m0, m1, sh (multiplier m = m1 * 2**16 + m0): acc <= tlo
-    # gives lo, acc >= thi gives hi (limits found at load, smf_thr) without the exact requantization;
+    # gives lo, acc >= thi gives hi (limits found at load, smf_clamp_limits) without the exact requantization;
     # tlo = -2**31, thi = 2**31 - 1: no limits (an int8 layer's int32 accumulator never reaches those).
     # Parameters are reloaded only when they change (qs != 0: one set per element, fully connected rows).
     n = P[0]
@@ -461,7 +461,7 @@ def pad(x: ptr8, y: ptr8, G: ptr32):
 
 
 # Operator wrappers (bytecode: once per layer or per output channel), called as op[0](model, op) like the
-# bytecode kernels; op[5] holds the parameter blocks built by smf_vp.
+# bytecode kernels; op[5] holds the parameter blocks built by smf_viper_prep.
 
 
 def conv(m, op):

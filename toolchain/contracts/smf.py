@@ -2,7 +2,8 @@
 
 Layout and semantics: ``docs/sparse-model-format.md``. The writer (a full-int8 ``.tflite`` -> ``.smf``) and the
 quantization arithmetic it shares with TFLite Micro live in the export layer: ``toolchain.export.smf_writer`` and
-``toolchain.export.requant``.
+``toolchain.export.requant``. :data:`KERNELS` and :data:`DECODERS` name the device engine's module for each opcode
+and weight encoding.
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ OP_NAMES = {CONV_2D: "CONV_2D", DEPTHWISE_CONV_2D: "DEPTHWISE_CONV_2D", FULLY_CO
 # weight encodings
 DENSE, BITMAP, CSR, RLE = range(4)
 ENCODING_NAMES = {DENSE: "dense", BITMAP: "bitmap", CSR: "csr", RLE: "rle"}
+
+# The device engine (device_runtime/micropython) by opcode: (module, function) of the bytecode kernel; RESHAPE has
+# none (the writer aliases its buffers). By weight encoding: the module whose load(d, p, rows, cols) decodes a
+# weights block into rows. The one table: the engine's loaders carry generated copies (smf_tables.KERNELS,
+# smf_bodies.DECODERS; toolchain.package.load.engine_tables writes them into every bundle, a test checks the
+# repository's copies), and the bundles pick the modules a model needs from it (toolchain.package.load).
+KERNELS = {CONV_2D: ("smf_conv", "conv"), DEPTHWISE_CONV_2D: ("smf_conv", "conv"), FULLY_CONNECTED: ("smf_fc", "fc"),
+           MAX_POOL_2D: ("smf_maxpool", "maxpool"), AVERAGE_POOL_2D: ("smf_avgpool", "avgpool"),
+           MEAN: ("smf_mean", "mean"), ADD: ("smf_elementwise", "add"), PAD: ("smf_elementwise", "pad"),
+           REQUANTIZE: ("smf_elementwise", "requant")}
+DECODERS = {DENSE: "smf_dec_dense", BITMAP: "smf_dec_bitmap", CSR: "smf_dec_csr", RLE: "smf_dec_rle"}
 
 
 class SmfError(ValueError):

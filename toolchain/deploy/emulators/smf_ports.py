@@ -1,7 +1,8 @@
 """Run the .smf engine (device_runtime/micropython/smf*.py) on the MicroPython 1.28 builds, as a board would.
 
 The modules are compiled by the mpy-cross of the same source, ``-march=`` of the port (x64 for the unix port,
-armv7m for the Cortex-M3 board, armv6m for the Cortex-M0 one): ``smf_viper`` becomes native code, the rest
+armv7m for the Cortex-M3 board, armv6m for the Cortex-M0 one), as a bundle ships them (readable names, the
+generated tables written in: ``toolchain.package.load.engine_source``): ``smf_viper`` becomes native code, the rest
 bytecode. Inputs are streamed over stdin in compressed blocks (``qemu_cortexm.pack``) and outputs printed as
 hex, so a thousand inputs never sit in a small heap. Per inference the device measures ``time.ticks_us()`` (instructions on QEMU).
 """
@@ -12,6 +13,7 @@ import numpy as np
 
 from toolchain.contracts.paths import MICROPYTHON_ENGINE
 from toolchain.deploy.emulators import qemu_cortexm, unix_port
+from toolchain.package.load import engine_source
 
 ENGINE_DIR = MICROPYTHON_ENGINE
 PORTS = ("unix", "an385", "microbit")
@@ -56,16 +58,16 @@ def march(port: str) -> str:
 
 # Modules only one engine imports: QEMU's files sit in its 140 KB heap (a board keeps them in flash), so a
 # run ships what its engine can import. (smf_conv stays: the native path's fallback for unusual geometry.)
-BYTECODE_ONLY = ("smf_fc", "smf_maxpool", "smf_avgpool", "smf_mean", "smf_ew", "smf_dense")
-NATIVE_ONLY = ("smf_viper", "smf_vp")
+BYTECODE_ONLY = ("smf_fc", "smf_maxpool", "smf_avgpool", "smf_mean", "smf_elementwise", "smf_dense_baseline")
+NATIVE_ONLY = ("smf_viper", "smf_viper_prep")
 
 
 def engine_files(port: str, native: bool | None = None) -> dict[str, bytes]:
-    """The engine as ``.mpy`` for ``port`` (the micro:bit-only smf_mb* modules left out; with ``native`` True
-    or False, also the other engine's own modules)."""
+    """The engine (smf*.py; the micro:bit's own microbit_*.py stay out) as ``.mpy`` for ``port``; with ``native``
+    True or False, also without the other engine's own modules."""
     skip = BYTECODE_ONLY if native else NATIVE_ONLY if native is False else ()
-    return {p.stem + ".mpy": unix_port.mpy_cross(p.read_bytes(), p.name, march(port))
-            for p in sorted(ENGINE_DIR.glob("smf*.py")) if not p.stem.startswith("smf_mb") and p.stem not in skip}
+    return {p.stem + ".mpy": unix_port.mpy_cross(engine_source(p.stem).encode(), p.name, march(port))
+            for p in sorted(ENGINE_DIR.glob("smf*.py")) if p.stem not in skip}
 
 
 def run_engine(smf: bytes, inputs: np.ndarray, port: str, *, native: bool | None = None, layout: str = "auto",

@@ -1,4 +1,4 @@
-# smf_mb weights decoder (loaded only if used, then dropped): CSR, u16 kept count per row, column
+# microbit_engine weights decoder (loaded only if used, then dropped): CSR, u16 kept count per row, column
 # indices (u8 or u16), values.
 
 

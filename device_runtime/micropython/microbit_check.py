@@ -1,4 +1,4 @@
-# smf_mb loader, part 1 (run once by smf_mbc.convert, then dropped): magic, version, flags, size and CRC32
+# microbit_engine loader, part 1 (run once by microbit_convert.convert, then dropped): magic, version, flags, size and CRC32
 # of a sparse model file, ValueError naming the failed check (docs/sparse-model-format.md); returns the
 # activation buffer sizes.
 

@@ -1,16 +1,17 @@
 # Sparse int8 engine for the BBC micro:bit v1 (MicroPython 1.9.2, ~9.7 KB heap), for the subset small MLPs
 # use: FULLY_CONNECTED (and CONV_2D with a 1x1 kernel on a 1x1 map, the same layer), AVERAGE_POOL_2D,
-# RESHAPE, any weight encoding. Same integer arithmetic as smf.py, bit-exact with TFLite Micro.
-# 1.9.2 compiles .py on the device (a module's compilation needs about 3x its minified source in free
-# heap), so loading is split from running: at a first boot smf_mbc.convert checks and decodes the .smf
-# (docs/sparse-model-format.md) into a cache file; this runtime module reads that cache:
-#   import smf_mbc; smf_mbc.convert('model.smf', 'model.smc')      # first boot, then reset
-#   import smf_mb; m = smf_mb.Model('model.smc'); out = m.infer(input_bytes)  # or fill m.input_buffer()
-# Kernels: smf_mbk (import it first: the bigger compile on the cleaner heap). Ship the modules minified
-# (toolchain.package.microbit.minify_source): every identifier is a heap qstr there.
+# RESHAPE, any weight encoding. The general engine's kernels (microbit_kernels) and loaders (microbit_convert),
+# bit-exact with TFLite Micro. 1.9.2 compiles .py on the device (a module's compilation needs about 3x its
+# minified source in free heap), so loading is split from running: at a first boot microbit_convert.convert
+# checks and decodes the .smf (docs/sparse-model-format.md) into a cache file; this runtime module reads it:
+#   import microbit_convert; microbit_convert.convert('model.smf', 'model.smc')      # first boot, then reset
+#   import microbit_kernels, microbit_engine                                          # second boot
+#   m = microbit_engine.Model('model.smc'); out = m.infer(input_bytes)                # or fill m.input_buffer()
+# Import microbit_kernels first: the bigger compile on the cleaner heap. On the micro:bit these modules are
+# smf_mbc, smf_mbk and smf_mb, minified (toolchain.package.microbit: every identifier is a heap qstr there).
 from array import array
 
-from smf_mbk import avgpool, fc
+from microbit_kernels import avgpool, fc
 
 
 def rd(f, t, n):
@@ -22,12 +23,12 @@ def rd(f, t, n):
 
 class Model:
     def __init__(self, path):
-        # path: the model cache written by smf_mbc.convert. As smf.Model: tensors[i] = (h, w, c, buffer,
+        # path: the model cache written by microbit_convert.convert. As smf.Model: tensors[i] = (h, w, c, buffer,
         # zero_point); ops[i] = (kernel, opcode, in0, in1, out, params) without RESHAPEs; bufs; input,
         # output (tensor ids), input_size; out (the output array, reused)
         f = open(path, 'rb')
         if f.read(4) != b'SMC1':
-            raise ValueError('not a smf_mb model cache (write one with smf_mbc.convert)')
+            raise ValueError('not a smf_mb model cache (write one with smf_mbc.convert)')  # (shipped names)
         h = rd(f, 'h', 7)
         self.input = h[3]
         self.output = h[4]

@@ -1,6 +1,6 @@
 # Bitmap weights: one bit per weight (LSB first), then the kept int8 values in row-major order.
 from array import array
-from smf_u import _u32, zeros
+from smf_reader import _u32, zeros
 
 
 def load(d, p, rows, n):

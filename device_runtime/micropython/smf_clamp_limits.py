@@ -4,7 +4,7 @@
 # outputs of a sparse conv fall there. Channels whose limits are not small ints (|v| >= 2**30, e.g. the
 # saturated biases converters give to all-zero channels) get tlo > thi: always exact.
 from array import array
-from smf_q import mbqm
+from smf_requant import mbqm
 
 
 def _search(ml, mh, sh, zp, target, below):

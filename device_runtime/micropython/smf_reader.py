@@ -1,4 +1,5 @@
-# Helpers shared by the loader modules (dropped with them after loading).
+# Helpers shared by the loader modules (dropped with them after loading): little-endian fields, zero-filled
+# arrays and the sequential reader over the model (bytes in memory, or a file read piecewise).
 from array import array
 
 
@@ -7,8 +8,9 @@ def _u16(d, p):
 
 
 def _u32(d, p):
-    # sizes and counts only: the format keeps them below 2**30
-    return _u16(d, p) | (_u16(d, p + 2) << 16)
+    # sizes and counts only: the format keeps them below 2**30. (Not through _u16: on the micro:bit every call
+    # level counts, its converter runs the loaders near the stack's limit.)
+    return d[p] | (d[p + 1] << 8) | (d[p + 2] << 16) | (d[p + 3] << 24)
 
 
 def _s8(v):

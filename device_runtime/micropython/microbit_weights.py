@@ -1,9 +1,13 @@
-# smf_mb loader, part 4 (run once by smf_mbc.convert, then dropped): the weights block of every fully
-# connected operator, decoded by smf_mbe<encoding> (only the encodings used are compiled) into rows of
+# microbit_engine loader, part 4 (run once by microbit_convert.convert, then dropped): the weights block of every fully
+# connected operator, decoded by microbit_dec_<encoding> (only the encodings used are compiled) into rows of
 # kept weights (ptr[r]..ptr[r+1] index cols and vals); the input zero point is folded into the bias and
 # rows without kept weights get their constant output instead (converters saturate their biases).
-# write(): the decoded model -> the cache file that smf_mb.Model reads (layout: smf_mbc).
+# write(): the decoded model -> the cache file that microbit_engine.Model reads (layout: microbit_convert).
 from array import array
+
+# the decoder module of each weight encoding (on the micro:bit, where they are smf_mbe<encoding>, the '# microbit:'
+# line below names them: a table of names does not fit the converter's heap there, measured)
+DECODERS = ('microbit_dec_dense', 'microbit_dec_bitmap', 'microbit_dec_csr', 'microbit_dec_rle')  # microbit:
 
 
 def put(s, q, v):
@@ -46,7 +50,7 @@ def fold(g, s, zi, zo):
 
 
 def load(m, path):
-    import smf_mbc
+    import microbit_convert
     T = m.tensors
     f = open(path, 'rb')
     q = 0
@@ -63,7 +67,7 @@ def load(m, path):
             s = [array('H', bytearray(2 * R + 2)), array('H', bytearray(2 * k)), array('b', bytearray(k)),
                  d[4] | d[5] << 8 | d[6] << 16, 0]
             if d[0] not in E:
-                E[d[0]] = __import__('smf_mbe%d' % d[0])  # noqa: UP031
+                E[d[0]] = __import__(DECODERS[d[0]])  # microbit: E[d[0]] = __import__('smf_mbe%d' % d[0])
             e = E[d[0]]
             d = d + f.read(d[12] | d[13] << 8 | d[14] << 16)
             q += len(d)
@@ -72,7 +76,7 @@ def load(m, path):
             m.ops[i] = o[:5] + (fold(g, s, T[o[2]][4], T[o[4]][4]),)
     f.close()
     for e in E:
-        smf_mbc.drop(E[e])
+        microbit_convert.drop(E[e])
 
 
 def write(m, dst):

@@ -1,6 +1,6 @@
 # CSR weights: u16 kept count per row, column indices (u8 or u16), kept int8 values.
 from array import array
-from smf_u import _u16, _u32, zeros
+from smf_reader import _u16, _u32, zeros
 
 
 def load(d, p, rows, n):

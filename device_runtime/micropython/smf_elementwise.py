@@ -1,5 +1,5 @@
 # Element-wise int8 ops as TFLite Micro's reference kernels: ADD (same shapes), PAD (H/W), REQUANTIZE.
-from smf_q import mbqm, lo15, hi16
+from smf_requant import mbqm, lo15, hi16
 
 
 def _s8(v):

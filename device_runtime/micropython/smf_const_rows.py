@@ -1,7 +1,7 @@
 # Loader, part 4: rows without kept weights give a constant output, computed once and stored in place of
 # the bias (converters give such channels saturated biases, whose requantization would allocate big ints
 # at every inference). Kernels test ptr[r] == ptr[r + 1].
-from smf_q import mbqm
+from smf_requant import mbqm
 
 
 def load(m, op):
@@ -10,4 +10,6 @@ def load(m, op):
     for r in range(len(bias)):
         if ptr[r] == ptr[r + 1]:
             v = mbqm(bias[r], ml[r], mh[r], sh[r]) + zp
-            bias[r] = lo if v < lo else (hi if v > hi else v)
+            # (int(str()): a small int; 1.9.2 stores a negative big int, which a saturated bias gives, into
+            # array('i') wrongly)
+            bias[r] = int(str(lo if v < lo else (hi if v > hi else v)))

@@ -1,5 +1,5 @@
 # Run-length weights: (zero run u8, value i8) pairs over the row-major matrix; (255, 0) skips 256.
-from smf_u import _u32, _s8, zeros
+from smf_reader import _u32, _s8, zeros
 
 
 def load(d, p, rows, n):

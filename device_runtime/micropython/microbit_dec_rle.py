@@ -1,4 +1,4 @@
-# smf_mb weights decoder (loaded only if used, then dropped): run-length, (zeros skipped, value) pairs;
+# microbit_engine weights decoder (loaded only if used, then dropped): run-length, (zeros skipped, value) pairs;
 # (255, 0) skips 256 positions.
 
 

@@ -1,6 +1,6 @@
 # Loader, part 1: checks magic, version, flags, length and CRC32 of a sparse model file (ValueError with
-# a clear message). Imported by smf.Model while loading, dropped afterwards.
-from smf_u import _u16, _u32, src, rd
+# a clear message). Imported by smf.load, dropped afterwards.
+from smf_reader import _u16, _u32, src, rd
 
 
 def _crc(d, hi, lo):

@@ -1,6 +1,6 @@
-# smf_mb loader, part 3 (run once by smf_mbc.convert, then dropped): the channel block of every fully
+# microbit_engine loader, part 3 (run once by microbit_convert.convert, then dropped): the channel block of every fully
 # connected operator -> (act_min, act_max, bias, multiplier bits 0..14, bits 15..30, shift, file offset
-# of its weights block, rows); smf_mb4 decodes the weights.
+# of its weights block, rows); microbit_weights decodes the weights.
 from array import array
 
 

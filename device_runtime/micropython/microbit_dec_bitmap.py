@@ -1,4 +1,4 @@
-# smf_mb weights decoder (loaded only if used, then dropped): bitmap, one bit per weight (LSB first),
+# microbit_engine weights decoder (loaded only if used, then dropped): bitmap, one bit per weight (LSB first),
 # then the kept values.
 
 

@@ -232,7 +232,7 @@ def _pool(m, op):
     yt = t[op[4]]
     g = op[5]
     G = array('i', [xt[0], xt[1], xt[2], yt[0], yt[1], g[0], g[1], g[2], g[3], g[4], g[5],
-                    _s8(g[6]) + 128, _s8(g[7]) + 128])
+                    g[6] + 128, g[7] + 128])  # (the limits come signed: smf_bodies)
     return (V.pool_, op[1], op[2], op[3], op[4], (m.bufs[xt[3]], m.bufs[yt[3]], G, 1 if op[1] == 5 else 0))
 
 
@@ -260,7 +260,7 @@ def _pad(m, op):
 def _add(m, op):
     # ADD: TFLite's int8 add, y = clamp(MBQM(MBQM((a - za) << ls, m1, s1) + MBQM((b - zb) << ls, m2, s2),
     # m_out, s_out) + zo); the inner two depend on one int8 each: tables of 256 int32, indexed by the byte
-    from smf_q import mbqm, lo15, hi16
+    from smf_requant import mbqm, lo15, hi16
     t = m.tensors
     at = t[op[2]]
     bt = t[op[3]]
@@ -282,7 +282,7 @@ def _add(m, op):
 
 def _requant(m, op):
     # REQUANTIZE: y = clamp(MBQM(x - zi) + zo) for the 256 int8 values, as bytes indexed by the input byte
-    from smf_q import mbqm, lo15, hi16
+    from smf_requant import mbqm, lo15, hi16
     t = m.tensors
     xt = t[op[2]]
     yt = t[op[4]]

@@ -1,5 +1,5 @@
-# smf_mb loader, part 2 (run once by smf_mbc.convert, then dropped): buffer sizes, tensor table and operators;
-# fully connected layers are decoded afterwards by smf_mb3.
+# microbit_engine loader, part 2 (run once by microbit_convert.convert, then dropped): buffer sizes, tensor table and operators;
+# fully connected layers are decoded afterwards by microbit_channels.
 # (Small functions: each function's bytecode needs one contiguous block of a fragmented heap.)
 from array import array
 
@@ -17,7 +17,7 @@ def tables(m, r):
     h = r(24)
     m.input = u16(h, 18)
     m.output = u16(h, 20)
-    r(4 * u16(h, 16))  # (buffer sizes: smf_mb1)
+    r(4 * u16(h, 16))  # (buffer sizes: microbit_check)
     d = r(12 * u16(h, 12))
     m.tensors = [(u16(d, p), u16(d, p + 2), u16(d, p + 4), d[p + 6], s8(d[p + 7])) for p in range(0, len(d), 12)]
     m.ops = []
@@ -26,7 +26,7 @@ def tables(m, r):
 
 def op(m, r, q):
     # one operator at file offset q: header, body -> m.ops entry (kernel, opcode, in0, in1, out, params);
-    # fully connected params are (file offset, length) of the body until smf_mb3 decodes them
+    # fully connected params are (file offset, length) of the body until microbit_channels decodes them
     T = m.tensors
     d = r(12)
     c = d[0]

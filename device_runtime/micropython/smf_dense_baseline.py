@@ -1,6 +1,6 @@
 # Dense baseline (Model(..., dense=True)): decoded rows expanded to every weight, zeros included.
 from array import array
-from smf_u import zeros
+from smf_reader import zeros
 
 
 def load(ptr, cols, vals, rows, n):

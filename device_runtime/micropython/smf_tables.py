@@ -1,11 +1,23 @@
 # Loader, part 2: activation buffers, tensor table and operator table of a sparse model file.
-# Imported by smf.Model while loading, dropped afterwards.
-from smf_u import _u16, _u32, _s8, src, rd, skip
+# Imported by smf.load, dropped afterwards. KERNELS: generated from the host's format module (one table).
+from smf_reader import _u16, _u32, _s8, src, rd, skip
 
-# opcode -> (module, function) of its kernel; RESHAPE (9) is a no-op: the planner aliases its buffers
-KERNELS = (None, ('smf_conv', 'conv'), ('smf_conv', 'conv'), ('smf_fc', 'fc'), ('smf_maxpool', 'maxpool'),
-           ('smf_avgpool', 'avgpool'), ('smf_mean', 'mean'), ('smf_ew', 'add'), ('smf_ew', 'pad'), None,
-           ('smf_ew', 'requant'))
+# -- generated from toolchain/contracts/smf.py KERNELS by toolchain.package.load.engine_tables: edit it there --
+# opcode -> (module, function) of its kernel; None: no kernel (RESHAPE: the writer aliases its buffers)
+KERNELS = (
+    None,  # 0 (none)
+    ('smf_conv', 'conv'),  # 1 CONV_2D
+    ('smf_conv', 'conv'),  # 2 DEPTHWISE_CONV_2D
+    ('smf_fc', 'fc'),  # 3 FULLY_CONNECTED
+    ('smf_maxpool', 'maxpool'),  # 4 MAX_POOL_2D
+    ('smf_avgpool', 'avgpool'),  # 5 AVERAGE_POOL_2D
+    ('smf_mean', 'mean'),  # 6 MEAN
+    ('smf_elementwise', 'add'),  # 7 ADD
+    ('smf_elementwise', 'pad'),  # 8 PAD
+    None,  # 9 RESHAPE
+    ('smf_elementwise', 'requant'),  # 10 REQUANTIZE
+)
+# -- end of generated KERNELS --
 
 
 def load(self, s):
