@@ -23,30 +23,30 @@ class App:
                  hb=30000, rto=500, mid=0, mt=None, raw=0):
         # out(bytes): write to the link; ft: FineTuner (None: no model yet); data(rid, n) -> (xs, ys);
         # ids = (device id, board, firmware) as bytes; mt: model receiver (app_mt.MT) or None
-        s.p = proto.Proto(size, seq, maxk)
+        s.codec = proto.Proto(size, seq, maxk)
         s.out = out
         s.ft = ft
         s.data = data
         s.ids = ids
         s.caps = caps
-        s.ses = session
+        s.session = session
         s.heap = heap
-        s.hb = hb
-        s.rto = rto
+        s.heartbeat_ms = hb
+        s.retry_ms = rto
         s.mid = mid
         s.mt = mt
         s.raw = raw
-        s.rnd = 0  # last round whose update was applied (the model version)
-        s.st = 1
-        s.q = []
-        s.fl = 0  # a DATA frame in flight: its seq is s.fs, length s.fn
-        s.fs = s.fn = s.fk = s.tries = 0
-        s.t0 = s.ts = s.th = time.ticks_ms()
+        s.applied = 0  # last round whose update was applied (the model version)
+        s.state = 1
+        s.queue = []
+        s.inflight = 0  # a DATA frame in flight: its seq is s.inflight_seq, length s.inflight_len
+        s.inflight_seq = s.inflight_len = s.inflight_type = s.tries = 0
+        s.boot_ms = s.sent_ms = s.status_ms = time.ticks_ms()
         s.hello()
 
     def feed(s, d):
         # serial bytes from the host
-        p = s.p
+        p = s.codec
         i = 0
         while i < len(d):
             i = p.feed(d, i)
@@ -55,13 +55,13 @@ class App:
                 s.out(p.at[:p.ack()])
             if k == 1:
                 s.handle()
-            elif k == 3 and s.fl and p.fseq == s.fs:
-                s.fl = 0
+            elif k == 3 and s.inflight and p.fseq == s.inflight_seq:
+                s.inflight = 0
                 s.next()
 
     def msg(s, m):
         # one whole message (an MQTT payload)
-        p = s.p
+        p = s.codec
         if 1 < len(m) <= p.size:
             p.rx[3:3 + len(m)] = m
             p.mlen = len(m)
@@ -69,44 +69,44 @@ class App:
 
     def tick(s):
         n = time.ticks_ms()
-        if s.fl and time.ticks_diff(n, s.ts) > s.rto:
+        if s.inflight and time.ticks_diff(n, s.sent_ms) > s.retry_ms:
             s.tries += 1
-            if s.tries > 30 and s.fk != 1:  # give up (on HELLO never: a host may come later)
-                s.fl = 0
+            if s.tries > 30 and s.inflight_type != 1:  # give up (on HELLO never: a host may come later)
+                s.inflight = 0
                 s.next()
             else:
                 s.out(b'\x00')
-                s.out(s.p.tx[:s.fn])
-                s.ts = n
-        if time.ticks_diff(n, s.th) > s.hb and not s.fl and not s.q:
+                s.out(s.codec.tx[:s.inflight_len])
+                s.sent_ms = n
+        if time.ticks_diff(n, s.status_ms) > s.heartbeat_ms and not s.inflight and not s.queue:
             s.status()
 
     # -- sending: one DATA frame in flight, the rest queued as message bytes
     def send(s, i):
-        p = s.p
+        p = s.codec
         if s.raw:
             s.out(bytes(p.b[3:i]))
             return
-        if s.fl:
-            s.q.append(bytes(p.b[3:i]))
+        if s.inflight:
+            s.queue.append(bytes(p.b[3:i]))
             return
-        s.fk = p.b[4]
-        s.fn = p.frame(i)
-        s.fs = (p.seq - 1) & 65535
-        s.fl = 1
+        s.inflight_type = p.b[4]
+        s.inflight_len = p.frame(i)
+        s.inflight_seq = (p.seq - 1) & 65535
+        s.inflight = 1
         s.tries = 0
-        s.ts = time.ticks_ms()
-        s.out(p.tx[:s.fn])
+        s.sent_ms = time.ticks_ms()
+        s.out(p.tx[:s.inflight_len])
 
     def next(s):
-        if s.q:
-            m = s.q.pop(0)
-            s.p.b[3:3 + len(m)] = m
+        if s.queue:
+            m = s.queue.pop(0)
+            s.codec.b[3:3 + len(m)] = m
             s.send(3 + len(m))
 
     def hello(s):
-        p = s.p
-        i = p.put(3, '<BBHBBBIHH', 1, 1, s.ses, 0, 2, 0, s.free(), p.size, s.caps)
+        p = s.codec
+        i = p.put(3, '<BBHBBBIHH', 1, 1, s.session, 0, 2, 0, s.free(), p.size, s.caps)
         for x in s.ids:
             i = p.put(i, '<B' + str(len(x)) + 's', len(x), x)
         s.send(i)
@@ -115,20 +115,20 @@ class App:
         return s.heap() if s.heap else 0
 
     def status(s):
-        s.th = time.ticks_ms()
-        up = time.ticks_diff(s.th, s.t0) // 1000
-        s.send(s.p.put(3, '<BBBIIII', 1, 32, s.st, up, s.free(), s.rnd, s.mid))
+        s.status_ms = time.ticks_ms()
+        up = time.ticks_diff(s.status_ms, s.boot_ms) // 1000
+        s.send(s.codec.put(3, '<BBBIIII', 1, 32, s.state, up, s.free(), s.applied, s.mid))
 
     def ack(s, t, r):
-        s.send(s.p.put(3, '<BBBI', 1, 48, t, r))
+        s.send(s.codec.put(3, '<BBBI', 1, 48, t, r))
 
     def err(s, c, t, r):
         x = ETXT[c] if c < len(ETXT) else b'error'
-        s.send(s.p.put(s.p.put(3, '<BBBBI', 1, 63, c, t, r), str(len(x)) + 's', x))
+        s.send(s.codec.put(s.codec.put(3, '<BBBBI', 1, 63, c, t, r), str(len(x)) + 's', x))
 
     # -- receiving
     def handle(s):
-        p = s.p
+        p = s.codec
         r = p.rx
         a = 0
         if r[3] == 1 and r[4] == 19:  # SIGNED: a ROUND_START / ROUND_UPDATE with the host's tag
@@ -151,13 +151,13 @@ class App:
             if s.mt is None:
                 s.err(3, t, v[0])  # this port cannot verify a model (micro:bit): flash it instead
             else:
-                s.st = 2
+                s.state = 2
                 a = s.mt.handle(s, t, v)
-                s.st = 1
+                s.state = 1
                 if a:
                     s.ft = a
                     s.mid = v[0]
-                    s.rnd = 0
+                    s.applied = 0
                     s.ack(4, v[0])
         else:
             s.err(1, r[4] if r[3] == 1 else 0, 0)
@@ -167,14 +167,14 @@ class App:
         # inner)[:16] with the device's own key (docs/protocol.md). Verified: the inner message replaces it in
         # p.rx (1); else -1. Holds only the inner message's copy and the HMAC's buffers.
         import hmac_sha256
-        p = s.p
+        p = s.codec
         r = p.rx
         n = p.mlen - 18
         if n < 2 or r[22] == 19:
             return -1
         m = bytes(r[21:21 + n])
         d = s.ids[0]
-        t = hmac_sha256.hmac(s.mt.key, b'TMS1' + struct.pack('<HB', s.ses & 65535, len(d)) + d + m)
+        t = hmac_sha256.hmac(s.mt.key, b'TMS1' + struct.pack('<HB', s.session & 65535, len(d)) + d + m)
         x = 0
         for i in range(16):
             x |= t[i] ^ r[5 + i]  # no early exit
@@ -190,15 +190,15 @@ class App:
             return s.err(9, 16, rid)
         if v[2] or v[3] != 1:
             return s.err(3, 16, rid)  # explicit seeds, several steps: not supported
-        if rid != s.rnd + 1:
+        if rid != s.applied + 1:
             return s.err(6, 16, rid)  # not at the model version of round rid - 1: host replays updates
-        s.st = 3
-        seed = struct.unpack_from('<I', s.p.rx, 24)[0]
+        s.state = 3
+        seed = struct.unpack_from('<I', s.codec.rx, 24)[0]
         xs, ys = s.data(rid, v[4])
         g, loss, n = s.ft.probe(seed, v[1], v[5], xs, ys)
         xs = ys = None
-        s.st = 1
-        p = s.p
+        s.state = 1
+        p = s.codec
         i = p.put(3, '<BBIIf', 1, 17, rid, n, loss)
         for j in range(v[1]):
             i = p.put(i, '<f', g[j])
@@ -207,13 +207,13 @@ class App:
     def upd(s, v):
         # v = (round, k, lr), checked by proto (malformed, k, lr, finite scalars)
         rid = v[0]
-        if rid <= s.rnd:
+        if rid <= s.applied:
             return s.ack(T_UPD, rid)  # applied already (a repeat)
-        if s.ft is None or rid != s.rnd + 1:
+        if s.ft is None or rid != s.applied + 1:
             return s.err(6, T_UPD, rid)
-        r = s.p.rx
+        r = s.codec.rx
         s.ft.update(struct.unpack_from('<I', r, 9)[0], struct.unpack_from('<' + str(v[1]) + 'f', r, 17), v[2])
-        s.rnd = rid
+        s.applied = rid
         s.ack(T_UPD, rid)
 
 
@@ -229,7 +229,7 @@ def run(a, read):
         micropython.kbd_intr(-1)
     except (ImportError, AttributeError):
         micropython = None
-    p = a.p
+    p = a.codec
     t = time.ticks_ms()
     try:
         while 1:

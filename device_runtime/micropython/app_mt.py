@@ -38,32 +38,32 @@ class MT:
         s.install = install
         s.path = path
         s.max = maxsize
-        s.f = None
-        s.b = None
+        s.file = None
+        s.transfer = None
 
     def _drop(s):
-        if s.f:
-            s.f.close()
-        s.f = None
-        s.b = None
+        if s.file:
+            s.file.close()
+        s.file = None
+        s.transfer = None
 
     def handle(s, a, t, v):
         # -> new FineTuner after a verified commit, else None (errors are sent here)
-        p = a.p
+        p = a.codec
         if t == 2:
             mid, size, cs, fmt, auth = v
-            if s.b and s.b[0] == mid and s.b[1] == size:
+            if s.transfer and s.transfer[0] == mid and s.transfer[1] == size:
                 return None  # a repeated MODEL_BEGIN (QoS 1): keep the transfer going
             s._drop()
             if fmt != 1:
                 return a.err(3, 2, mid)
             if size > s.max:
                 return a.err(5, 2, mid)
-            s.f = open(s.path + '.tmp', 'wb')
-            s.b = [mid, size, cs, fmt, 0, 0]  # ..., next chunk, bytes received
-            s.h = hashlib.sha256()
+            s.file = open(s.path + '.tmp', 'wb')
+            s.transfer = [mid, size, cs, fmt, 0, 0]  # ..., next chunk, bytes received
+            s.sha = hashlib.sha256()
             return None
-        b = s.b
+        b = s.transfer
         mid = v[0]
         if b is None or b[0] != mid:
             return a.err(6, t, mid)
@@ -75,18 +75,18 @@ class MT:
                 s._drop()
                 return a.err(6, 3, mid)
             d = bytes(p.rx[11:3 + p.mlen])
-            s.f.write(d)
-            s.h.update(d)
+            s.file.write(d)
+            s.sha.update(d)
             b[4] += 1
             b[5] += n
             return None
         if b[5] != b[1]:
             s._drop()
             return a.err(6, 4, mid)
-        dg = s.h.digest()
-        s.f.close()
-        s.f = None
-        s.b = None
+        dg = s.sha.digest()
+        s.file.close()
+        s.file = None
+        s.transfer = None
         if dg != v[1]:
             return a.err(7, 4, mid)
         if v[2] != 1 or not hmac_sha256.model_ok(s.key, mid, b[3], b[1], dg, p.rx, 42, hashlib.sha256):

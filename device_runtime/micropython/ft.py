@@ -17,44 +17,50 @@ def _halves(s):
 
 
 class FineTuner:
+    # Fields: model, head_op (index of the head in model.ops), cols / rows (head inputs / outputs), in_zp,
+    # in_scale (the head input's quantization), mode (estimator), w (trainable: kept weights then biases),
+    # ptr / col_idx (the kept weights' rows and columns), w0 (w's copy for an exact restore), logits, feat_buf
+    # (the batch's head inputs minus in_zp), batch (its size), labels, g (the round's scalars). On the micro:bit
+    # they are shipped with the short names of README.md (toolchain.package.microbit.MICROBIT_ATTRS): every
+    # attribute name is a heap qstr there.
     def __init__(self, model, spec):
         # model: smf.Model, or None if probe/accuracy get the head's int8 inputs (features) directly
         h = spec['head']
-        self.m = model
-        self.op = h['op']
-        self.nf = h['cols']
+        self.model = model
+        self.head_op = h['op']
+        self.cols = h['cols']
         self.rows = h['rows']
-        self.zp = h['in_zp']
-        self.s = h['in_scale']
+        self.in_zp = h['in_zp']
+        self.in_scale = h['in_scale']
         self.mode = ('forward', 'central', 'one_point').index(spec.get('estimator', 'forward'))
         f = open(h['file'], 'rb')
         self.w = array('f', bytearray(f.read(4 * (h['nnz'] + self.rows))))
         self.ptr = array('H', bytearray(f.read(2 * self.rows + 2)))
-        self.col = array('B' if self.nf <= 256 else 'H', bytearray(f.read(h['nnz'] * (1 if self.nf <= 256 else 2))))
+        self.col_idx = array('B' if self.cols <= 256 else 'H', bytearray(f.read(h['nnz'] * (1 if self.cols <= 256 else 2))))
         f.close()
         # exact restore from a copy (bit-identical with the server) unless the spec saves that memory
         self.w0 = array('f', self.w) if spec.get('copy_restore', 1) else None
-        self.z = [0.0] * self.rows
+        self.logits = [0.0] * self.rows
         self._buf(spec.get('batch_max', 16))
-        self.n = 0
-        self.ys = None
+        self.batch = 0
+        self.labels = None
         self.g = array('f', bytearray(4 * spec.get('k_max', 16)))  # the round's scalars (reallocated if K changes)
 
     def _buf(self, n):
         # head inputs minus their zero point, n samples x cols, allocated once (grown if a batch is larger):
         # one byte each when zp = -128 (ReLU features: q - zp in 0..255), else int16
-        self.fb = None
-        b = self.zp == -128
-        self.fb = array('B' if b else 'h', bytearray(n * self.nf * (1 if b else 2)))
+        self.feat_buf = None
+        b = self.in_zp == -128
+        self.feat_buf = array('B' if b else 'h', bytearray(n * self.cols * (1 if b else 2)))
 
     def _feats(self, xs):
         n = len(xs)
-        nf = self.nf
-        if len(self.fb) < n * nf:
+        nf = self.cols
+        if len(self.feat_buf) < n * nf:
             self._buf(n)
-        fb = self.fb
-        zp = self.zp
-        m = self.m
+        fb = self.feat_buf
+        zp = self.in_zp
+        m = self.model
         for s in range(n):
             x = xs[s]
             if m is not None:
@@ -63,47 +69,47 @@ class FineTuner:
                     v = x[i]
                     b[i] = v - 256 if v > 127 else v
                 ops = m.ops
-                for i in range(self.op):
+                for i in range(self.head_op):
                     o = ops[i]
                     o[0](m, o)
-                x = m.bufs[m.tensors[ops[self.op][2]][3]]
+                x = m.bufs[m.tensors[ops[self.head_op][2]][3]]
             b = s * nf
             for i in range(nf):
                 v = x[i]
                 fb[b + i] = (v - 256 if v > 127 else v) - zp
-        self.n = n
+        self.batch = n
 
     def _logits(self, i):
         w = self.w
         p = self.ptr
-        c = self.col
-        fb = self.fb
-        z = self.z
-        b = i * self.nf
+        c = self.col_idx
+        fb = self.feat_buf
+        z = self.logits
+        b = i * self.cols
         nz = p[self.rows]
         for r in range(self.rows):
             a = 0.0
             for j in range(p[r], p[r + 1]):
                 a += w[j] * fb[b + c[j]]
-            z[r] = w[nz + r] + self.s * a
+            z[r] = w[nz + r] + self.in_scale * a
         return z
 
     def _loss(self):
         # mean cross-entropy over the batch, in the port's float (double / float32 / 30-bit)
         t = 0.0
-        for i in range(self.n):
+        for i in range(self.batch):
             z = self._logits(i)
             m = max(z)
             e = 0.0
             for r in range(self.rows):
                 e += math.exp(z[r] - m)
-            t += m + math.log(e) - z[self.ys[i]]
-        return t / self.n
+            t += m + math.log(e) - z[self.labels[i]]
+        return t / self.batch
 
     def probe(self, round_seed, k, mu, xs, ys):
         # K scalars of round round_seed (u32) over the batch xs (int8 inputs), ys (labels); weights restored
         self._feats(xs)
-        self.ys = ys
+        self.labels = ys
         if len(self.g) != k:
             self.g = None
             self.g = array('f', bytearray(4 * k))
@@ -114,7 +120,7 @@ class FineTuner:
                 w0[i] = w[i]
         sh, sl = _halves(round_seed)
         loss = zo.probe(w, sh, sl, mu, self._loss, self.g, self.mode, 0, None, w0)
-        return list(self.g), loss, self.n
+        return list(self.g), loss, self.batch
 
     def update(self, round_seed, gbar_list, lr):
         # the server's aggregated scalars of round round_seed: w -= lr/K sum_k g_k z_k (docs/zo.md section 8)
@@ -124,9 +130,9 @@ class FineTuner:
     def accuracy(self, xs, ys):
         self._feats(xs)
         ok = 0
-        for i in range(self.n):
+        for i in range(self.batch):
             z = self._logits(i)
             m = max(z)
             if z.index(m) == ys[i]:
                 ok += 1
-        return ok / self.n if self.n else 0.0
+        return ok / self.batch if self.batch else 0.0

@@ -26,96 +26,96 @@ class Link:
     def __init__(s, dev, server, port=1883, fleet='default', prefix='tinyml', user=None, password=None,
                  keepalive=60, qmax=16):
         b = prefix + '/' + fleet + '/' + dev + '/'
-        s.tu = (b + 'up').encode()
-        s.td = (b + 'down').encode()
-        s.ts = (b + 'status').encode()
+        s.topic_up = (b + 'up').encode()
+        s.topic_down = (b + 'down').encode()
+        s.topic_status = (b + 'status').encode()
         c = MQTTClient(('dev-' + fleet + '-' + dev).encode(), server, port, user, password, keepalive)
         c.set_callback(s.cb)
-        c.set_last_will(s.ts, OFF, True, 1)
-        s.c = c
-        s.ka = keepalive * 500  # ms: ping at half the keep-alive
+        c.set_last_will(s.topic_status, OFF, True, 1)
+        s.client = c
+        s.ping_ms = keepalive * 500  # ms: ping at half the keep-alive
         s.qmax = qmax
         s.app = None
-        s.iq = []  # received payloads, for app.msg
-        s.oq = []  # app messages to publish
-        s.up = 0
-        s.n = 0  # connections made
-        s.wait = 0
-        s.tn = s.tp = time.ticks_ms()
+        s.inbox = []  # received payloads, for app.msg
+        s.outbox = []  # app messages to publish
+        s.connected = 0
+        s.connects = 0  # connections made
+        s.backoff_ms = 0
+        s.lost_at = s.sent_at = time.ticks_ms()
 
     def out(s, m):
         # the app's output (App(..., raw=1)): one whole message per call
-        if len(s.oq) >= s.qmax:
-            s.oq.pop(0)
-        s.oq.append(m)
+        if len(s.outbox) >= s.qmax:
+            s.outbox.pop(0)
+        s.outbox.append(m)
 
     def cb(s, t, m):
-        s.iq.append(m)
+        s.inbox.append(m)
 
     def connect(s):
-        s.c.connect(False)
-        s.c.subscribe(s.td, 1)
-        s.up = 1
-        s.wait = 0
-        s.n += 1
-        s.tp = time.ticks_ms()
-        print('mqtt connected', s.n)
+        s.client.connect(False)
+        s.client.subscribe(s.topic_down, 1)
+        s.connected = 1
+        s.backoff_ms = 0
+        s.connects += 1
+        s.sent_at = time.ticks_ms()
+        print('mqtt connected', s.connects)
         if s.app:
             s.app.status()  # retained on .../status: online again
 
     def drop(s, e):
         print('mqtt link lost:', repr(e))
-        s.up = 0
+        s.connected = 0
         try:
-            s.c.sock.close()
+            s.client.sock.close()
         except Exception:
             pass
-        s.wait = min(4000, s.wait * 2) if s.wait else 500
-        s.tn = time.ticks_ms()
+        s.backoff_ms = min(4000, s.backoff_ms * 2) if s.backoff_ms else 500
+        s.lost_at = time.ticks_ms()
 
     def poll(s):
         # one step: connect if due, take in what arrived, run the app, publish its output; never raises
-        c = s.c
+        c = s.client
         try:
-            if not s.up:
-                if time.ticks_diff(time.ticks_ms(), s.tn) < s.wait:
+            if not s.connected:
+                if time.ticks_diff(time.ticks_ms(), s.lost_at) < s.backoff_ms:
                     return
                 s.connect()
             for i in range(8):
-                k = len(s.iq)
+                k = len(s.inbox)
                 c.check_msg()
-                if len(s.iq) == k:
+                if len(s.inbox) == k:
                     break
             a = s.app
-            while s.iq:
-                m = s.iq.pop(0)
+            while s.inbox:
+                m = s.inbox.pop(0)
                 if a:
                     a.msg(m)
                 m = None
             if a:
                 a.tick()
-            while s.oq:
-                m = s.oq[0]
-                c.publish(s.tu, m, False, 1)
+            while s.outbox:
+                m = s.outbox[0]
+                c.publish(s.topic_up, m, False, 1)
                 if m[1] == 32:
-                    c.publish(s.ts, m, True, 1)
-                s.oq.pop(0)  # only once the broker has it: after a failure it goes again (QoS 1)
-                s.tp = time.ticks_ms()
-            if time.ticks_diff(time.ticks_ms(), s.tp) > s.ka:
+                    c.publish(s.topic_status, m, True, 1)
+                s.outbox.pop(0)  # only once the broker has it: after a failure it goes again (QoS 1)
+                s.sent_at = time.ticks_ms()
+            if time.ticks_diff(time.ticks_ms(), s.sent_at) > s.ping_ms:
                 c.ping()
-                s.tp = time.ticks_ms()
+                s.sent_at = time.ticks_ms()
         except Exception as e:  # OSError, or a short read ending in IndexError/AssertionError inside umqtt
             s.drop(e)
 
     def stop(s):
         # going offline on purpose: a clean disconnect suppresses the will, so say OFFLINE first
-        if s.up:
+        if s.connected:
             try:
-                s.c.publish(s.ts, OFF, True, 1)
-                s.c.disconnect()
+                s.client.publish(s.topic_status, OFF, True, 1)
+                s.client.disconnect()
             except Exception:
                 pass
-        s.up = 0
+        s.connected = 0
 
     def run(s, idle=10):
         while 1:

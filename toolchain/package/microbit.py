@@ -48,6 +48,14 @@ MICROBIT_NAMES = {
 }
 
 
+# Attributes (``self.<name>``) shipped to the micro:bit under short names, per module: ft.FineTuner's fields
+# (README.md has the glossary; w, g and _loss keep theirs: host code reads them on the board)
+MICROBIT_ATTRS = {
+    "ft": {"model": "m", "head_op": "op", "cols": "nf", "in_zp": "zp", "in_scale": "s", "col_idx": "col",
+           "logits": "z", "feat_buf": "fb", "batch": "n", "labels": "ys"},
+}
+
+
 def microbit_name(module: str) -> str:
     """The name ``module`` (a readable name of device_runtime/micropython) has on the micro:bit."""
     return MICROBIT_NAMES.get(module, module)
@@ -183,6 +191,20 @@ def _linkable(module: str) -> bool:
     return (MICROPYTHON_ENGINE / f"{module}.py").is_file()
 
 
+def rename_attributes(src: str, names: dict[str, str]) -> str:
+    """``src`` with ``self.<name>`` renamed for the names in ``names``."""
+    toks: list[tokenize.TokenInfo] = []
+
+    def edit(tok: tokenize.TokenInfo, prev: tokenize.TokenInfo | None) -> str | None:
+        toks.append(tok)
+        if (tok.type == tokenize.NAME and tok.string in names and len(toks) >= 3 and toks[-2].string == "."
+                and toks[-3].string == "self"):
+            return names[tok.string]
+        return None
+
+    return _edit_tokens(src, edit)
+
+
 def microbit_lines(src: str) -> str:
     """``src`` with each line whose comment starts with ``# microbit:`` replaced by the code after the marker (left
     out if there is none): where the micro:bit's heap needs a cheaper form than the readable one."""
@@ -199,9 +221,10 @@ def microbit_lines(src: str) -> str:
 
 def microbit_source(module: str, read) -> tuple[str, bytes]:  # noqa: ANN001 - read(module) -> its source
     """``(file name on the micro:bit, contents)`` of the engine module ``module``: linked (:data:`MICROBIT_LINKED`),
-    its ``# microbit:`` lines swapped in (:func:`microbit_lines`), renamed (:data:`MICROBIT_NAMES`) and minified."""
+    its ``# microbit:`` lines swapped in (:func:`microbit_lines`), modules and attributes renamed (:data:`MICROBIT_NAMES`,
+    :data:`MICROBIT_ATTRS`) and minified."""
     src = link_source(module, read, _linkable) if module in MICROBIT_LINKED else read(module)
-    src = rename_modules(microbit_lines(src), MICROBIT_NAMES)
+    src = rename_attributes(rename_modules(microbit_lines(src), MICROBIT_NAMES), MICROBIT_ATTRS.get(module, {}))
     return f"{microbit_name(module)}.py", minify_source(src).encode()
 
 
