@@ -14,7 +14,7 @@ build: $(VENV)/.installed
 ## conformance suite included, on the emulated boards: QEMU micro:bit + MicroPython WebAssembly, and MicroPython 1.28
 ## built from the vendored source: unix port + qemu Cortex-M, see docs/device-engine.md).
 test: $(VENV)/.installed system micropython
-	$(BIN)/python -m pytest --board emulated
+	$(BIN)/python -m pytest --board emulated --durations=25
 
 # Exact pins: requirements.lock constrains every package (torch 2.13.0 CPU comes from the local wheel).
 $(VENV)/.installed: requirements.lock pyproject.toml

@@ -8,7 +8,7 @@ import sys
 import time
 
 from toolchain.contracts.errors import ToolchainError
-from toolchain.deploy.emulate import _pid, start_boards
+from toolchain.deploy.emulate import board_pid, start_boards
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:
@@ -21,7 +21,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     try:
         time.sleep(1.0)  # let the firmware boot before anyone talks to it
         for i, b in enumerate(boards, 1):
-            print(f"{args.board}-{i} {b.port} pid {_pid(b)}", flush=True)
+            print(f"{args.board}-{i} {b.port} pid {board_pid(b)}", flush=True)
         print(f"{len(boards)} emulated {args.board} board(s) running; use the ports above with --port; Ctrl-C stops "
               "them", file=sys.stderr, flush=True)
         while True:

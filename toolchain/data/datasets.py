@@ -66,7 +66,7 @@ def _read_gz(path: Path) -> bytes:
         raise DataError(f"corrupt gzip file {path} ({exc}); download it again") from None
 
 
-def _idx(path: Path, magic: int, count: int | None, item_shape: tuple[int, ...]) -> np.ndarray:
+def read_idx(path: Path, magic: int, count: int | None, item_shape: tuple[int, ...]) -> np.ndarray:
     raw = _read_gz(path)
     ndim = len(item_shape) + 1
     header = 4 + 4 * ndim
@@ -85,8 +85,8 @@ def _idx(path: Path, magic: int, count: int | None, item_shape: tuple[int, ...])
 
 def _load_idx_family(name: str, root: Path, mean: float, std: float) -> Dataset:
     def pair(prefix: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-        x = _idx(root / f"{prefix}-images-idx3-ubyte.gz", 0x803, count, (28, 28))
-        y = _idx(root / f"{prefix}-labels-idx1-ubyte.gz", 0x801, count, ())
+        x = read_idx(root / f"{prefix}-images-idx3-ubyte.gz", 0x803, count, (28, 28))
+        y = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 0x801, count, ())
         if y.max() > 9:
             raise DataError(f"{root}/{prefix}-labels-idx1-ubyte.gz has labels outside 0..9; the file is corrupt")
         return x[..., None].copy(), y.astype(np.int64)

@@ -54,5 +54,5 @@ def start_boards(kind: str, count: int, heap_bytes: int = 256 * 1024) -> list[_B
     return boards
 
 
-def _pid(board: _Board) -> int:
+def board_pid(board: _Board) -> int:
     return int(board.proc.pid)  # type: ignore[attr-defined]

@@ -24,11 +24,11 @@ DENSE, KNOWN_MASK, BITMAP, INDEX = 0, 1, 2, 3
 MAGIC = b"TCW1"
 
 
-def _index_dtype(numel: int) -> np.dtype:
+def index_dtype(numel: int) -> np.dtype:
     return np.dtype("<u2") if numel <= 65536 else np.dtype("<u4")
 
 
-def _header(key: bytes, enc: int, dims: tuple[int, ...]) -> bytes:
+def section_header(key: bytes, enc: int, dims: tuple[int, ...]) -> bytes:
     return struct.pack(f"<B{len(key)}sBB{len(dims)}I", len(key), key, enc, len(dims), *dims)
 
 
@@ -36,16 +36,16 @@ def _encode_one(name: str, t: torch.Tensor, mask: torch.Tensor | None, mask_trav
     arr = t.detach().cpu().float().numpy().ravel()
     key, dims = name.encode(), tuple(t.shape)
     if mask is None:
-        return _header(key, DENSE, dims) + arr.astype("<f4").tobytes()
+        return section_header(key, DENSE, dims) + arr.astype("<f4").tobytes()
     m = mask.detach().cpu().numpy().ravel().astype(bool)
     values = arr[m].astype("<f4").tobytes()
     if not mask_travels:
-        return _header(key, KNOWN_MASK, dims) + values
+        return section_header(key, KNOWN_MASK, dims) + values
     bitmap = np.packbits(m, bitorder="little").tobytes()
-    idx = np.flatnonzero(m).astype(_index_dtype(m.size)).tobytes()
+    idx = np.flatnonzero(m).astype(index_dtype(m.size)).tobytes()
     if len(bitmap) <= 4 + len(idx):
-        return _header(key, BITMAP, dims) + bitmap + values
-    return _header(key, INDEX, dims) + struct.pack("<I", int(m.sum())) + idx + values
+        return section_header(key, BITMAP, dims) + bitmap + values
+    return section_header(key, INDEX, dims) + struct.pack("<I", int(m.sum())) + idx + values
 
 
 def encode(tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
@@ -63,9 +63,9 @@ def encode_sparse_vectors(entries: dict[str, tuple[torch.Tensor, torch.Tensor, t
     for name, (idx, val, shape) in entries.items():
         key = name.encode()
         numel = int(np.prod(shape))
-        i = idx.detach().cpu().numpy().astype(_index_dtype(numel))
+        i = idx.detach().cpu().numpy().astype(index_dtype(numel))
         v = val.detach().cpu().float().numpy().astype("<f4")
-        parts.append(_header(key, INDEX, tuple(shape)))
+        parts.append(section_header(key, INDEX, tuple(shape)))
         parts.append(struct.pack("<I", len(i)) + i.tobytes() + v.tobytes())
     return b"".join(parts)
 
@@ -101,7 +101,7 @@ def decode(blob: bytes, known_masks: dict[str, torch.Tensor] | None = None
             pos += nb
         elif enc == INDEX:
             (nnz,) = struct.unpack_from("<I", blob, pos)
-            dt = _index_dtype(numel)
+            dt = index_dtype(numel)
             idx = np.frombuffer(blob, dt, nnz, pos + 4).astype(np.int64)
             pos += 4 + nnz * dt.itemsize
             m = np.zeros(numel, bool)

@@ -16,11 +16,11 @@ import torch
 from toolchain.learning.fl import codec
 
 
-def _pack(*blobs: bytes) -> bytes:
+def pack_blobs(*blobs: bytes) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in blobs)
 
 
-def _unpack(data: bytes) -> list[bytes]:
+def unpack_blobs(data: bytes) -> list[bytes]:
     out, pos = [], 0
     while pos < len(data):
         (n,) = struct.unpack_from("<I", data, pos)
@@ -41,11 +41,11 @@ class TrainIns:
 
     def to_bytes(self) -> bytes:
         meta = json.dumps({"round": self.round, "config": self.config}).encode()
-        return _pack(meta, codec.encode(self.weights, self.masks, self.mask_travels))
+        return pack_blobs(meta, codec.encode(self.weights, self.masks, self.mask_travels))
 
     @classmethod
     def from_bytes(cls, data: bytes, known_masks: dict[str, torch.Tensor]) -> TrainIns:
-        meta_b, weights_b = _unpack(data)
+        meta_b, weights_b = unpack_blobs(data)
         meta = json.loads(meta_b)
         weights, travelled = codec.decode(weights_b, known_masks)
         return cls(meta["round"], weights, {**known_masks, **travelled}, meta["config"], bool(travelled))
@@ -67,11 +67,11 @@ class TrainRes:
     def to_bytes(self, masks: dict[str, torch.Tensor]) -> bytes:
         meta = json.dumps({"client": self.client_id, "n": self.num_examples, "metrics": self.metrics}).encode()
         extras = codec.encode_sparse_vectors(self.extras) if self.extras else b""
-        return _pack(meta, codec.encode(self.weights, masks, mask_travels=False), extras)
+        return pack_blobs(meta, codec.encode(self.weights, masks, mask_travels=False), extras)
 
     @classmethod
     def from_bytes(cls, data: bytes, masks: dict[str, torch.Tensor]) -> TrainRes:
-        meta_b, weights_b, extras_b = _unpack(data)
+        meta_b, weights_b, extras_b = unpack_blobs(data)
         meta = json.loads(meta_b)
         weights, _ = codec.decode(weights_b, masks)
         extras: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}

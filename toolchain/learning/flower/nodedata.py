@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from toolchain.contracts.errors import ToolchainError
-from toolchain.data.datasets import Dataset, Preprocessing, _idx
+from toolchain.data.datasets import Dataset, Preprocessing, read_idx
 from toolchain.data.partition import partition
 
 if TYPE_CHECKING:
@@ -75,8 +75,8 @@ def read_shard(folder: str | Path, dataset: str) -> Dataset:
         x = rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
         y = rec[:, 0].astype(np.int64)
     else:
-        x = _idx(root / "train-images-idx3-ubyte.gz", 0x803, None, (28, 28))[..., None].copy()
-        y = _idx(root / "train-labels-idx1-ubyte.gz", 0x801, None, ()).astype(np.int64)
+        x = read_idx(root / "train-images-idx3-ubyte.gz", 0x803, None, (28, 28))[..., None].copy()
+        y = read_idx(root / "train-labels-idx1-ubyte.gz", 0x801, None, ()).astype(np.int64)
         if len(x) != len(y):
             raise ToolchainError(f"{root}: {len(x)} images but {len(y)} labels")
     return Dataset(dataset, x, y, x[:0], y[:0], 10, PREPROCESSING[dataset])

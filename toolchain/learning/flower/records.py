@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from toolchain.learning.fl import codec
-from toolchain.learning.fl.messages import TrainIns, TrainRes, _pack, _unpack
+from toolchain.learning.fl.messages import TrainIns, TrainRes, pack_blobs, unpack_blobs
 
 EXTRAS = "extras/"
 PAYLOAD = "payload"
@@ -60,7 +60,7 @@ def _split_tcw(blob: bytes, prefix: str, masks: dict[str, torch.Tensor], arrays:
             pos += nb
         elif enc == codec.INDEX:
             (nnz,) = struct.unpack_from("<I", blob, pos)
-            dt = codec._index_dtype(numel)
+            dt = codec.index_dtype(numel)
             arrays[key + "#index"] = np.frombuffer(blob, dt, nnz, pos + 4).copy()
             pos += 4 + nnz * dt.itemsize
         else:
@@ -76,12 +76,12 @@ def _join_tcw(layout: list[list[Any]], prefix: str, arrays: dict[str, np.ndarray
     parts = [codec.MAGIC, struct.pack("<H", len(layout))]
     for name, enc, dims in layout:
         key = prefix + name
-        parts.append(codec._header(name.encode(), enc, tuple(dims)))
+        parts.append(codec.section_header(name.encode(), enc, tuple(dims)))
         if enc == codec.BITMAP:
             parts.append(np.asarray(arrays[key + "#bitmap"]).astype(np.uint8).tobytes())
         elif enc == codec.INDEX:
             numel = int(np.prod(dims)) if dims else 1
-            idx = np.asarray(arrays[key + "#index"]).astype(codec._index_dtype(numel))
+            idx = np.asarray(arrays[key + "#index"]).astype(codec.index_dtype(numel))
             parts.append(struct.pack("<I", len(idx)) + idx.tobytes())
         # a mod may hand back float64 (e.g. Flower's clipping): the wire format is float32
         parts.append(np.asarray(arrays[key]).astype("<f4").ravel().tobytes())
@@ -99,7 +99,7 @@ def split(blob: bytes, cls: type, masks: dict[str, torch.Tensor] | None = None, 
     if not structured(cls):
         arrays[PAYLOAD] = np.frombuffer(blob, np.uint8).copy()
         return arrays, json.dumps(None)
-    meta, *sections = _unpack(blob)
+    meta, *sections = unpack_blobs(blob)
     layout: dict[str, Any] = {"meta": meta.decode(), "sections": []}
     for i, sec in enumerate(sections):  # TrainIns: weights; TrainRes: weights, extras (maybe empty)
         prefix = EXTRAS if i else ""
@@ -116,7 +116,7 @@ def join(arrays: dict[str, np.ndarray], layout_json: str) -> bytes:
         return np.asarray(arrays[PAYLOAD]).astype(np.uint8).tobytes()
     sections = [_join_tcw(sec, EXTRAS if i else "", arrays) if sec is not None else b""
                 for i, sec in enumerate(layout["sections"])]
-    return _pack(layout["meta"].encode(), *sections)
+    return pack_blobs(layout["meta"].encode(), *sections)
 
 
 def metrics_of(layout_json: str) -> dict[str, float]:
