@@ -94,3 +94,27 @@ def test_no_project_import_hides_inside_a_function() -> None:
                     hidden += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
                                if n.split(".")[0] in (*PACKAGES, "(relative)")]
     assert hidden == []
+
+
+def test_no_module_reaches_into_another_modules_private_names() -> None:
+    """``from toolchain.x import _name`` or ``module._name`` on an imported project module: a private reach-in."""
+    found = []
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            if "micropython" in path.parts:
+                continue
+            tree = ast.parse(path.read_text())
+            modules = set()  # local names bound to project modules
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] in PACKAGES:
+                    for a in node.names:
+                        if a.name.startswith("_") and not a.name.startswith("__"):
+                            found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}")
+                        modules.add(a.asname or a.name)
+                elif isinstance(node, ast.Import):
+                    modules.update(a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith(PACKAGES))
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                        and node.attr.startswith("_") and not node.attr.startswith("__")):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert found == []
