@@ -3,7 +3,7 @@
 # of its own. On the micro:bit the bundle links mbqm and avgpool into this module, shipped as smf_mbk
 # (toolchain.package.microbit.link_source): one module compiled and held, not three, and without smf_requant's
 # lo15/hi16. fc is smf_fc.fc without the rows of dense-encoded weights (cols None), which the micro:bit's converter
-# never gives (it keeps nonzero weights only): sharing smf_fc.fc costs 48 B more heap there (README.md, measured).
+# never gives (it keeps nonzero weights only): sharing smf_fc.fc leaves 48 B less free heap there (README.md).
 # A separate module from microbit_engine: on MicroPython 1.9.2 a module's compilation needs about 3x its (minified)
 # source in free heap.
 from smf_avgpool import avgpool  # noqa: F401 (the engine's kernel)
