@@ -28,7 +28,7 @@ from common import RESULTS, machine, parser, pyplot, write_results
 from support import sparse_models as sm
 
 from toolchain.boards.profiles import get_profile
-from toolchain.deploy.emulators.harness import DeviceRun, _parse, _script, device_files, run_rounds
+from toolchain.deploy.emulators.harness import DeviceRun, device_files, parse_run, rounds_script, run_rounds
 from toolchain.verify.reference import (
     engine_features,
     head_accuracy,
@@ -66,8 +66,8 @@ def run_rounds_unix(head, spec: dict, data: np.ndarray, labels: list[int], seeds
     files = {**smf_ports.engine_files("unix", True), **device_files(head, spec, data, smf)}
     for m in ("zo", "ft"):
         files[f"{m}.mpy"] = unix_port.mpy_cross((ENGINE_DIR / f"{m}.py").read_bytes(), f"{m}.py", "x64")
-    code = _script(len(data), data.shape[1], labels, seeds, batches, k, mu, lr, evals, True, "")
-    return _parse(unix_port.run_micropython(code, files=files, heap_bytes=heap_bytes, timeout=3600))
+    code = rounds_script(len(data), data.shape[1], labels, seeds, batches, k, mu, lr, evals, True, "")
+    return parse_run(unix_port.run_micropython(code, files=files, heap_bytes=heap_bytes, timeout=3600))
 
 
 def run_rounds_qemu(head, spec: dict, data: np.ndarray, labels: list[int], seeds: list[int],  # noqa: ANN001
@@ -86,12 +86,12 @@ def run_rounds_qemu(head, spec: dict, data: np.ndarray, labels: list[int], seeds
         files[f"{m}.mpy"] = unix_port.mpy_cross((ENGINE_DIR / f"{m}.py").read_bytes(), f"{m}.py", "armv7m")
     probe = "    g, loss, n = t.probe(SEEDS[r], K, MU, bx, by)\n    t.update(SEEDS[r], g, LR)\n"
     assert probe in DEVICE_SCRIPT
-    code = _script(len(data), data.shape[1], labels, seeds, batches, k, mu, lr, evals, True, "").replace(
+    code = rounds_script(len(data), data.shape[1], labels, seeds, batches, k, mu, lr, evals, True, "").replace(
         probe, "    import time\n    t0 = time.ticks_us()\n" + probe
         + "    print('ticks', time.ticks_diff(time.ticks_us(), t0))\n")
     out = qemu_cortexm.run_micropython(code, files=files, board="an385", timeout=3600)
     ticks = [int(ln.split()[1]) for ln in out.splitlines() if ln.startswith("ticks")]
-    return _parse(out), [qemu_cortexm.instructions(t, "an385") for t in ticks]
+    return parse_run(out), [qemu_cortexm.instructions(t, "an385") for t in ticks]
 
 
 def bench_target(name: str, build: Path, rounds: int, k: int, batch: int, lr: float, mu: float, pool_n: int,

@@ -86,14 +86,14 @@ class DeviceRun:
     heap: dict[str, int]
 
 
-def _script(n: int, size: int, labels: list[int], seeds: list[int], batches: list[list[int]], k: int, mu: float,
+def rounds_script(n: int, size: int, labels: list[int], seeds: list[int], batches: list[list[int]], k: int, mu: float,
             lr: float, evals: list[int], use_model: bool, root: str) -> str:
     consts = {"ROOT": root, "USE_MODEL": use_model, "N": n, "SIZE": size, "LABELS": labels, "SEEDS": seeds,
               "BATCHES": batches, "K": k, "MU": mu, "LR": lr, "EVAL": evals}
     return "".join(f"{a} = {v!r}\n" for a, v in consts.items()) + DEVICE_SCRIPT
 
 
-def _parse(out: str) -> DeviceRun:
+def parse_run(out: str) -> DeviceRun:
     run = DeviceRun([], [], [], [], float("nan"), {})
     for line in out.splitlines():
         parts = line.split()
@@ -136,20 +136,20 @@ def run_rounds(head: Head, spec: dict[str, Any], data: np.ndarray, labels: list[
 
         lib = {f"/lib/{p.name}": p.read_bytes() for p in sorted(ENGINE_DIR.glob("*.py"))
                if p.name.startswith("smf") or p.name in ("zo.py", "ft.py")}
-        code = _script(len(data), data.shape[1], labels, seeds, batches, k, mu, lr, evals, smf is not None, "/")
+        code = rounds_script(len(data), data.shape[1], labels, seeds, batches, k, mu, lr, evals, smf is not None, "/")
         out = run_micropython(code, heap_bytes=heap_bytes, files={**lib, **{"/" + n: b for n, b in files.items()}},
                               timeout=timeout)
-        return _parse(out)
+        return parse_run(out)
     if port != "cpython":
         raise ValueError(f"unknown port {port!r}; use 'wasm' or 'cpython'")
     with tempfile.TemporaryDirectory() as tmp:
         for name, b in files.items():
             (Path(tmp) / name).write_bytes(b)
         code = ("import gc\ngc.mem_alloc = lambda: 0\n"
-                + _script(len(data), data.shape[1], labels, seeds, batches, k, mu, lr, evals, smf is not None,
+                + rounds_script(len(data), data.shape[1], labels, seeds, batches, k, mu, lr, evals, smf is not None,
                           tmp + "/"))
         env = dict(os.environ, PYTHONPATH=str(ENGINE_DIR))
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"device code failed under CPython: {proc.stderr[-2000:]}")
-        return _parse(proc.stdout)
+        return parse_run(proc.stdout)
