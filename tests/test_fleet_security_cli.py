@@ -81,7 +81,7 @@ CASES = [  # (argv after the command, words the one line must contain)
 ]
 
 
-@pytest.mark.parametrize(("argv", "words"), CASES, ids=[" ".join(a[3:] if a[0] == "serve" else a) for a, _ in CASES])
+@pytest.mark.parametrize(("argv", "words"), CASES, ids=[" ".join(a[3:] if a[0] == "serve" else a).replace(NOWHERE, "NOWHERE") for a, _ in CASES])
 def test_bad_input_is_one_clean_line(argv: list[str], words: str, tmp_path: Path,
                                      capsys: pytest.CaptureFixture) -> None:
     from toolchain.cli import main
