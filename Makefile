@@ -12,9 +12,10 @@ build: $(VENV)/.installed
 
 ## Set up the environment, the system packages the tests use, and run the whole test suite (the hardware-in-the-loop
 ## conformance suite included, on the emulated boards: QEMU micro:bit + MicroPython WebAssembly, and MicroPython 1.28
-## built from the vendored source: unix port + qemu Cortex-M, see docs/device-engine.md).
+## built from the vendored source: unix port + qemu Cortex-M, see docs/device-engine.md). Two workers, one test
+## file each at a time (module fixtures stay in one process): 22 min here instead of 29-36 min.
 test: $(VENV)/.installed system micropython
-	$(BIN)/python -m pytest --board emulated --durations=25
+	$(BIN)/python -m pytest --board emulated --durations=25 -n 2 --dist loadfile
 
 # Exact pins: requirements.lock constrains every package (torch 2.13.0 CPU comes from the local wheel).
 $(VENV)/.installed: requirements.lock pyproject.toml

@@ -197,7 +197,7 @@ def test_fine_tuning_rounds_with_native_engine_equal_reference(model_dir: Path) 
     reference's (toolchain.verify.reference), bit for bit."""
     _need("unix")
     from toolchain.deploy.emulators import unix_port
-    from toolchain.deploy.emulators.harness import _parse, _script, device_files
+    from toolchain.deploy.emulators.harness import device_files, parse_run, rounds_script
     from toolchain.verify.reference import (
         ENGINE_DIR,
         engine_features,
@@ -215,8 +215,8 @@ def test_fine_tuning_rounds_with_native_engine_equal_reference(model_dir: Path) 
     files = {**smf_ports.engine_files("unix", True), **device_files(head, {"estimator": "forward"}, x, smf)}
     for m in ("zo", "ft"):
         files[f"{m}.py"] = (ENGINE_DIR / f"{m}.py").read_bytes()
-    code = _script(len(x), x.shape[1], ys, seeds, batches, k, mu, lr, list(range(24)), True, "")
-    run = _parse(unix_port.run_micropython(code, files=files, heap_bytes=2 * HEAP))
+    code = rounds_script(len(x), x.shape[1], ys, seeds, batches, k, mu, lr, list(range(24)), True, "")
+    run = parse_run(unix_port.run_micropython(code, files=files, heap_bytes=2 * HEAP))
     feats = engine_features(smf, x, head)  # (the bytecode engine under CPython)
     w = head.weights.copy()
     for r, seed in enumerate(seeds):
