@@ -30,4 +30,4 @@ fi
 
 # umqtt.simple (micropython-lib) for the device MQTT tests: the sha256-pinned sdist from PyPI, unpacked into
 # .cache/umqtt/ (git-ignored; not vendored). A network failure only warns (those tests skip); a hash mismatch fails.
-python3 toolchain/deploy/emulators/wasm_net.py || [ $? -eq 2 ]
+PYTHONPATH="$PWD" python3 -m toolchain.deploy.emulators.wasm_net || [ $? -eq 2 ]

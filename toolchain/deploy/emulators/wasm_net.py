@@ -4,7 +4,7 @@
 board's network driver) on real TCP sockets opened by Node.js (``wasm_net.mjs`` + ``wasm_net_worker.mjs``).
 
 ``umqtt.simple`` is micropython-lib's MQTT client, unmodified. It is not copied into this repository: the test
-setup (``scripts/setup_system.sh`` -> ``python3 toolchain/deploy/emulators/wasm_net.py``) fetches the pinned sdist from PyPI,
+setup (``scripts/setup_system.sh`` -> ``python3 -m toolchain.deploy.emulators.wasm_net``) fetches the pinned sdist from PyPI,
 checks its sha256 and keeps ``umqtt/simple.py`` in ``.cache/umqtt/`` (ignored by git). Real boards install it
 with ``mpremote mip install umqtt.simple``. This module uses the standard library only (it runs before the venv).
 """
@@ -39,7 +39,7 @@ def umqtt_missing() -> str | None:
     """A pytest skip reason when umqtt.simple is not there, else ``None``."""
     if umqtt_simple() is None:
         return (f"umqtt.simple {UMQTT_VERSION} not fetched: run `bash scripts/setup_system.sh` "
-                f"(or `python3 toolchain/deploy/emulators/wasm_net.py`), which puts it in {CACHE}")
+                f"(or `python3 -m toolchain.deploy.emulators.wasm_net`), which puts it in {CACHE}")
     return None
 
 
