@@ -1,4 +1,4 @@
-"""What every command shares: one-line usage errors, defaults in --help, number parsing."""
+"""What every command shares: one-line usage errors and defaults in --help."""
 
 from __future__ import annotations
 
@@ -26,11 +26,3 @@ class DefaultsFormatter(argparse.HelpFormatter):
                 or action.default == argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)".strip()
-
-
-def fraction(text: str) -> float:
-    """A float option whose bad value gets argparse's one-line error."""
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None

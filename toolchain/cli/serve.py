@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from toolchain.cli.common import fraction
 from toolchain.contracts.errors import ToolchainError
 from toolchain.fleet.mqtt_link import add_auth_args, auth_from_args
+from toolchain.learning.options import fraction
 from toolchain.pipelines.serve import ServeOptions, fleet_status, gateway, serve
 
 

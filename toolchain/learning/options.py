@@ -98,7 +98,8 @@ class Flag:
     choices: tuple[str, ...] | None = None
 
 
-def _fraction(text: str) -> float:
+def fraction(text: str) -> float:
+    """A float option whose bad value gets argparse's one-line error (every command's float options)."""
     try:
         return float(text)
     except ValueError:
@@ -109,17 +110,17 @@ def _fraction(text: str) -> float:
 FLAGS: dict[str, Flag] = {
     "dataset": Flag("--dataset", "mnist (embedded), fashion-mnist, cifar10"),
     "data": Flag("--data", "folder with the dataset files (default: the embedded MNIST)"),
-    "density": Flag("--density", "fraction of prunable weights kept, in (0, 1]", _fraction),
+    "density": Flag("--density", "fraction of prunable weights kept, in (0, 1]", fraction),
     "clients": Flag("--clients", "number of simulated clients", int),
     "per_round": Flag("--per-round", "clients sampled per round (default: all)", int),
     "rounds": Flag("--rounds", "federated rounds", int),
     "local_epochs": Flag("--local-epochs", "local epochs per client per round", int),
     "batch_size": Flag("--batch-size", "local mini-batch size", int),
-    "lr": Flag("--lr", "local learning rate", _fraction),
+    "lr": Flag("--lr", "local learning rate", fraction),
     "optimizer": Flag("--optimizer", "local optimizer", None, OPTIMIZERS),
     "partition": Flag("--partition", "client data split (default: iid, or dirichlet when --alpha is given)", None,
                       PARTITIONS),
-    "alpha": Flag("--alpha", "Dirichlet concentration (smaller = more skewed)", _fraction),
+    "alpha": Flag("--alpha", "Dirichlet concentration (smaller = more skewed)", fraction),
     "seed": Flag("--seed", "seed of the data split, initial weights and sampling", int),
     "threads": Flag("--threads", "torch intra-op threads", int),
     "model": Flag("--model", "zoo model"),

@@ -139,10 +139,10 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Manifest:
         data.x_train[np.random.default_rng(opts.seed).permutation(len(data.y_train))[:opts.calibration_samples]])
     with staged(out) as staging:
         save_training(opts, trained, staging)
-        folded, float_acc = fold_stage(trained, data)
+        x_test = data.preprocessing.apply(data.x_test)  # NHWC float, once for fold, export and verify
+        folded, float_acc = fold_stage(trained, x_test, data.y_test)
         t = _stage(timings, "fold_eval", t)
         log(f"exporting: BN folded (float accuracy {float_acc * 100:.2f} %), int8 TFLite, C array, ONNX")
-        x_test = data.preprocessing.apply(data.x_test)  # NHWC float
         exported = export_artifacts(folded, data.input_shape, calibration,
                                     torch.from_numpy(x_test[:64]).permute(0, 3, 1, 2), staging, opts.dense_as_conv)
         t = _stage(timings, "export", t)
@@ -210,13 +210,13 @@ def save_training(opts: BuildOptions, trained: Trained, out: Path) -> None:
             f.write(json.dumps(rec.as_dict()) + "\n")
 
 
-def fold_stage(trained: Trained, data: Dataset) -> tuple[nn.Module, float]:
+def fold_stage(trained: Trained, x_test_nhwc: np.ndarray, y_test: np.ndarray) -> tuple[nn.Module, float]:
     """The BN-folded model (checked equal to the trained one) and its float test accuracy."""
     folded = fold_batchnorm(trained.model)
-    x_test = torch.from_numpy(data.preprocessing.apply(data.x_test)).permute(0, 3, 1, 2)
+    x_test = torch.from_numpy(x_test_nhwc).permute(0, 3, 1, 2)
     if max_abs_diff(trained.model, folded, x_test[:64]) > 1e-3:
         raise ToolchainError("BN folding changed the model's outputs; please report this model", EXIT_VERIFY)
-    float_acc, _ = evaluate(folded, x_test, torch.from_numpy(data.y_test))
+    float_acc, _ = evaluate(folded, x_test, torch.from_numpy(y_test))
     return folded, float_acc
 
 
