@@ -87,6 +87,35 @@ def robust_aggregate(replies: list[ClientReply], how: str = "clip", clip: float 
     return aggregate(out), clipped
 
 
+def check_result(msg: RoundResult, k: int, batch: int) -> str | None:
+    """Why a ROUND_RESULT cannot count (None: it can): the wrong K, a non-finite scalar or loss, a negative loss, or
+    ``n`` outside ``1..batch``. A device takes ``batch`` samples a round, or all it has if fewer (docs/fleet.md),
+    so ``n`` can be no larger, and the weight of one device in the mean is bounded by it. The coordinator checks
+    every result with it; a server that aggregates results relayed by others (the Flower fleet node) checks
+    them again with the same rules."""
+    if len(msg.scalars) != k or not all(np.isfinite(msg.scalars)) or not np.isfinite(msg.loss) or msg.loss < 0:
+        return f"malformed ({len(msg.scalars)} scalars, loss {msg.loss})"
+    if not 1 <= msg.n_samples <= batch:
+        return f"n {msg.n_samples} outside 1..{batch} (the batch asked)"
+    return None
+
+
+def server_step(r: int, seed: int, lr: float, results: dict[str, RoundResult], aggregator: str = "clip",
+                clip: float = 3.0, batch: int = 1024) -> tuple[RoundUpdate, ClientReply, list[str]]:
+    """Round ``r``'s server step: ``(ROUND_UPDATE, the aggregate, devices whose update was clipped)``.
+
+    The replies are aggregated in device-id order (float sums depend on the order, and this one does not depend
+    on who answered first), ``n`` capped at ``batch`` again (results recovered from a WAL written before the
+    bound was checked). ``Coordinator`` closes its rounds with it, and so does the Flower fleet ServerApp
+    (docs/flower.md "The fleet on Flower"): one function, so both give bit-identical updates."""
+    order = sorted(results)
+    agg, clipped_ix = robust_aggregate(
+        [ClientReply(np.asarray(results[d].scalars, np.float32), float(results[d].loss),
+                     min(results[d].n_samples, batch)) for d in order], aggregator, clip)
+    upd = RoundUpdate(r, seed, float(np.float32(lr)), tuple(float(v) for v in np.asarray(agg.scalars, np.float32)))
+    return upd, agg, [order[i] for i in clipped_ix]
+
+
 class Fleet(Protocol):
     def send(self, device: str, raw: bytes) -> None: ...
     def recv(self, timeout: float) -> tuple[str, Message | RoundUpdate] | None: ...
@@ -117,6 +146,16 @@ class RoundConfig:
     clip: float = 3.0
     max_devices: int = 256  # tracked device ids; an id flood evicts ids that are not ready, not the round's devices
     final_wait_s: float = 30.0  # after the last round: wait this long for online devices to ack the last update
+
+
+def round_seed(cfg: RoundConfig, r: int) -> int:
+    """``S_r = derive(master_seed, r)`` (docs/zo.md): round ``r``'s seed."""
+    return derive(cfg.master_seed, r)
+
+
+def round_lr(cfg: RoundConfig, r: int) -> float:
+    """Round ``r``'s learning rate under ``cfg.schedule`` (ROUND_START carries it; ROUND_UPDATE its float32)."""
+    return learning_rate(r - 1, cfg.lr, cfg.schedule, total=cfg.rounds)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -164,8 +203,15 @@ class Wal:
 class Coordinator:
     def __init__(self, fleet: Fleet, cfg: RoundConfig, out_dir: Path, *, model: bytes | None = None,
                  signer: Signer | None = None, progress: TextIO | None = sys.stderr,
-                 now: Callable[[], float] = time.monotonic, key_for: Callable[[str], bytes] | None = None) -> None:
+                 now: Callable[[], float] = time.monotonic, key_for: Callable[[str], bytes] | None = None,
+                 defer_close: bool = False) -> None:
         self.fleet, self.cfg, self.now = fleet, cfg, now
+        # defer_close: the server step happens elsewhere (a Flower ServerApp aggregates several nodes' devices).
+        # A round whose results are in stops there (``awaiting``) until close_round() brings its update.
+        self.defer_close = defer_close
+        self.awaiting: int | None = None
+        # round -> (seed, lr) decided outside (the Flower ServerApp owns them); other rounds: from cfg
+        self.given: dict[int, tuple[int, float]] = {}
         self.model, self.signer = model, signer
         # per-device keys (security.device_key of a master): models are signed, and ROUND_START / ROUND_UPDATE
         # sealed, with the receiving device's own key; without it, with the signer's (fleet-wide) HMAC key
@@ -222,10 +268,10 @@ class Coordinator:
             print(f"[coordinator] {text}", file=self.progress, flush=True)
 
     def seed(self, r: int) -> int:
-        return derive(self.cfg.master_seed, r)
+        return self.given[r][0] if r in self.given else round_seed(self.cfg, r)
 
     def lr(self, r: int) -> float:
-        return learning_rate(r - 1, self.cfg.lr, self.cfg.schedule, total=self.cfg.rounds)  # type: ignore[arg-type]
+        return self.given[r][1] if r in self.given else round_lr(self.cfg, r)
 
     def _say(self, kind: str, text: str) -> None:
         """Log a line of a kind that a flood can repeat: the first 10, then every power of two (with the count)."""
@@ -392,14 +438,9 @@ class Coordinator:
             self.late.append((r, d))  # a straggler after its round closed
             self._log(f"{d}: late result for round {r} ignored")
             return
-        if len(msg.scalars) != self.cfg.k or not all(np.isfinite(msg.scalars)) or not np.isfinite(msg.loss) \
-                or msg.loss < 0:
-            self._reject(r, d, f"malformed ({len(msg.scalars)} scalars, loss {msg.loss})")
-            return
-        # a device takes `batch` samples a round, or all it has if fewer (docs/fleet.md): n can be no larger,
-        # and the weight of one device in the mean is bounded by it
-        if not 1 <= msg.n_samples <= self.cfg.batch:
-            self._reject(r, d, f"n {msg.n_samples} outside 1..{self.cfg.batch} (the batch asked)")
+        why = check_result(msg, self.cfg.k, self.cfg.batch)
+        if why is not None:
+            self._reject(r, d, why)
             return
         self.wal.append({"t": "result", "round": r, "device": d, "n": msg.n_samples, "loss": msg.loss,
                          "scalars": list(msg.scalars)})
@@ -445,36 +486,49 @@ class Coordinator:
                   f"waiting longer{' with ' + ', '.join(extra) if extra else ''}")
 
     def _close_round(self) -> None:
+        """All results in (or the deadline passed with enough): the server step here, or, with ``defer_close``,
+        wait for close_round() from outside."""
         r = self.round
-        res = self.results[r]
-        order = sorted(res)
-        # (n capped again: results recovered from a WAL written before the bound was checked)
-        agg, clipped_ix = robust_aggregate(
-            [ClientReply(np.asarray(res[d].scalars, np.float32), float(res[d].loss),
-                         min(res[d].n_samples, self.cfg.batch)) for d in order], self.cfg.aggregator, self.cfg.clip)
-        clipped = [order[i] for i in clipped_ix]
+        if self.defer_close:
+            self._open = False  # (a result arriving now is a straggler, as after a close)
+            self.awaiting = r
+            self._log(f"round {r}: {len(self.results[r])} result(s) collected; waiting for the server's update")
+            return
+        upd, agg, clipped = server_step(r, self.seed(r), self.lr(r), self.results[r], self.cfg.aggregator,
+                                        self.cfg.clip, self.cfg.batch)
         if clipped:
             self._log(f"round {r}: clipped the update of {', '.join(clipped)} (norm above {self.cfg.clip:g} x "
                       "the round's lower median)")
-        upd = RoundUpdate(r, self.seed(r), float(np.float32(self.lr(r))),
-                          tuple(float(v) for v in np.asarray(agg.scalars, np.float32)))
+        self.close_round(upd, float(agg.loss), int(agg.n), sorted(self.results[r]), clipped)
+
+    def close_round(self, upd: RoundUpdate, loss: float, n: int, devices: list[str],
+                    clipped: list[str] | None = None) -> None:
+        """Close round ``upd.round_id`` (the open one, or one never started here) with ``upd``: write-ahead log,
+        ``rounds.jsonl``, ROUND_UPDATE to every device at the version before it (the others are synced).
+        ``loss``/``n``/``devices``: the aggregate's, over every device that counted (with a Flower fleet node,
+        devices of other nodes too); ``per_device`` lists the results counted here."""
+        r = upd.round_id
+        if r != self.round:
+            raise ValueError(f"round {r} cannot close: round {self.round} is the next one to close")
+        res = self.results.get(r, {})
         self.wal.append({"t": "close", "round": r, "seed": upd.seed, "lr": upd.lr, "gbar": list(upd.gbar),
-                         "loss": float(agg.loss), "n": int(agg.n), "devices": order})
+                         "loss": float(loss), "n": int(n), "devices": list(devices)})
         self.updates[r] = upd
-        asked = self.participants[r]
+        asked = self.participants.get(r, [])
         missing = [d for d in asked if d not in res]
         entry = {
-            "round": r, "loss": float(agg.loss), "n": int(agg.n), "devices": order, "participants": asked,
+            "round": r, "loss": float(loss), "n": int(n), "devices": list(devices), "participants": asked,
             "stragglers": [d for d in missing if self._dev(d).session is not None],
             "duration_s": round(self.now() - self.started.get(r, self.now()), 3), "lr": upd.lr,
             "duplicates_total": self.duplicates, "late_total": len(self.late),
-            "per_device": {d: {"loss": float(res[d].loss), "n": res[d].n_samples} for d in order},
-            "clipped": clipped, "rejected_total": len(self.rejected),
+            "per_device": {d: {"loss": float(res[d].loss), "n": res[d].n_samples} for d in sorted(res)},
+            "clipped": list(clipped or []), "rejected_total": len(self.rejected),
         }
         self.rounds_log.write(json.dumps(entry) + "\n")
         self.rounds_log.flush()
         self._open = False
-        self._log(f"round {r} closed: loss {agg.loss:.4f} from {len(order)} device(s) "
+        self.awaiting = None
+        self._log(f"round {r} closed: loss {loss:.4f} from {len(devices)} device(s) "
                   f"{'(stragglers: ' + ', '.join(missing) + ')' if missing else ''}")
         self.round = r + 1
         for d, s in self.devices.items():
@@ -500,6 +554,8 @@ class Coordinator:
             if (s.model_id is None or s.applied is None) and now - s.asked > self.cfg.resend_s:
                 self._ping(d)
         if not self._open:
+            if self.awaiting == self.round:
+                return  # (defer_close: the server's update for it comes through close_round)
             if self.round > self.cfg.rounds:
                 for d in self.unsynced():  # the last update (or a replay) until its ACK / STATUS arrives
                     self._sync(self.devices[d])

@@ -23,8 +23,8 @@ from toolchain.contracts.wire.messages import decode as decode_any
 from toolchain.fleet.mqtt_link import MqttConfig, MqttHost
 from toolchain.fleet.serial_link import QueuedSender, SerialLink
 
-__all__ = ["MAX_K", "T_ROUND_UPDATE", "U30", "FleetStats", "MqttFleet", "RoundUpdate", "SerialFleet", "decode_any",
-           "wait_for"]
+__all__ = ["MAX_K", "T_ROUND_UPDATE", "U30", "FleetStats", "MqttFleet", "OnlyDevices", "RoundUpdate", "SerialFleet",
+           "decode_any", "wait_for"]
 
 
 @dataclass
@@ -136,6 +136,38 @@ class MqttFleet:
 
     def close(self) -> None:
         self.host.stop()
+
+
+class OnlyDevices:
+    """A fleet seen through a list of device ids (a Flower fleet node's ``devices``): whatever another id sends is
+    refused here, counted in ``refused`` and never reaches the coordinator, and nothing is sent to it. The
+    coordinator's own rules still apply to the listed ids (only results it asked for count)."""
+
+    def __init__(self, fleet: SerialFleet | MqttFleet, allowed: list[str]) -> None:
+        self.fleet = fleet
+        self.allowed = frozenset(allowed)
+        self.refused: dict[str, int] = {}  # device id -> messages refused
+
+    def send(self, device: str, raw: bytes) -> None:
+        if device in self.allowed:
+            self.fleet.send(device, raw)
+
+    def devices(self) -> list[str]:
+        return [d for d in self.fleet.devices() if d in self.allowed]
+
+    def recv(self, timeout: float) -> tuple[str, Message | RoundUpdate] | None:
+        end = time.monotonic() + timeout
+        while True:
+            got = self.fleet.recv(max(0.0, end - time.monotonic()))
+            if got is None or got[0] in self.allowed:
+                return got
+            if len(self.refused) < 1024 or got[0] in self.refused:  # (an id flood: the table stays bounded)
+                self.refused[got[0]] = self.refused.get(got[0], 0) + 1
+            if time.monotonic() >= end:
+                return None
+
+    def close(self) -> None:
+        self.fleet.close()
 
 
 def wait_for(pred: object, timeout: float, step: float = 0.05) -> bool:

@@ -151,25 +151,32 @@ def check_serve_options(opts: ServeOptions) -> tuple[bytes | None, bytes | None]
     return model, key
 
 
+def open_fleet(transport: str, ports: list[str], baud: int = 115200, broker: str = "127.0.0.1:1883",
+               prefix: str = "tinyml", fleet: str = "default", auth: dict | None = None) -> SerialFleet | MqttFleet:
+    """The devices' transport, ``serial`` (the ports) or ``mqtt`` (a broker's fleet); a port or broker that cannot
+    be opened is one ToolchainError line. ``toolchain serve`` and the Flower fleet node open their fleet here."""
+    if transport == "serial":
+        try:
+            return SerialFleet(ports, baudrate=baud)
+        except Exception as exc:  # noqa: BLE001 - SerialException, OSError, termios.error: one line for the user
+            why = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            raise ToolchainError(f"cannot open {', '.join(ports)}: {why}; "
+                                 "check the port and close other programs using it") from None
+    else:
+        host, port = broker_address(broker)
+        try:
+            return MqttFleet(MqttConfig(host, port, prefix=prefix, fleet=fleet, **(auth or {})))
+        except Exception as exc:  # noqa: BLE001 - LinkError, OSError: one line for the user
+            raise ToolchainError(f"cannot reach the MQTT broker at {broker}: {exc}; start mosquitto or fix "
+                                 "--broker") from None
+
+
 def serve(opts: ServeOptions) -> dict:
     """Run the coordinator until every round is closed; resumes from ``opts.out`` (its write-ahead log)."""
 
     model, key = check_serve_options(opts)
     signer = Signer(hmac_key=key) if key is not None else None
-    if opts.transport == "serial":
-        try:
-            fleet = SerialFleet(opts.ports, baudrate=opts.baud)
-        except Exception as exc:  # noqa: BLE001 - SerialException, OSError, termios.error: one line for the user
-            why = str(exc).splitlines()[0] if str(exc) else repr(exc)
-            raise ToolchainError(f"cannot open {', '.join(opts.ports)}: {why}; "
-                                 "check the port and close other programs using it") from None
-    else:
-        host, port = broker_address(opts.broker)
-        try:
-            fleet = MqttFleet(MqttConfig(host, port, prefix=opts.prefix, fleet=opts.fleet, **opts.auth))
-        except Exception as exc:  # noqa: BLE001 - LinkError, OSError: one line for the user
-            raise ToolchainError(f"cannot reach the MQTT broker at {opts.broker}: {exc}; start mosquitto or fix "
-                                 "--broker") from None
+    fleet = open_fleet(opts.transport, opts.ports, opts.baud, opts.broker, opts.prefix, opts.fleet, opts.auth)
     cfg = RoundConfig(rounds=opts.rounds, k=opts.k, mu=opts.mu, lr=opts.lr, schedule=opts.schedule, batch=opts.batch,
                       master_seed=opts.seed, per_round=opts.per_round, min_results=opts.min_results,
                       min_devices=opts.min_devices, deadline_s=opts.deadline, model_id=opts.model_id,
