@@ -13,7 +13,7 @@ Flower's deployment engine starts a fresh ClientApp process for every message, s
 ports or MQTT session open between messages: each message opens the transport again (the devices keep their
 state, and a PING tells the new host who is where), and the node's coordinator state lives in its write-ahead log
 in the node's state folder (``state-dir``), replayed by the next message's process. Every instruction carries all
-the closed rounds' updates (``4k + 16`` bytes per round), so a node that lost that folder catches up.
+the closed rounds' updates (``4k + 36`` bytes of arrays per round), so a node that lost that folder catches up.
 
 Only seeds and scalars travel: server -> node the round's parameters and the updates, node -> server the
 devices' scalar vectors (an ``ArrayRecord``, one float32 array per device id), their loss and sample count (a
@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +204,11 @@ def serve_fleet(grid: Grid, run: FleetRun) -> dict:
         refused: dict[str, dict[str, int]] = {}
         where: dict[str, int] = {}
         for reply in grid.send_and_receive(msgs, timeout=run.round_timeout):
-            _reply_ok(reply, f"round {t}")
             node = reply.metadata.src_node_id
+            if reply.has_error():  # (like a node that did not answer: left out of this round; the next
+                # instruction's updates bring its devices along)
+                log(WARNING, "fleet: round %d: node %s failed: %s", t, node, reply.error.reason)
+                continue
             got, refused[str(node)] = results_from(reply, t)
             for d, res in got.items():
                 if d in where:  # one device id on two nodes: which one is the device? neither counts
@@ -215,7 +218,10 @@ def serve_fleet(grid: Grid, run: FleetRun) -> dict:
                     raise ToolchainError(f"round {t}: node {node} relayed an invalid result of {d}: {why}")
                 where[d], results[d] = node, res
         if not results:
-            raise ToolchainError(f"round {t}: no device results from the {len(nodes)} fleet node(s)")
+            raise ToolchainError(f"round {t}: no device results from the {len(nodes)} fleet node(s) within "
+                                 f"{run.round_timeout:g} s")
+        if len(refused) < len(nodes):
+            log(WARNING, "fleet: round %d closes without %d node(s)", t, len(nodes) - len(refused))
         upd, agg, clipped = server_step(t, seed, lr, results, cfg.aggregator, cfg.clip, cfg.batch)
         order = sorted(results)
         closed.append(Closed(upd, float(agg.loss), int(agg.n), order, clipped))
