@@ -158,11 +158,15 @@ def make_client_app(spec_json: str | None = None) -> ClientApp:
 
     def handle(msg: Message, context: Context, echo: bool = False) -> Message:
         spec = _spec_json(spec_json, context)
-        pid, nparts = _node_partition(context)
+        o = outgoing_from(msg)
+        run = RunSpec.from_json(spec)
+        if simulated(run):  # the server chose this virtual node to play client o.cid (see assign_nodes)
+            pid, nparts = o.cid, run.config().clients
+        else:
+            pid, nparts = _node_partition(context)
         data_dir, local = context.node_config.get("data-dir"), context.node_config.get("local-data")
         rt = client_runtime(spec, pid, nparts, str(data_dir) if data_dir is not None else None,
                             str(local) if local is not None else None)
-        o = outgoing_from(msg)
         if o.cid != pid:
             raise ToolchainError(f"message for client {o.cid} reached the node holding partition {pid}")
         held = context.state[MASKS_KEY].to_torch_state_dict() if MASKS_KEY in context.state else None
@@ -208,8 +212,13 @@ def _check(reply: Message, what: str) -> None:
         raise ToolchainError(f"a SuperNode failed during {what}: {reply.error.reason}")
 
 
-def discover(grid: Grid, clients: int, timeout: float) -> dict[int, int]:
-    """Wait for the SuperNodes, ask each for its ``partition-id``; returns partition -> node id."""
+def simulated(spec: RunSpec) -> bool:
+    """A ``--engine flower-sim`` run: every virtual SuperNode is on this machine with the whole dataset, so
+    which node plays which client is the server's choice, not a node's ``partition-id``."""
+    return spec.options.get("engine") == "flower-sim"
+
+
+def _wait_for_nodes(grid: Grid, clients: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     nodes = list(grid.get_node_ids())
     while len(nodes) < clients and time.monotonic() < deadline:
@@ -218,6 +227,20 @@ def discover(grid: Grid, clients: int, timeout: float) -> dict[int, int]:
     if len(nodes) < clients:
         raise ToolchainError(f"only {len(nodes)} SuperNodes connected within {timeout:.0f} s but the run has "
                              f"--clients {clients}; start one SuperNode per partition")
+    return nodes
+
+
+def assign_nodes(grid: Grid, clients: int, timeout: float) -> dict[int, int]:
+    """Simulation: client ``i`` is played by the ``i``-th virtual node in id order, for the whole run (its
+    ``context.state`` is that client's state). No discovery message: at 1000 virtual nodes, asking each
+    for its partition cost about a minute of start-up (bench/results/flower_overhead.md)."""
+    return dict(enumerate(sorted(_wait_for_nodes(grid, clients, timeout))[:clients]))
+
+
+def discover(grid: Grid, clients: int, timeout: float) -> dict[int, int]:
+    """Deployment: wait for the SuperNodes, ask each for its ``partition-id`` (each node holds its own data);
+    returns partition -> node id."""
+    nodes = _wait_for_nodes(grid, clients, timeout)
     msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     node_of: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
@@ -262,7 +285,8 @@ def serve(grid: Grid, spec: RunSpec) -> dict:
 
     check_mods(list(spec.extra.get("mods", [])))
     strategy, model, fed, cfg = build_server(spec)
-    node_of = discover(grid, cfg.clients, spec.node_timeout)
+    find = assign_nodes if simulated(spec) else discover
+    node_of = find(grid, cfg.clients, spec.node_timeout)
     log(INFO, "toolchain: %d SuperNodes hold partitions %s", len(node_of), sorted(node_of))
     clip = spec.extra.get(CLIPPING_NORM)
     exchange = NodeExchange(GridExchange(grid, node_of, clipping_norm=None if clip is None else float(clip),
