@@ -17,12 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.fleet_helpers import wasm_board
-from support.fleet_model import make_model
+from support.fleet_helpers import DEV, wasm_board
+from support.fleet_model import local_files, make_model
+from support.mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
 
 from toolchain.contracts.wire.framing import Frame, FrameDecoder, encode_frame
 from toolchain.contracts.wire.messages import ST_IDLE, Hello, RoundResult, Status, encode
-from toolchain.verify.reference import reference_update
+from toolchain.deploy.emulators import wasm
+from toolchain.deploy.emulators.wasm_net import board_files, umqtt_missing
+from toolchain.deploy.emulators.wasm_stream import WasmBoard, mqtt_boot
+from toolchain.verify.reference import reference_probe, reference_update
 
 KEY = b"fleet-flower-test-key"
 SETTINGS = {"rounds": 2, "k": 8, "lr": 1.0, "seed": 7}
@@ -89,6 +93,7 @@ def _wal(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")
 def test_fleet_node_on_flower_equals_toolchain_serve(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("flwr", reason="flwr is not installed (pip install -e '.[flower]')")
     from toolchain.cli import main
@@ -195,3 +200,50 @@ def test_fleet_app_run_config_and_node_config(tmp_path: Path) -> None:
     s = node_settings({"ports": "/dev/ttyACM0, /dev/ttyACM1,/dev/ttyACM2", "devices": "a,b"})
     assert s.transport == "serial" and len(s.ports) == 3 and s.min_devices == 2
     assert node_settings({"broker": "127.0.0.1:1883", "fleet": "lab"}).transport == "mqtt"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not wasm.available(), reason="MicroPython WebAssembly not installed (npm ci)")
+@pytest.mark.skipif(umqtt_missing() is not None, reason=umqtt_missing() or "")
+def test_fleet_node_over_mqtt(tmp_path: Path, mosquitto) -> None:  # noqa: ANN001, F811
+    """The MQTT transport: a fleet node whose node config names a broker and fleet drives the networked
+    WebAssembly board (app.py on link_mqtt.py + umqtt.simple) for 2 rounds; the model goes over MQTT (signed) and
+    the board's scalars in both rounds equal the host reference chained through the ServerApp's updates."""
+    pytest.importorskip("flwr", reason="flwr is not installed (pip install -e '.[flower]')")
+    from toolchain.learning.flower.launch import LocalFederation
+    from toolchain.pipelines.fleetnode import run_fleet
+
+    m = make_model()
+    idx = m.split(3)[0]
+    (tmp_path / "key").write_bytes(KEY)
+    (tmp_path / "model.smf").write_bytes(m.smf)
+    files = {f"/lib/{p.name}": p.read_bytes() for p in sorted(DEV.glob("*.py"))}
+    files.update(board_files())
+    files.update({"/" + k: v for k, v in local_files(m, "wasm-f1", idx, KEY).items()})
+    files["/mqtt.json"] = json.dumps({"server": "localhost", "port": mosquitto.port, "fleet": "ff"}).encode()
+    board = WasmBoard(files, mqtt_boot(), net=True)
+    node = (f"broker='127.0.0.1:{mosquitto.port}' fleet='ff' devices='wasm-f1' hmac-key='{tmp_path / 'key'}' "
+            f"model='{tmp_path / 'model.smf'}' state-dir='{tmp_path / 'node'}'")
+    fed = LocalFederation(1, node_configs=[node])
+    try:
+        fed.start()
+        summary = run_fleet(fed.address, {**SETTINGS, "batch": 64, "out": str(tmp_path / "flower"), "nodes": 1},
+                            env=fed.env(), insecure=True, timeout=480)
+    except Exception:
+        print(fed.log("superlink")[-4000:], fed.log("supernode0")[-6000:], board.log.decode()[-2000:],
+              sep="\n----\n")
+        raise
+    finally:
+        fed.stop()
+        board.close()
+    assert summary["rounds"] == 2 and summary["unacked"] == []
+    rounds = [json.loads(line) for line in (tmp_path / "flower" / "rounds.jsonl").read_text().splitlines()]
+    w = m.head.weights
+    for r in rounds:
+        assert r["devices"] == ["wasm-f1"]
+        ref = reference_probe(m.head, w, m.feats[idx], m.y[idx], r["seed"], SETTINGS["k"], 1e-3)
+        got = np.asarray(r["per_device"]["wasm-f1"]["scalars"])
+        assert np.abs(got - ref.scalars).max() < 1e-5, (got, ref.scalars)
+        assert r["gbar"] == [float(np.float32(v)) for v in got]  # one device: the mean is its own scalars
+        w = reference_update(w, r["seed"], r["gbar"], r["lr"])
