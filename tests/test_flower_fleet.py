@@ -200,6 +200,11 @@ def test_fleet_app_run_config_and_node_config(tmp_path: Path) -> None:
     s = node_settings({"ports": "/dev/ttyACM0, /dev/ttyACM1,/dev/ttyACM2", "devices": "a,b"})
     assert s.transport == "serial" and len(s.ports) == 3 and s.min_devices == 2
     assert node_settings({"broker": "127.0.0.1:1883", "fleet": "lab"}).transport == "mqtt"
+    (tmp_path / "pw").write_text("secret\n")
+    auth = node_settings({"broker": "b:1883", "mqtt-user": "node1", "mqtt-password-file": str(tmp_path / "pw")}).auth
+    assert (auth["username"], auth["password"], auth["tls"]) == ("node1", "secret", None)
+    with pytest.raises(ToolchainError, match="needs a password"):
+        node_settings({"broker": "b:1883", "mqtt-user": "node1"})
 
 
 @pytest.mark.slow

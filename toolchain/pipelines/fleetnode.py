@@ -22,6 +22,7 @@ devices' scalar vectors (an ``ArrayRecord``, one float32 array per device id), t
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from toolchain.fleet.coordinator import (
     round_seed,
     server_step,
 )
+from toolchain.fleet.mqtt_link import auth_from_args
 from toolchain.fleet.transports import OnlyDevices
 from toolchain.learning.flower.launch import CONNECTION, flwr_bin, offline_env, wait_for_run, write_flwr_home
 from toolchain.pipelines.serve import check_topic_level, open_fleet
@@ -270,6 +272,7 @@ class NodeSettings:
     broker: str = "127.0.0.1:1883"
     fleet: str = "default"
     prefix: str = "tinyml"
+    auth: dict = field(default_factory=dict)  # MqttConfig username / password / tls (as serve's --mqtt-* / --tls-*)
     devices: list[str] = field(default_factory=list)  # the only device ids this node drives ([]: whoever answers)
     hmac_key: bytes | None = None
     per_device_keys: bool = False
@@ -296,7 +299,8 @@ def _read(name: str, path: str, limit: int) -> bytes:
 
 
 def node_settings(conf: dict[str, Any]) -> NodeSettings:
-    """``ports`` (serial, comma- or space-separated) or ``broker`` (+ ``fleet``, ``prefix``): the transport;
+    """``ports`` (serial, comma- or space-separated) or ``broker`` (+ ``fleet``, ``prefix``, and the broker's
+    ``mqtt-user`` / ``mqtt-password-file`` / ``tls-ca`` / ``tls-cert`` / ``tls-key``): the transport;
     ``devices``: the ids it may drive; ``hmac-key`` / ``per-device-keys``, ``model`` / ``model-id``; ``min-devices``
     (default: as many as ports or listed devices), ``deadline``, ``timeout`` (s); ``state-dir``."""
     ports, devices = _words(conf.get("ports", "")), _words(conf.get("devices", ""))
@@ -308,6 +312,13 @@ def node_settings(conf: dict[str, Any]) -> NodeSettings:
     if s.transport == "mqtt":
         check_topic_level(s.fleet, "fleet")
         check_topic_level(s.prefix, "prefix")
+        # the broker's login and TLS: serve's options under the same names, checked by the same function
+        names = ("mqtt-user", "mqtt-password-file", "tls-ca", "tls-cert", "tls-key")
+        args = argparse.Namespace(**{k.replace("-", "_"): (str(conf[k]) if conf.get(k) else None) for k in names})
+        try:
+            s.auth = auth_from_args(args)
+        except ValueError as exc:
+            raise ToolchainError(f"fleet node: {exc}") from None
     if conf.get("hmac-key"):
         s.hmac_key = _read("hmac-key", str(conf["hmac-key"]), 4096).strip()
     s.per_device_keys = bool(conf.get("per-device-keys", False))
@@ -335,10 +346,14 @@ def node_round(s: NodeSettings, state: Path, content: RecordDict, progress: Any 
         master = s.hmac_key
         key_for = (lambda d: device_key(master, d))  # noqa: E731
     signer = Signer(hmac_key=s.hmac_key) if s.hmac_key is not None and key_for is None else None
-    fleet = open_fleet(s.transport, s.ports, s.baud, s.broker, s.prefix, s.fleet)
+    fleet = open_fleet(s.transport, s.ports, s.baud, s.broker, s.prefix, s.fleet, s.auth)
     link = OnlyDevices(fleet, s.devices) if s.devices else fleet
-    coord = Coordinator(link, cfg, state, model=s.model, signer=signer, key_for=key_for, progress=progress,
-                        defer_close=True)
+    try:
+        coord = Coordinator(link, cfg, state, model=s.model, signer=signer, key_for=key_for, progress=progress,
+                            defer_close=True)
+    except BaseException:
+        link.close()
+        raise
     try:
         for done in closed_from(content):
             if done.update.round_id >= coord.round:  # (rounds closed by an earlier message are in the WAL)
