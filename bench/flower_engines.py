@@ -62,6 +62,14 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=None, help="Ray CPUs for flower-sim (default: min(cpus, clients))")
     ap.add_argument("--name", default="flower_engines", help="results file stem in bench/results/")
     args = ap.parse_args()
+    result = measure(args)
+    write_results(RESULTS / args.name, result, markdown(result))
+    print((RESULTS / f"{args.name}.md").read_text())
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """One workload on the engines of ``args.engines`` (the in-process engine always runs first: it is the
+    reference the others are timed and compared against); returns the result dict."""
     wanted = set(args.engines.split(","))
 
     from toolchain.learning.flower.launch import run_simulation
@@ -97,7 +105,10 @@ def main() -> None:
         print(f"flower-sim {wall:.1f} s", flush=True)
     if "flower" in wanted:
         deployment(args, spec_for("flower"), ref, engines)
-    finish(args, info, engines, t_all, work)
+    try:
+        return finish(args, info, engines, t_all)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def deployment(args: argparse.Namespace, spec: Any, ref: Any, engines: dict[str, dict[str, Any]]) -> None:
@@ -115,22 +126,19 @@ def deployment(args: argparse.Namespace, spec: Any, ref: Any, engines: dict[str,
     print(f"flower     {wall:.1f} s", flush=True)
 
 
-def finish(args: argparse.Namespace, info: dict[str, Any], engines: dict[str, dict[str, Any]], t_all: float,
-           work: Path) -> None:
+def finish(args: argparse.Namespace, info: dict[str, Any], engines: dict[str, dict[str, Any]],
+           t_all: float) -> dict[str, Any]:
     base = engines["inprocess"]["wall_s"]
     base_round = sum(engines["inprocess"]["round_s"]) / len(engines["inprocess"]["round_s"])
     for e in engines.values():
         e["wall_ratio_vs_inprocess"] = e["wall_s"] / base
         e["round_ratio_vs_inprocess"] = (sum(e["round_s"]) / len(e["round_s"])) / base_round
     info["load_avg_after"] = list(os.getloadavg())
-    result = {"benchmark": "flower_engines", "machine": info,
-              "workload": {"algo": args.algo, "model": args.model, "clients": args.clients, "rounds": args.rounds,
-                           "train_samples": args.train_samples, "test_samples": args.test_samples,
-                           "per_round": args.per_round or args.clients, "batch_size": 32, "local_epochs": 1},
-              "engines": engines, "wall_time_s": time.perf_counter() - t_all}
-    write_results(RESULTS / args.name, result, markdown(result))
-    print((RESULTS / f"{args.name}.md").read_text())
-    shutil.rmtree(work, ignore_errors=True)
+    return {"benchmark": "flower_engines", "machine": info,
+            "workload": {"algo": args.algo, "model": args.model, "clients": args.clients, "rounds": args.rounds,
+                         "train_samples": args.train_samples, "test_samples": args.test_samples,
+                         "per_round": args.per_round or args.clients, "batch_size": 32, "local_epochs": 1},
+            "engines": engines, "wall_time_s": time.perf_counter() - t_all}
 
 
 def markdown(r: dict[str, Any]) -> str:
