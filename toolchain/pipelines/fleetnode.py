@@ -55,6 +55,7 @@ from toolchain.fleet.coordinator import (
 )
 from toolchain.fleet.mqtt_link import auth_from_args
 from toolchain.fleet.transports import OnlyDevices
+from toolchain.learning.flower.apps import wait_for_nodes
 from toolchain.learning.flower.launch import CONNECTION, flwr_bin, offline_env, wait_for_run, write_flwr_home
 from toolchain.pipelines.serve import check_topic_level, open_fleet
 
@@ -176,23 +177,11 @@ def _reply_ok(reply: Message, what: str) -> None:
         raise ToolchainError(f"a fleet node failed during {what}: {reply.error.reason}")
 
 
-def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    nodes = sorted(grid.get_node_ids())
-    while len(nodes) < n and time.monotonic() < deadline:
-        time.sleep(0.5)
-        nodes = sorted(grid.get_node_ids())
-    if len(nodes) < n:
-        raise ToolchainError(f"only {len(nodes)} fleet node(s) connected within {timeout:.0f} s; the run has "
-                             f"nodes = {n}")
-    return nodes[:n]
-
-
 def serve_fleet(grid: Grid, run: FleetRun) -> dict:
     """The server side: every round asks every node, checks and merges the devices' results, runs the server
     step, and finally syncs the devices; writes ``run.out`` (rounds.jsonl, summary.json) when all is done."""
     cfg = run.cfg
-    nodes = wait_for_nodes(grid, run.nodes, run.node_timeout)
+    nodes = wait_for_nodes(grid, run.nodes, run.node_timeout, "the run has nodes = {n}")
     log(INFO, "fleet: %d node(s), %d round(s), k %d", len(nodes), cfg.rounds, cfg.k)
     closed: list[Closed] = []
     rounds: list[dict] = []

@@ -218,29 +218,32 @@ def simulated(spec: RunSpec) -> bool:
     return spec.options.get("engine") == "flower-sim"
 
 
-def _wait_for_nodes(grid: Grid, clients: int, timeout: float) -> list[int]:
+def wait_for_nodes(grid: Grid, n: int, timeout: float,
+                   hint: str = "the run has --clients {n}; start one SuperNode per partition") -> list[int]:
+    """The ids of the first ``n`` connected SuperNodes in id order, waiting up to ``timeout`` s for them;
+    ``hint`` (``{n}`` filled in) ends the error when too few came."""
     deadline = time.monotonic() + timeout
-    nodes = list(grid.get_node_ids())
-    while len(nodes) < clients and time.monotonic() < deadline:
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < n and time.monotonic() < deadline:
         time.sleep(0.5)
-        nodes = list(grid.get_node_ids())
-    if len(nodes) < clients:
-        raise ToolchainError(f"only {len(nodes)} SuperNodes connected within {timeout:.0f} s but the run has "
-                             f"--clients {clients}; start one SuperNode per partition")
-    return nodes
+        nodes = sorted(grid.get_node_ids())
+    if len(nodes) < n:
+        raise ToolchainError(f"only {len(nodes)} SuperNodes connected within {timeout:.0f} s; " + hint.format(n=n))
+    return nodes[:n]
 
 
 def assign_nodes(grid: Grid, clients: int, timeout: float) -> dict[int, int]:
     """Simulation: client ``i`` is played by the ``i``-th virtual node in id order, for the whole run (its
     ``context.state`` is that client's state). No discovery message: at 1000 virtual nodes, asking each
     for its partition cost about a minute of start-up (bench/results/flower_overhead.md)."""
-    return dict(enumerate(sorted(_wait_for_nodes(grid, clients, timeout))[:clients]))
+    return dict(enumerate(wait_for_nodes(grid, clients, timeout)))
 
 
 def discover(grid: Grid, clients: int, timeout: float) -> dict[int, int]:
     """Deployment: wait for the SuperNodes, ask each for its ``partition-id`` (each node holds its own data);
     returns partition -> node id."""
-    nodes = _wait_for_nodes(grid, clients, timeout)
+    wait_for_nodes(grid, clients, timeout)
+    nodes = list(grid.get_node_ids())  # ask every node: two holding one partition is an error
     msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     node_of: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
