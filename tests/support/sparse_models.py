@@ -189,3 +189,88 @@ def run_engine_wasm(smf: bytes, inputs: np.ndarray, heap_bytes: int = 160 * 1024
     outputs = np.stack([np.frombuffer(bytes.fromhex(line), np.int8) for line in lines[:-1]])
     _, model_bytes, infer_bytes = lines[-1].split()
     return outputs, {"model": int(model_bytes), "inference": int(infer_bytes)}
+
+
+CIFAR_DIR = Path("/work/shared/data/cifar10")
+# toolchain.data.datasets.load_cifar10's preprocessing (it reads all six files, ~50 s on a loaded machine; the
+# test models need only the test batch)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def cifar10_test(root: Path = CIFAR_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [10000, 32, 32, 3] NHWC, labels) of the CIFAR-10 test batch, or FileNotFoundError."""
+    import lzma
+
+    for p in (root / "test_batch.bin", root / "test_batch.bin.xz"):
+        if p.is_file():
+            raw = (lzma.open(p) if p.suffix == ".xz" else open(p, "rb")).read()
+            rec = np.frombuffer(raw, np.uint8).reshape(-1, 3073)
+            return rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), rec[:, 0].copy()
+    raise FileNotFoundError(f"CIFAR-10 not found in {root}")
+
+
+def cifar_float(images: np.ndarray) -> np.ndarray:
+    from toolchain.data.datasets import Preprocessing
+
+    return Preprocessing(CIFAR_MEAN, CIFAR_STD).apply(images)
+
+
+def build_resnet8_tflite(density: float = 0.01, steps: int = 40, seed: int = 0) -> bytes:
+    """The toolchain's ResNet-8 (toolchain.models.zoo) for CIFAR-10, every conv and linear layer pruned to
+    ``density`` by magnitude, trained ``steps`` masked Adam steps (so that its outputs depend on the input),
+    BatchNorm folded, exported by the toolchain's int8 exporter (toolchain.export.artifacts.int8_tflite): the
+    same path as ``toolchain build``, in seconds instead of the 21 minutes of a federated build."""
+    import torch
+
+    from toolchain.export.artifacts import int8_tflite
+    from toolchain.models.fold_bn import fold_batchnorm
+    from toolchain.models.zoo import build_model, prunable_layers
+
+    torch.manual_seed(seed)
+    images, labels = cifar10_test()
+    # trained on test images 2000.. (the bit-exactness checks use the first 1000; accuracy is not the point)
+    x = torch.from_numpy(cifar_float(images[2000:2000 + steps * 64])).permute(0, 3, 1, 2)
+    y = torch.from_numpy(labels[2000:2000 + steps * 64].astype(np.int64))
+    model = build_model("resnet8", (32, 32, 3), 10)
+    masks = []
+    for _, layer in prunable_layers(model):
+        w = layer.weight.detach()
+        keep = max(1, int(round(density * w.numel())))
+        thresh = w.abs().flatten().kthvalue(w.numel() - keep + 1).values
+        masks.append((layer, (w.abs() >= thresh).to(w.dtype)))
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    model.train()
+    for k in range(steps):
+        with torch.no_grad():
+            for layer, mask in masks:
+                layer.weight.mul_(mask)
+        loss = torch.nn.functional.cross_entropy(model(x[k * 64:(k + 1) * 64]), y[k * 64:(k + 1) * 64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        for layer, mask in masks:
+            layer.weight.mul_(mask)
+    folded = fold_batchnorm(model.eval())
+    return int8_tflite(folded, (32, 32, 3), cifar_float(images[-200:])).data
+
+
+def cached_resnet8(cache: Path, density: float = 0.01) -> Path:
+    """Path of :func:`build_resnet8_tflite`'s model under ``cache``, built on first use."""
+    path = Path(cache) / f"resnet8_cifar_{int(round(density * 1000))}.tflite"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(build_resnet8_tflite(density))
+        tmp.replace(path)
+    return path
+
+
+def cifar_inputs(tflite_path: Path, n: int, start: int = 0) -> np.ndarray:
+    """The first ``n`` CIFAR-10 test images, preprocessed as the toolchain does and quantized to the model's
+    int8 input, shape [n, 32, 32, 3]."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    scale, zp = Interpreter(model_path=str(tflite_path)).get_input_details()[0]["quantization"]
+    x = cifar_float(cifar10_test()[0][start:start + n]).astype(np.float64)
+    return np.clip(np.round(x / scale) + zp, -128, 127).astype(np.int8)
