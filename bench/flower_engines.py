@@ -7,7 +7,9 @@ stopped before the script exits.
 
     .venv/bin/python bench/flower_engines.py [--algo gmp] [--clients 3] [--rounds 3] [--train-samples 3000]
     .venv/bin/python bench/flower_engines.py --clients 100 --per-round 10 --engines inprocess,flower-sim \
-        --name flower_overhead_100    # writes bench/results/flower_overhead_100.{json,md}
+        --name flower_engines_100    # writes bench/results/flower_engines_100.{json,md}
+
+The overhead table of issue 19 (several workloads, resumable) is bench/flower_overhead.py.
 """
 
 from __future__ import annotations
