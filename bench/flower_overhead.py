@@ -122,6 +122,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for x, r in zip(xs, rows, strict=True):
         ax.hlines(r["target"], x - 0.45, x + 0.45, colors="k", linestyles="dashed")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=1)  # 1 = as fast as in-process
     ax.set_xticks(list(xs), [r["row"] for r in rows], rotation=15)
     ax.set_ylabel("Flower / in-process (wall)")
     ax.set_title("Flower engines vs in-process (dashed: target)")
