@@ -1,21 +1,33 @@
-"""On-device forward-only ZO fine-tuning on a device-local shifted data set (docs/ondevice.md).
+"""On-device forward-only ZO fine-tuning on a device-local shifted data set, on real MicroPython ports, several seeds.
 
 For each build (a MicroPython target's ``toolchain build`` output with ``model.smf``): the device holds a local pool
 of MNIST training digits rotated by 35 degrees with Gaussian pixel noise (sigma 25), a distribution the model was
-not trained on. The device code itself (``ft.py`` + ``zo.py`` + the sparse engine, run by CPython: same code and
-double floats as MicroPython on WebAssembly, where the tests show the scalars and weights are bit-identical) runs
-``rounds`` rounds: a random batch of the pool, ``probe`` (K directions), ``update`` with its own scalars (a
-single-device federation). The accuracy of the device's weights after each round is measured on 1000 rotated+noisy
-*test* digits (host evaluation of the bit-identical weights), the rounds are replayed by the host reference, and the
-fine-tuner's buffer sizes are reported (heap measured on the micro:bit by the tests).
+not trained on. The device code itself (``ft.py`` + ``zo.py`` + the sparse engine) runs ``rounds`` rounds: a random
+batch of the pool, ``probe`` (K directions), ``update`` with its own scalars (a single-device federation). The
+accuracy of the device's weights after each round is measured on 1000 rotated+noisy *test* digits (host evaluation
+of the weights the device printed), and the rounds are replayed by the host reference. A seed draws the batches
+and the ZO direction seeds of every round (``numpy.random.default_rng(seed)``); pool and test digits are the same
+for every seed. Each finished seed is written to ``<out>.json`` at once; a rerun skips the seeds already there
+(same settings), so an interrupted run resumes.
 
-    nice -n 10 .venv/bin/python bench/ondevice_zo.py --build esp32=build/esp32 --build microbit=build/microbit
+Ports (``--port``):
 
-With ``--port unix`` the device code runs on MicroPython 1.28's unix port instead (scripts/build_micropython.sh:
-the engine's native kernels, a real heap bound, heap figures measured by the device); the pool must then fit the
-heap, e.g. ``--port unix --pool 64 --batch 16 --k 16 --out bench/results/ondevice_zo_unix``.
+- ``unix``: MicroPython 1.28's unix port (scripts/build_micropython.sh), the engine's native kernels, a heap bounded
+  to twice the board profile's RAM (``-X heapsize``: x64 objects are about twice a 32-bit board's); heap figures
+  measured by the device;
+- ``an385``: MicroPython 1.28 on a Cortex-M3 under QEMU ``-icount shift=0``: instructions per round;
+- ``microbit``: the micro:bit v1 firmware (MicroPython 1.9.2, 16 KB RAM) under QEMU, the bundle's own hex and tuner;
+  the head inputs of the pool are computed by the host engine (bit-exact with the device's, tests) and copied to the
+  board's file system, as in tests/test_ondevice_ft.py; heap measured by the board (gc.mem_alloc);
+- ``cpython``: the device code under CPython (no heap or speed figure).
+
+    .venv/bin/python bench/ondevice_zo.py --port unix --build esp32=.cache/engine/esp32 --pool 64 --rounds 60 \
+        --k 16 --batch 16 --seeds 0,1,2                       # -> bench/results/ondevice_zo_unix.{json,md,png}
+    nice .venv/bin/python bench/ondevice_zo.py --port an385 --build esp32=.cache/engine/esp32 --pool 32 \
+        --rounds 30 --k 16 --batch 16 --seeds 0,1,2           # -> ondevice_zo_an385.*
+    .venv/bin/python bench/ondevice_zo.py --port microbit --build microbit=build/microbit --pool 32 --rounds 30 \
+        --k 16 --batch 16 --seeds 0,1,2                       # -> ondevice_zo_microbit.*
 """
-
 from __future__ import annotations
 
 import json
@@ -94,177 +106,360 @@ def run_rounds_qemu(head, spec: dict, data: np.ndarray, labels: list[int], seeds
     return parse_run(out), [qemu_cortexm.instructions(t, "an385") for t in ticks]
 
 
-def bench_target(name: str, build: Path, rounds: int, k: int, batch: int, lr: float, mu: float, pool_n: int,
-                 eval_n: int, port: str = "cpython") -> dict:
+
+# one round on the micro:bit, as short commands (the test's pattern: a long one was lost on the emulated UART,
+# and the raw REPL's buffer is heap): the batch, then probe + update with the collector off, then the results
+MICROBIT_ROUND = (
+    "B=%(batch)r\nS=%(seed)d",
+    "bx=[P[i*C:(i+1)*C] for i in B]\nby=[Y[i] for i in B]\nB=None",
+    "gc.collect()\na1=gc.mem_alloc()\ngc.disable()\ng,l,n=tuner.probe(S,%(k)d,%(mu)r,bx,by)\n"
+    "tuner.update(S,g,%(lr)r)\na2=gc.mem_alloc()\ngc.enable()",
+    "bx=by=None\nprint(a2-a1,repr(l),n)\ng=l=n=None",
+)
+# the scalars and weights as float32 bytes, 8 values a line (one repr of all 51 weights needs an 800-byte string)
+MICROBIT_READ = "for i in range(0,len(%(a)s),8):\n print(bytes(%(a)s[i:i+8]))"
+
+
+def run_rounds_microbit(bundle: Path, feats: np.ndarray, labels: list[int], seeds: list[int],
+                        batches: list[list[int]], k: int, mu: float, lr: float) -> DeviceRun:
+    """The rounds on the micro:bit v1 firmware (MicroPython 1.9.2) in QEMU, with the bundle's hex (its main.py
+    builds the tuner from spec.py and head.bin) and the head inputs of the pool (``feats``, int8 [n, cols]) in
+    its file system. Each round's batch is sliced from one bytes object of the pool; the round runs with the
+    collector off, so gc.mem_alloc counts everything it allocated. Heap: runtime (zo + ft code), tuner state,
+    pool, the most a round allocated, free after the last round."""
+    import ast
+
+    from toolchain.deploy.emulators import microbit
+    from toolchain.deploy.repl import RawRepl, ReplError
+
+    def put(repl: RawRepl, name: str, data: bytes) -> None:
+        for _ in range(4):  # the emulated UART drops a byte now and then (no flow control); put_file verifies
+            try:
+                repl.put_file(name, data)
+                return
+            except ReplError:  # (DeviceError included)
+                continue
+        raise RuntimeError(f"could not copy {name} to the micro:bit")
+
+    cols = feats.shape[1]
+    run = DeviceRun([], [], [], [], float("nan"), {})
+    with microbit.QemuMicrobit(bundle / "microbit.hex") as board:
+        time.sleep(0.5)
+        repl = RawRepl(board.port, timeout=60)
+        try:
+            repl.enter_raw()
+            for name in ("zo.py", "ft.py", "spec.py", "head.bin"):
+                put(repl, name, (bundle / name).read_bytes())
+            put(repl, "feats.bin", np.ascontiguousarray(feats, np.int8).tobytes())
+            # soft reboot from the friendly REPL, so that main.py runs and builds the tuner
+            repl.serial.write(b"\r\x02")
+            repl.serial.flush()
+            time.sleep(0.3)
+            repl.serial.reset_input_buffer()
+            repl.serial.write(b"\x04")
+            repl.serial.flush()
+            got, deadline = b"", time.monotonic() + 30
+            while not got.endswith(b">>> "):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no prompt after the soft reboot: {got[-300:]!r}")
+                got += repl.serial.read(max(1, repl.serial.in_waiting))
+            if b"Traceback" in got:
+                raise RuntimeError(got.decode(errors="replace"))
+            repl.in_raw = False
+            repl.enter_raw()
+            tuned = int(repl.exec("import gc\ngc.collect()\nprint(gc.mem_alloc())"))  # runtime + tuner
+            # (short commands: the raw REPL's own buffers are garbage; one statement per line)
+            # the pool as one bytes object and the labels as bytes: 16 pool entries as 16 bytes objects, or a
+            # list of labels, left the parser no contiguous block by the second round (measured: pool 32, batch 16)
+            repl.exec(f"f=open('feats.bin','rb')\nP=f.read()\nf.close()\nY={bytes(labels)!r}\nC={cols}")
+            data = int(repl.exec("gc.collect()\nprint(gc.mem_alloc())")) - tuned
+            peak = 0
+            for r, seed in enumerate(seeds):
+                v = {"batch": batches[r], "seed": seed, "k": k, "mu": mu, "lr": lr}
+                for c in MICROBIT_ROUND:
+                    out = repl.exec(c % v, timeout=300)
+                alloc, loss, n = out.split()
+                peak = max(peak, int(alloc))
+                run.losses.append(float(loss))
+                run.counts.append(int(n))
+                for name, dst in (("tuner.g", run.scalars), ("tuner.w", run.weights)):
+                    raw = b"".join(ast.literal_eval(ln) for ln in repl.exec(MICROBIT_READ % {"a": name}).split("\n")
+                                   if ln.strip())
+                    dst.append(np.frombuffer(raw, "<f4").copy())
+            free = int(repl.exec("gc.collect()\nprint(gc.mem_free())"))
+            rt = int(repl.exec("del tuner, P, Y\ngc.collect()\nprint(gc.mem_alloc())"))  # zo + ft code only
+        finally:
+            repl.close()
+    run.heap = {"runtime": rt, "tuner": tuned - rt, "data": data, "round_alloc": peak, "free_end": free}
+    return run
+
+
+def shared_data(build: Path, pool_n: int, eval_n: int) -> dict:
+    """What every seed of a build uses: model, head, the shifted pool and test digits, their head inputs."""
     manifest = json.loads((build / "manifest.json").read_text())
-    profile = get_profile(manifest["target"])
     smf = (build / "model.smf").read_bytes()
     head = head_from_smf(smf)
     tr, trl = sm.mnist("train")
     te, tel = sm.mnist("t10k")
     pool = shifted(tr[50000 : 50000 + pool_n], 1)
-    yp = trl[50000 : 50000 + pool_n].tolist()
     ev = shifted(te[:eval_n], 2)
     ye = tel[:eval_n].tolist()
-    rng = np.random.default_rng(0)
+    fe = engine_features(smf, ev, head)
+    clean = engine_features(smf, (te[:300].astype(np.int16) - 128).astype(np.int8), head)
+    return {"manifest": manifest, "profile": get_profile(manifest["target"]), "smf": smf, "head": head,
+            "pool": pool, "yp": trl[50000 : 50000 + pool_n].tolist(), "fe": fe, "ye": ye,
+            "fp": engine_features(smf, pool, head),
+            "acc_clean": head_accuracy(head, head.weights, clean, tel[:300].tolist())}
+
+
+def bench_seed(name: str, build: Path, d: dict, st: dict, seed: int, port: str) -> dict:
+    """One seed of one build on ``port``: accuracies per round, replay, heap and instructions."""
+    head, smf, pool, yp = d["head"], d["smf"], d["pool"], d["yp"]
+    rounds, k, batch, lr, mu, pool_n = st["rounds"], st["K"], st["batch"], st["lr"], st["mu"], st["pool"]
+    rng = np.random.default_rng(seed)
     batches = [sorted(rng.choice(pool_n, batch, replace=False).tolist()) for _ in range(rounds)]
     seeds = [int(s) for s in rng.integers(0, 2**32, rounds, dtype=np.uint64)]
     spec = {"estimator": "forward", "batch_max": batch, "k_max": k}
-
+    evals = list(range(min(64, pool_n)))
     t0 = time.perf_counter()
     round_instructions = None
     if port == "an385":
-        run, round_instructions = run_rounds_qemu(head, spec, pool, yp, seeds, batches, k, mu, lr,
-                                                  list(range(min(64, pool_n))), smf)
+        run, round_instructions = run_rounds_qemu(head, spec, pool, yp, seeds, batches, k, mu, lr, evals, smf)
     elif port == "unix":
-        # (x64 objects are about twice a 32-bit board's: the heap is bounded to twice the profile's RAM; the
-        # figures reported are what the device allocated)
-        run = run_rounds_unix(head, spec, pool, yp, seeds, batches, k, mu, lr, list(range(min(64, pool_n))), smf,
-                              2 * profile.ram_bytes)
+        run = run_rounds_unix(head, spec, pool, yp, seeds, batches, k, mu, lr, evals, smf, 2 * d["profile"].ram_bytes)
+    elif port == "microbit":
+        for attempt in range(3):  # the emulated UART has no flow control: a lost byte can stall a session
+            try:
+                run = run_rounds_microbit(build / "bundle", d["fp"], yp, seeds, batches, k, mu, lr)
+                break
+            except (RuntimeError, OSError) as exc:
+                print(f"micro:bit session failed ({str(exc)[-200:]}); attempt {attempt + 2} of 3", flush=True)
+        else:
+            raise RuntimeError("the micro:bit session failed three times")
     else:
-        run = run_rounds(head, spec, pool, yp, seeds, batches, k, mu, lr, list(range(min(64, pool_n))), smf=smf,
-                         port="cpython", timeout=3600)
+        run = run_rounds(head, spec, pool, yp, seeds, batches, k, mu, lr, evals, smf=smf, port="cpython",
+                         timeout=3600)
     device_s = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    fe = engine_features(smf, ev, head)
-    clean = engine_features(smf, (te[:300].astype(np.int16) - 128).astype(np.int8), head)
-    fp = engine_features(smf, pool, head)
+    fe, ye, fp = d["fe"], d["ye"], d["fp"]
     acc = [head_accuracy(head, head.weights, fe, ye)] + [head_accuracy(head, w, fe, ye) for w in run.weights]
-    # host replay: the reference reproduces the device's scalars and weights
+    # host replay: the reference reproduces the device's scalars (float32; 30-bit floats on the micro:bit) and,
+    # given the device's scalars, its weights
     w = head.weights.copy()
-    worst, exact = 0.0, True
-    for r, seed in enumerate(seeds):
-        ref = reference_probe(head, w, fp[batches[r]], [yp[i] for i in batches[r]], seed, k, mu)
+    worst, worst_w, exact = 0.0, 0.0, True
+    for r, s in enumerate(seeds):
+        ref = reference_probe(head, w, fp[batches[r]], [yp[i] for i in batches[r]], s, k, mu)
         worst = max(worst, float(np.abs(ref.scalars - run.scalars[r]).max()))
-        w = reference_update(w, seed, run.scalars[r], lr)
+        w = reference_update(w, s, run.scalars[r], lr)
+        worst_w = max(worst_w, float(np.abs(w - run.weights[r]).max()))
         exact &= bool(np.array_equal(w, run.weights[r]))
-    host_s = time.perf_counter() - t1
-
-    flash = {"model.tflite": (build / "model.tflite").stat().st_size, "model.smf": len(smf),
-             "head.bin": len(head.to_bytes())}
-    gain = acc[-1] - acc[0]
-    return {
-        "target": name, "board": profile.name, "model": manifest["model"]["name"], "density": manifest["density"],
-        "trainable": {"layer": "last dense", "kept_weights": head.nnz, "biases": head.rows, "d": head.nnz + head.rows},
-        "settings": {"rounds": rounds, "K": k, "batch": batch, "lr": lr, "mu": mu, "estimator": "forward",
-                     "pool": pool_n, "eval": eval_n, "shift": f"rotate {ANGLE} deg + N(0, {NOISE}) noise"},
-        "accuracy_clean_test_300": head_accuracy(head, head.weights, clean, tel[:300].tolist()),
-        "accuracy_per_round": acc,
-        "accuracy_before": acc[0], "accuracy_after": acc[-1],
-        "points_gained": 100 * gain, "points_per_round": 100 * gain / rounds,
-        "points_per_10_rounds_first": 100 * (acc[min(10, rounds)] - acc[0]),
-        "losses": run.losses,
-        "replay": {"max_scalar_diff": worst, "weights_bit_exact": exact},
-        "device_seconds": device_s, "device_seconds_per_round": device_s / rounds, "host_seconds": host_s,
-        # the fine-tuner's buffers (computed from ft.py's layout; measured on the micro:bit by
-        # tests/test_ondevice_ft.py: MicroPython WebAssembly grows its heap on demand and its gc.mem_alloc keeps
-        # counting collected garbage, so it gives no heap figure)
-        "heap": {"trainable_bytes": 4 * (head.nnz + head.rows), "copy_bytes": 4 * (head.nnz + head.rows),
-                 "feature_buffer_bytes": batch * head.cols * (1 if head.in_zp == -128 else 2),
-                 "scalars_bytes": 4 * k, "head_index_bytes": 2 * (head.rows + 1) + head.nnz * (1 if head.cols <= 256 else 2),
-                 "total_buffers_bytes": 8 * (head.nnz + head.rows) + batch * head.cols * (1 if head.in_zp == -128 else 2)
-                 + 4 * k + 2 * (head.rows + 1) + head.nnz * (1 if head.cols <= 256 else 2) + 16 * head.rows,
-                 "profile_ram_bytes": profile.ram_bytes},
-        "flash_bytes": flash, "smf_vs_tflite": flash["model.smf"] / flash["model.tflite"],
-        "port": port,
-        # measured by the device (unix port only: gc.mem_alloc after collections, under a heap bounded to twice the
-        # board profile's RAM): model (engine + ft/zo code + model), tuner, local data, most a round allocated
-        "device_heap": run.heap if port == "unix" else None,
-        # instructions per round (probe + update) on the Cortex-M3, QEMU -icount shift=0
-        "round_instructions": round_instructions,
-    }
+        w = run.weights[r].copy()  # (continue from the device's weights: the 30-bit float error does not add up)
+    return {"target": name, "seed": seed, "accuracy_per_round": acc, "accuracy_before": acc[0],
+            "accuracy_after": acc[-1], "points_gained": 100 * (acc[-1] - acc[0]), "losses": run.losses,
+            "replay": {"max_scalar_diff": worst, "max_weight_diff": worst_w, "weights_bit_exact": exact},
+            "device_seconds": device_s, "device_seconds_per_round": device_s / rounds,
+            # measured by the device (gc.mem_alloc after collections) on a heap that is really bounded: the unix
+            # port (twice the profile's RAM), the Cortex-M3 (the firmware's fixed 256 KB, 32-bit objects; the
+            # figures are differences, so the harness's RAM file system is not in them) and the micro:bit (16 KB
+            # RAM); None under CPython
+            "device_heap": run.heap if port != "cpython" else None,
+            # instructions per round (probe + update) on the Cortex-M3, QEMU -icount shift=0
+            "round_instructions": round_instructions}
 
 
-def render(results: list[dict], meta: dict) -> str:
-    lines = ["# On-device ZO fine-tuning (device-local shifted MNIST)", "",
-             f"Machine: {meta['machine']}; wall time {meta['wall_s']:.0f} s; device code run by {meta['port']}.", "",
-             "| target | model | trainable d | K | batch | lr | acc before | acc after | points gained | per round | "
-             "tuner buffers | .smf | .tflite |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        s = r["settings"]
-        heap = r["heap"]["total_buffers_bytes"]
-        lines.append(f"| {r['target']} | {r['model']} | {r['trainable']['d']} | {s['K']} | {s['batch']} | {s['lr']} | "
-                     f"{100 * r['accuracy_before']:.1f} % | {100 * r['accuracy_after']:.1f} % | "
-                     f"{r['points_gained']:+.1f} | {r['points_per_round']:+.3f} | "
-                     f"{heap} B | {r['flash_bytes']['model.smf']} B | "
-                     f"{r['flash_bytes']['model.tflite']} B |")
-    lines += ["", "Accuracy on the shifted test digits after each 10 rounds:", ""]
-    for r in results:
-        a = r["accuracy_per_round"]
-        lines.append(f"- {r['target']}: " + ", ".join(f"{100 * a[i]:.1f}" for i in range(0, len(a), 10))
-                     + f" (300 clean test digits before fine-tuning: {100 * r['accuracy_clean_test_300']:.1f} %)")
-    for r in results:
-        ins = r.get("round_instructions")
+def target_info(name: str, d: dict, st: dict) -> dict:
+    head, build_smf = d["head"], d["smf"]
+    return {"target": name, "board": d["profile"].name, "model": d["manifest"]["model"]["name"],
+            "density": d["manifest"]["density"],
+            "trainable": {"layer": "last dense", "kept_weights": head.nnz, "biases": head.rows, "d": head.nnz + head.rows},
+            "accuracy_clean_test_300": d["acc_clean"], "smf_bytes": len(build_smf), "settings": st,
+            "profile_ram_bytes": d["profile"].ram_bytes}
+
+
+def _ms(v: list[float], f: str = "{:.1f}", scale: float = 1.0) -> str:
+    a = np.asarray(v, float) * scale
+    return (f + " ± " + f.replace("+", "")).format(a.mean(), a.std(ddof=1) if len(a) > 1 else 0.0)
+
+
+def summarize(targets: dict, runs: list[dict]) -> dict:
+    out = {}
+    for name in targets:
+        rs = [r for r in runs if r["target"] == name]
+        if not rs:
+            continue
+        s = {"seeds": [r["seed"] for r in rs],
+             "accuracy_before_mean": float(np.mean([r["accuracy_before"] for r in rs])),
+             "accuracy_after_mean": float(np.mean([r["accuracy_after"] for r in rs])),
+             "accuracy_after_std": float(np.std([r["accuracy_after"] for r in rs], ddof=1)) if len(rs) > 1 else 0.0,
+             "points_gained_mean": float(np.mean([r["points_gained"] for r in rs])),
+             "points_gained_std": float(np.std([r["points_gained"] for r in rs], ddof=1)) if len(rs) > 1 else 0.0}
+        ins = [np.mean(r["round_instructions"]) for r in rs if r["round_instructions"]]
         if ins:
-            lines += ["", f"{r['target']}: instructions per round (probe of K = {r['settings']['K']} on "
-                      f"{r['settings']['batch']} samples + update) on the Cortex-M3: mean {np.mean(ins):,.0f}, "
-                      f"min {min(ins):,d}, max {max(ins):,d}."]
-        h = r.get("device_heap")
-        if h:
-            lines += ["", f"{r['target']}: heap measured on the device (MicroPython 1.28 unix port x64, heap bounded to "
-                      f"{2 * r['heap']['profile_ram_bytes']} B = twice the profile's RAM as x64 objects are about "
-                      "twice a 32-bit board's; native engine): model + engine + ft/zo code "
-                      f"{h['model']} B, tuner {h['tuner']} B, local data {h['data']} B, most allocated by a round "
-                      f"{h['round_alloc']} B, live at the end {h['live_end']} B."]
-    lines += ["", "Host replay of the device rounds (toolchain.verify.reference): "
-              + "; ".join(f"{r['target']}: max |scalar diff| {r['replay']['max_scalar_diff']:.1e}, weights "
-                          f"{'bit-exact' if r['replay']['weights_bit_exact'] else 'DIFFER'}" for r in results), "",
-              f"Host seconds per round ({ {'unix': 'the unix port', 'an385': 'QEMU emulating the Cortex-M3'}.get(results[0].get('port'), 'CPython') if results else ''}"
-              " running the device code, includes the int8 backbone on the batch): "
-              + ", ".join(f"{r['target']} {r['device_seconds_per_round']:.2f} s" for r in results), "",
-              "Tuner buffers: weights + exact-restore copy (8 d), head inputs of a batch, K scalars, row pointers and "
-              "columns, logits; computed from ft.py's layout. Measured on the micro:bit (QEMU, tests/test_ondevice_ft.py,"
-              " K = 16, 16 samples): tuner state 656 B, data 1360 B, a round 368 B. MicroPython WebAssembly gives no "
-              "heap figure (its heap grows on demand and gc.mem_alloc keeps counting collected garbage).", ""]
+            s["round_instructions_mean"] = float(np.mean(ins))
+        heaps = [r["device_heap"] for r in rs if r["device_heap"]]
+        if heaps:
+            s["device_heap_max"] = {k: max(h[k] for h in heaps) for k in heaps[0]}
+        out[name] = s
+    return out
+
+
+def render(res: dict) -> str:
+    meta, targets, runs = res["meta"], res["targets"], res["runs"]
+    lines = ["# On-device ZO fine-tuning (device-local shifted MNIST)", "",
+             f"Machine: {meta['machine']}; wall time {meta['wall_s']:.0f} s (this invocation; seeds resumed from "
+             f"earlier runs keep their own device seconds below); date {meta['date']}.", "",
+             f"Device code run by {meta['port']}.", "",
+             "Seeds draw the batches and the ZO direction seeds of every round; the local pool and the 1000 shifted "
+             "test digits are the same for every seed (accuracy before is therefore the same). Mean ± sample std "
+             "over the seeds.", "",
+             "| target | model | trainable d | rounds | K | batch | pool | lr | seeds | acc before | acc after | "
+             "points gained |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, t in targets.items():
+        rs = [r for r in runs if r["target"] == name]
+        if not rs:
+            continue
+        st = t["settings"]
+        lines.append(f"| {name} | {t['model']} | {t['trainable']['d']} | {st['rounds']} | {st['K']} | {st['batch']} | "
+                     f"{st['pool']} | {st['lr']} | {', '.join(str(r['seed']) for r in rs)} | "
+                     f"{_ms([r['accuracy_before'] for r in rs], scale=100)} % | "
+                     f"{_ms([r['accuracy_after'] for r in rs], scale=100)} % | "
+                     f"{_ms([r['points_gained'] for r in rs], '{:+.1f}')} |")
+    lines += ["", "Per seed:", "", "| target | seed | acc before | acc after | every 10 rounds | device s / round | "
+              "max scalar diff vs host | weights vs host replay |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        a = r["accuracy_per_round"]
+        rp = r["replay"]
+        lines.append(f"| {r['target']} | {r['seed']} | {100 * r['accuracy_before']:.1f} % | "
+                     f"{100 * r['accuracy_after']:.1f} % | "
+                     + ", ".join(f"{100 * a[i]:.1f}" for i in range(0, len(a), 10))
+                     + f" | {r['device_seconds_per_round']:.2f} | {rp['max_scalar_diff']:.1e} | "
+                     + ("bit-exact" if rp["weights_bit_exact"] else f"max diff {rp['max_weight_diff']:.1e}") + " |")
+    ins = [(r, r["round_instructions"]) for r in runs if r.get("round_instructions")]
+    if ins:
+        lines += ["", "Instructions per round (probe of K directions on a batch + update) on the Cortex-M3 "
+                  "(QEMU -icount shift=0, 1 instruction per ns of guest time):", ""]
+        for name in targets:
+            per = [np.mean(v) for r, v in ins if r["target"] == name]
+            if per:
+                lines.append(f"- {name}: mean over seeds {_ms(per, '{:,.0f}')}; per seed "
+                             + ", ".join(f"{r['seed']}: {np.mean(v):,.0f} (min {min(v):,d}, max {max(v):,d})"
+                                         for r, v in ins if r["target"] == name))
+    heaps = [r for r in runs if r.get("device_heap")]
+    if heaps:
+        lines += ["", "Heap measured on the device (gc.mem_alloc after collections; a round's allocation with the "
+                  "collector off on the micro:bit, garbage included), bytes, per seed:", ""]
+        keys = list(heaps[0]["device_heap"])
+        lines += ["| target | seed | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        for r in heaps:
+            lines.append(f"| {r['target']} | {r['seed']} | " + " | ".join(str(r["device_heap"][k]) for k in keys) + " |")
+        lines += ["", meta.get("heap_note", "")]
+    lines += ["", "Clean test digits (300, before fine-tuning): "
+              + ", ".join(f"{n} {100 * t['accuracy_clean_test_300']:.1f} %" for n, t in targets.items()), ""]
     return "\n".join(lines)
 
 
+PORTS = {
+    "unix": ("MicroPython 1.28 unix port x64 (ft.py, zo.py and the smf engine with native kernels as x64 .mpy), "
+             "heap bounded (-X heapsize) to twice the board profile's RAM",
+             "unix port: model = engine + ft/zo code + model, tuner = its buffers, data = the local pool, round_alloc "
+             "= the most a round allocated (garbage included), live_end = everything live at the end; x64 objects "
+             "are about twice a 32-bit board's."),
+    "an385": ("MicroPython 1.28 on a Cortex-M3 (qemu MPS2_AN385, -icount shift=0; ft.py, zo.py and the smf engine "
+              "with native kernels as armv7m .mpy)",
+              "Cortex-M3 (32-bit objects, fixed 256 KB heap): model = engine + ft/zo code + model, tuner = its "
+              "buffers, data = the local pool, round_alloc = the most a round allocated (garbage included), "
+              "live_end = everything live at the end (differences of gc.mem_alloc: the harness's RAM file system "
+              "holding the files is not in them)."),
+    "microbit": ("the micro:bit v1 firmware (MicroPython 1.9.2, nRF51822, 16 KB RAM) under QEMU, the bundle's hex "
+                 "and tuner (ft.py, zo.py from source); head inputs of the pool computed by the host engine",
+                 "micro:bit: runtime = zo + ft code, tuner = its state, data = the pool's head inputs (one bytes "
+                 "object), round_alloc = what one round allocated with the collector off, free_end = gc.mem_free() "
+                 "after the last round."),
+    "cpython": ("CPython (ft.py, zo.py, smf engine)", ""),
+}
+
+
 def main() -> None:
-    ap = parser(__doc__, out=RESULTS / "ondevice_zo", out_help="results path without suffix (.json, .md, .png)")
-    ap.add_argument("--build", action="append", required=True, help="NAME=DIR of a MicroPython target build")
-    ap.add_argument("--rounds", type=int, default=60)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=32)
+    ap = parser(__doc__, out=None)
+    ap.add_argument("--out", default=None, help="results path without suffix (default bench/results/ondevice_zo_<port>)")
+    ap.add_argument("--build", action="append", default=[], help="NAME=DIR of a MicroPython target build")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.5)
     ap.add_argument("--mu", type=float, default=1e-3)
-    ap.add_argument("--pool", type=int, default=512)
+    ap.add_argument("--pool", type=int, default=32)
     ap.add_argument("--eval", type=int, default=1000)
-    ap.add_argument("--port", choices=("cpython", "unix", "an385"), default="cpython",
-                    help="run the device code under CPython, on the MicroPython 1.28 unix port (bounded heap) or on "
-                         "its Cortex-M3 build under QEMU (instructions per round)")
+    ap.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default %(default)s)")
+    ap.add_argument("--port", choices=tuple(PORTS), default="unix",
+                    help="where the device code runs (module docstring)")
+    ap.add_argument("--render-only", action="store_true", help="rewrite .md and .png from the .json, run nothing")
     args = ap.parse_args()
+    out = Path(args.out) if args.out else RESULTS / f"ondevice_zo_{args.port}"
+    if args.render_only:
+        res = json.loads(out.with_suffix(".json").read_text())
+        write_results(out, res, render(res), indent=1)
+        plot(out, res["meta"], res["targets"], res["runs"])
+        return
+    st = {"rounds": args.rounds, "K": args.k, "batch": args.batch, "lr": args.lr, "mu": args.mu,
+          "estimator": "forward", "pool": args.pool, "eval": args.eval,
+          "shift": f"rotate {ANGLE} deg + N(0, {NOISE}) noise"}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    prev = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
     t0 = time.perf_counter()
-    results = []
+    m = machine("host", "arch", "cpus", "python")
+    meta = {"machine": f"{m['host']} {m['arch']} {m['cpus']} cpus, Python {m['python']}", "port": PORTS[args.port][0],
+            "heap_note": PORTS[args.port][1], "seeds": seeds, "wall_s": 0.0}
+    targets: dict = {}
+    runs: list[dict] = []
     for item in args.build:
         name, _, path = item.partition("=")
-        results.append(bench_target(name, Path(path), args.rounds, args.k, args.batch, args.lr, args.mu, args.pool,
-                                    args.eval, args.port))
-        print(json.dumps({k: v for k, v in results[-1].items() if k not in ("accuracy_per_round", "losses")}))
-    m = machine("host", "arch", "cpus", "python")
-    meta = {"machine": f"{m['host']} {m['arch']} {m['cpus']} cpus, Python {m['python']}",
-            "port": {"unix": "MicroPython 1.28 unix port x64 (device code: ft.py, zo.py, smf engine with native "
-                             "kernels), heap bounded to twice the board profile's RAM",
-                     "an385": "MicroPython 1.28 on a Cortex-M3 (qemu MPS2_AN385, -icount shift=0; device code: ft.py, "
-                              "zo.py, smf engine with native kernels, armv7m .mpy)",
-                     "cpython": "CPython (device code: ft.py, zo.py, smf engine)"}[args.port],
-            "wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    out = Path(args.out)
-    write_results(out, {"meta": meta, "results": results}, render(results, meta), indent=1)
+        d = shared_data(Path(path), args.pool, args.eval)
+        targets[name] = target_info(name, d, st)
+        same = prev.get("targets", {}).get(name, {}).get("settings") == st and prev["meta"].get("port") == meta["port"]
+        done = {r["seed"]: r for r in prev.get("runs", []) if same and r["target"] == name}
+        for seed in seeds:
+            if seed in done:
+                print(f"{name} seed {seed}: resumed from {out.with_suffix('.json')}")
+                runs.append(done[seed])
+                continue
+            runs.append(bench_seed(name, Path(path), d, st, seed, args.port))
+            r = runs[-1]
+            print(f"{name} seed {seed}: {100 * r['accuracy_before']:.1f} -> {100 * r['accuracy_after']:.1f} %, "
+                  f"{r['device_seconds']:.0f} s", flush=True)
+            save(out, meta, targets, runs, t0)  # each finished seed at once: a rerun resumes after it
+    save(out, meta, targets, runs, t0)
+    print(f"wrote {out.with_suffix('.json')} and .md")
+
+
+def save(out: Path, meta: dict, targets: dict, runs: list[dict], t0: float) -> None:
+    meta = {**meta, "wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    res = {"meta": meta, "targets": targets, "runs": runs, "summary": summarize(targets, runs)}
+    write_results(out, res, render(res), indent=1)
+    plot(out, meta, targets, runs)
+
+
+def plot(out: Path, meta: dict, targets: dict, runs: list[dict]) -> None:
     try:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 4))
-        for r in results:
-            ax.plot(100 * np.array(r["accuracy_per_round"]), label=f"{r['target']} ({r['model']}, d={r['trainable']['d']})")
+        for name, t in targets.items():
+            acc = np.array([r["accuracy_per_round"] for r in runs if r["target"] == name]) * 100
+            if not len(acc):
+                continue
+            x = np.arange(acc.shape[1])
+            mean, std = acc.mean(0), acc.std(0, ddof=1) if len(acc) > 1 else np.zeros(acc.shape[1])
+            ax.plot(x, mean, label=f"{name} ({t['model']}, d={t['trainable']['d']}, {len(acc)} seeds)")
+            ax.fill_between(x, mean - std, mean + std, alpha=0.25)
         ax.set_xlabel("ZO round")
         ax.set_ylabel("accuracy on shifted test digits (%)")
+        ax.set_title(meta["port"].split("(")[0].strip(), fontsize=9)
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out.with_suffix(".png"), dpi=120)
+        plt.close(fig)
     except ImportError:
         pass
-    print(f"wrote {out.with_suffix('.json')} and .md")
 
 
 if __name__ == "__main__":
