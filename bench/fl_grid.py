@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from common import REPO, RESULTS, machine
 from toolchain.data.datasets import load_dataset
 from toolchain.learning.fl import Federation, TrainConfig, simulate
 from toolchain.learning.fl.quality import chance_accuracy
-from toolchain.learning.fl.simulator import seed_everything
+from toolchain.learning.fl.simulator import read_checkpoint, seed_everything
 from toolchain.learning.pruning import make_strategy
 from toolchain.models.zoo import build_model
 from toolchain.pipelines.train import TrainOptions
@@ -207,8 +208,9 @@ def progress_of(grid_name: str) -> list[dict[str, Any]]:
     rows = []
     for ckpt in sorted((RESULTS / f"fl_grid_{grid_name}" / "checkpoints").glob("*.pt")):
         try:
-            state = torch.load(ckpt, weights_only=False)
-        except Exception:  # noqa: BLE001 (a checkpoint being written; skip it in the report)
+            state = read_checkpoint(ckpt)
+        except (OSError, RuntimeError, EOFError) as e:  # a checkpoint being replaced; say so, do not hide it
+            print(f"warning: cannot read {ckpt.name} ({e}); left out of the report", file=sys.stderr)
             continue
         evaluated = [r for r in state.history if r.accuracy == r.accuracy]
         rows.append({"run": ckpt.stem, "round": len(state.history), "rounds": state.strategy.cfg.rounds,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import time
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -150,10 +152,34 @@ def _save_checkpoint(path: Path, state: _RunState) -> None:
     tmp.replace(path)  # atomic: a run killed mid-write keeps the previous checkpoint
 
 
+# Modules that moved since checkpoints were first written (the layered package of issue 18): a checkpoint
+# pickles the run's objects by module path, and a resumable run must survive an upgrade of the toolchain.
+MOVED_MODULES = {"toolchain.fl": "toolchain.learning.fl", "toolchain.pruning": "toolchain.learning.pruning",
+                 "models": "toolchain.models"}
+
+
+class _CheckpointUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        for old, new in MOVED_MODULES.items():
+            if module == old or module.startswith(old + "."):
+                module = new + module[len(old):]
+                break
+        return super().find_class(module, name)
+
+
+_checkpoint_pickle = types.SimpleNamespace(Unpickler=_CheckpointUnpickler, load=pickle.load, __name__="pickle")
+
+
+def read_checkpoint(path: Path) -> _RunState:
+    """A checkpoint written by :func:`simulate` (ours: it is unpickled whole, so never load one from a
+    stranger), also one written before a module moved."""
+    return torch.load(path, weights_only=False, pickle_module=_checkpoint_pickle)
+
+
 def _load_checkpoint(path: Path, cfg: TrainConfig) -> _RunState | None:
     if not path.is_file():
         return None
-    state: _RunState = torch.load(path, weights_only=False)  # our own file, written by _save_checkpoint
+    state = read_checkpoint(path)
     if state.strategy.cfg.as_dict() != cfg.as_dict():
         raise ValueError(f"checkpoint {path} was written for another configuration; delete it to start over")
     return state
