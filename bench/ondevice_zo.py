@@ -25,8 +25,8 @@ Ports (``--port``):
         --k 16 --batch 16 --seeds 0,1,2                       # -> bench/results/ondevice_zo_unix.{json,md,png}
     nice .venv/bin/python bench/ondevice_zo.py --port an385 --build esp32=.cache/engine/esp32 --pool 32 \
         --rounds 30 --k 16 --batch 16 --seeds 0,1,2           # -> ondevice_zo_an385.*
-    .venv/bin/python bench/ondevice_zo.py --port microbit --build microbit=build/microbit --pool 32 --rounds 30 \
-        --k 16 --batch 16 --seeds 0,1,2                       # -> ondevice_zo_microbit.*
+    .venv/bin/python bench/ondevice_zo.py --port microbit --build microbit=build/microbit --pool 64 --rounds 30 \
+        --k 16 --batch 16 --lr 0.1 --seeds 0,1,2              # -> ondevice_zo_microbit.*
 """
 from __future__ import annotations
 
@@ -107,26 +107,34 @@ def run_rounds_qemu(head, spec: dict, data: np.ndarray, labels: list[int], seeds
 
 
 
-# one round on the micro:bit, as short commands (the test's pattern: a long one was lost on the emulated UART,
-# and the raw REPL's buffer is heap): the batch, then probe + update with the collector off, then the results
+# One round on the micro:bit, as short commands (a long one was lost on the emulated UART, and the raw REPL's
+# buffer and the parser need heap): the batch's rows read from the pool file on flash into the preallocated
+# row buffers V (the other rows into the scratch row T), then probe + update with the collector off, then the
+# results. Only the batch is ever in RAM: 16 rows held as bytes objects, or a pool of 24 rows held as one bytes
+# object, left the parser no contiguous block by the second round (measured); 1.9.2 has no memoryview.
+# Every command ends with a collection: the next command's parser needs contiguous blocks, and without it the
+# second round's first line failed ("parser could not allocate enough memory", measured).
 MICROBIT_ROUND = (
-    "B=%(batch)r\nS=%(seed)d",
-    "bx=[P[i*C:(i+1)*C] for i in B]\nby=[Y[i] for i in B]\nB=None",
-    "gc.collect()\na1=gc.mem_alloc()\ngc.disable()\ng,l,n=tuner.probe(S,%(k)d,%(mu)r,bx,by)\n"
-    "tuner.update(S,g,%(lr)r)\na2=gc.mem_alloc()\ngc.enable()",
-    "bx=by=None\nprint(a2-a1,repr(l),n)\ng=l=n=None",
+    "B=%(batch)r\nS=%(seed)d\ngc.collect()",
+    "f=open('feats.bin','rb')\nj=0\nfor i in range(%(n)d):\n if j<%(b)d and B[j]==i:\n  f.readinto(V[j])\n"
+    "  j+=1\n else:\n  f.readinto(T)\nf.close()\nby=[Y[i] for i in B]\nf=B=None\ngc.collect()",
+    "gc.collect()\na1=gc.mem_alloc()\ngc.disable()\ng,l,n=tuner.probe(S,%(k)d,%(mu)r,V,by)\n"
+    "tuner.update(S,g,%(lr)r)\na2=gc.mem_alloc()\ngc.enable()\ngc.collect()",
+    "by=None\nprint(a2-a1,repr(l),n)\ng=l=n=None\ngc.collect()",
 )
+
 # the scalars and weights as float32 bytes, 8 values a line (one repr of all 51 weights needs an 800-byte string)
-MICROBIT_READ = "for i in range(0,len(%(a)s),8):\n print(bytes(%(a)s[i:i+8]))"
+MICROBIT_READ = "for i in range(0,len(%(a)s),8):\n print(bytes(%(a)s[i:i+8]))\ngc.collect()"
 
 
 def run_rounds_microbit(bundle: Path, feats: np.ndarray, labels: list[int], seeds: list[int],
                         batches: list[list[int]], k: int, mu: float, lr: float) -> DeviceRun:
     """The rounds on the micro:bit v1 firmware (MicroPython 1.9.2) in QEMU, with the bundle's hex (its main.py
-    builds the tuner from spec.py and head.bin) and the head inputs of the pool (``feats``, int8 [n, cols]) in
-    its file system. Each round's batch is sliced from one bytes object of the pool; the round runs with the
-    collector off, so gc.mem_alloc counts everything it allocated. Heap: runtime (zo + ft code), tuner state,
-    pool, the most a round allocated, free after the last round."""
+    builds the tuner from spec.py and head.bin) and the head inputs of the pool (``feats``, int8 [n, cols]) as the
+    file feats.bin in its flash file system: the device-local data stay in flash, each round reads its batch's rows
+    into row buffers allocated once. The round runs with the collector off, so gc.mem_alloc counts everything it
+    allocated. Heap: runtime (zo + ft code), tuner state, data (labels and the row buffers), the most a round
+    allocated, free after the last round."""
     import ast
 
     from toolchain.deploy.emulators import microbit
@@ -169,15 +177,18 @@ def run_rounds_microbit(bundle: Path, feats: np.ndarray, labels: list[int], seed
             repl.enter_raw()
             tuned = int(repl.exec("import gc\ngc.collect()\nprint(gc.mem_alloc())"))  # runtime + tuner
             # (short commands: the raw REPL's own buffers are garbage; one statement per line)
-            # the pool as one bytes object and the labels as bytes: 16 pool entries as 16 bytes objects, or a
-            # list of labels, left the parser no contiguous block by the second round (measured: pool 32, batch 16)
-            repl.exec(f"f=open('feats.bin','rb')\nP=f.read()\nf.close()\nY={bytes(labels)!r}\nC={cols}")
+            # labels as bytes, the batch's row buffers allocated once
+            repl.exec(f"Y={bytes(labels)!r}\nT=bytearray({cols})\nV=[bytearray({cols}) for j in range({len(batches[0])})]")
             data = int(repl.exec("gc.collect()\nprint(gc.mem_alloc())")) - tuned
             peak = 0
             for r, seed in enumerate(seeds):
-                v = {"batch": batches[r], "seed": seed, "k": k, "mu": mu, "lr": lr}
-                for c in MICROBIT_ROUND:
-                    out = repl.exec(c % v, timeout=300)
+                v = {"batch": batches[r], "seed": seed, "k": k, "mu": mu, "lr": lr, "n": len(feats),
+                     "b": len(batches[r])}
+                for i, c in enumerate(MICROBIT_ROUND):
+                    try:
+                        out = repl.exec(c % v, timeout=300)
+                    except ReplError as exc:
+                        raise RuntimeError(f"round {r}, command {i}: {exc}") from None
                 alloc, loss, n = out.split()
                 peak = max(peak, int(alloc))
                 run.losses.append(float(loss))
@@ -187,7 +198,7 @@ def run_rounds_microbit(bundle: Path, feats: np.ndarray, labels: list[int], seed
                                    if ln.strip())
                     dst.append(np.frombuffer(raw, "<f4").copy())
             free = int(repl.exec("gc.collect()\nprint(gc.mem_free())"))
-            rt = int(repl.exec("del tuner, P, Y\ngc.collect()\nprint(gc.mem_alloc())"))  # zo + ft code only
+            rt = int(repl.exec("del tuner, V, T, Y\ngc.collect()\nprint(gc.mem_alloc())"))  # zo + ft code only
         finally:
             repl.close()
     run.heap = {"runtime": rt, "tuner": tuned - rt, "data": data, "round_alloc": peak, "free_end": free}
@@ -233,7 +244,7 @@ def bench_seed(name: str, build: Path, d: dict, st: dict, seed: int, port: str) 
                 run = run_rounds_microbit(build / "bundle", d["fp"], yp, seeds, batches, k, mu, lr)
                 break
             except (RuntimeError, OSError) as exc:
-                print(f"micro:bit session failed ({str(exc)[-200:]}); attempt {attempt + 2} of 3", flush=True)
+                print(f"micro:bit session {attempt + 1} of 3 failed: {str(exc)[-300:]}", flush=True)
         else:
             raise RuntimeError("the micro:bit session failed three times")
     else:
@@ -371,8 +382,8 @@ PORTS = {
               "holding the files is not in them)."),
     "microbit": ("the micro:bit v1 firmware (MicroPython 1.9.2, nRF51822, 16 KB RAM) under QEMU, the bundle's hex "
                  "and tuner (ft.py, zo.py from source); head inputs of the pool computed by the host engine",
-                 "micro:bit: runtime = zo + ft code, tuner = its state, data = the pool's head inputs (one bytes "
-                 "object), round_alloc = what one round allocated with the collector off, free_end = gc.mem_free() "
+                 "micro:bit: runtime = zo + ft code, tuner = its state, data = the pool's labels and the batch's row "
+                 "buffers (the pool's head inputs stay in the flash file system), round_alloc = what one round allocated with the collector off, free_end = gc.mem_free() "
                  "after the last round."),
     "cpython": ("CPython (ft.py, zo.py, smf engine)", ""),
 }
