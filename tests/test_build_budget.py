@@ -19,14 +19,14 @@ from toolchain.pipelines.build import BuildOptions, _estimator
 from toolchain.pipelines.select import footprint, select_model
 
 TOOLCHAIN = [sys.executable, "-m", "toolchain.cli"]
-TINY = """name = "tiny24"
-description = "a user's board: 24 KB heap, 64 KB flash, MicroPython 1.29"
+TINY = """name = "tiny32"
+description = "a user's board: 32 KB heap, 64 KB flash, MicroPython 1.29"
 arch = "cortex-m0plus"
 runtime = "micropython"
 micropython = "1.29.0"
 mpy_march = "armv6m"
 mpy_abi = 6
-ram_bytes = 24576
+ram_bytes = 32768
 flash_bytes = 65536
 """
 
@@ -37,7 +37,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_board(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("boards") / "tiny24.toml"
+    path = tmp_path_factory.mktemp("boards") / "tiny32.toml"
     path.write_text(TINY)
     return path
 
@@ -56,7 +56,7 @@ def test_a_model_too_big_for_a_user_board_is_refused_in_seconds(refused):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     line = lines[0]
-    assert line.startswith("error: lenet5 at density 0.1 would need") and "on tiny24 (24576 B RAM, 65536 B flash" in line
+    assert line.startswith("error: lenet5 at density 0.1 would need") and "on tiny32 (32768 B RAM, 65536 B flash" in line
     assert "this fits: --density" in line  # MicroPython boards load model.smf: a lower density does shrink it
     assert refused["seconds"] < 30, refused["seconds"]
     assert not refused["out"].exists() and not any(refused["out"].parent.iterdir())
@@ -71,8 +71,8 @@ def test_following_the_advice_fits_and_the_estimate_was_close(refused, tiny_boar
     assert proc.returncode == 0, proc.stderr
     m = json.loads((out / "manifest.json").read_text())
     b, est = m["budget"], m["budget"]["estimate"]
-    assert b["fits"] and b["kind"] == "micropython" and m["target"] == "tiny24"
-    assert b["ram_needed"] <= 24576 and b["flash_needed"] <= 65536
+    assert b["fits"] and b["kind"] == "micropython" and m["target"] == "tiny32"
+    assert b["ram_needed"] <= 32768 and b["flash_needed"] <= 65536
     # the final gate counts what the board loads: every bundle file, model.smf among them, not the .tflite
     assert "model.tflite" not in b["deployed"] and b["deployed"]["model.smf"] == m["artifacts"]["model.smf"]["bytes"]
     assert b["flash_needed"] == sum(b["deployed"].values()) and b["ram_needed"] == sum(b["ram_parts"].values())

@@ -135,6 +135,23 @@ def test_rp2040_bundle_runs_native_on_cortex_m0(model_dir: Path, tmp_path: Path)
     np.testing.assert_array_equal(got, sm.tflm_outputs(path, x))
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["viper", "bytecode"])
+def test_engine_heap_counts_what_a_loaded_model_holds(native: bool, esp32_default: Path, model_dir: Path) -> None:
+    """The build's RAM figure (toolchain.pipelines.select.engine_heap) against the heap a loaded model really holds
+    on the Cortex-M3 port (a 32-bit board's object sizes; engine code excluded, as the profile's ram_bytes is
+    what the runtime leaves): never below it, and within 8 %."""
+    _need("an385")
+    from toolchain.pipelines.select import engine_heap
+
+    for path in (esp32_default, sm.cached_tflite(model_dir, "lenet", 0.01)):
+        smf = tflite_to_smf(path.read_bytes())
+        got = smf_ports.model_heap(smf, "an385", native)
+        est = sum(engine_heap(smf, native).values())
+        print(f"{path.name} ({'viper' if native else 'bytecode'}): held {got}, estimate {est} "
+              f"({est / got['data'] - 1:+.1%})")
+        assert got["data"] * (0.98 if not native else 1.0) <= est <= 1.08 * got["data"], (got, est)
+
+
 def test_fallback_without_native_emitter_is_the_bytecode_engine(model_dir: Path) -> None:
     """native=False (what a port without a native emitter gets) gives the same outputs, far slower."""
     _need("an385")

@@ -70,6 +70,36 @@ def engine_files(port: str, native: bool | None = None) -> dict[str, bytes]:
             for p in sorted(ENGINE_DIR.glob("smf*.py")) if p.stem not in skip}
 
 
+_HEAP_SCRIPT = """
+import gc
+gc.collect()
+f0 = gc.mem_free()
+from smf import Model
+m = Model('model.smf', native=%s)
+gc.collect()
+f1 = gc.mem_free()
+m = None
+gc.collect()
+print('heap', f0 - f1, gc.mem_free() - f1)
+"""
+
+
+def model_heap(smf: bytes, port: str, native: bool) -> dict[str, int]:
+    """Heap a loaded model holds on ``port`` (gc.mem_free around ``Model(...)``): ``total``, ``data`` (what
+    dropping the model gives back) and ``code`` (the engine modules that stay imported)."""
+    files = {**engine_files(port, native), "model.smf": smf}
+    code = _HEAP_SCRIPT % native
+    if port == "unix":
+        out = unix_port.run_micropython(code, files=files, heap_bytes=512 * 1024)
+    else:
+        out = qemu_cortexm.run_micropython(code, files=files, board=port, timeout=600)
+    line = next((ln for ln in out.splitlines() if ln.startswith("heap")), None)
+    if line is None:
+        raise AssertionError(f"unexpected MicroPython output: {out[-500:]!r}")
+    total, data = map(int, line.split()[1:3])
+    return {"total": total, "data": data, "code": total - data}
+
+
 def run_engine(smf: bytes, inputs: np.ndarray, port: str, *, native: bool | None = None, layout: str = "auto",
                heap_bytes: int = 512 * 1024, timeout: float = 1800.0,
                engine: dict[str, bytes] | None = None) -> tuple[np.ndarray, dict[str, object]]:
