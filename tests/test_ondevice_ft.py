@@ -17,7 +17,7 @@ from support import sparse_models as sm
 from toolchain.boards.profiles import get_profile
 from toolchain.deploy.emulators import microbit, wasm
 from toolchain.deploy.emulators.harness import run_rounds
-from toolchain.deploy.repl import DeviceError, RawRepl
+from toolchain.deploy.repl import RawRepl
 from toolchain.export.smf_writer import tflite_to_smf
 from toolchain.package.bundle import write_bundle
 from toolchain.verify.reference import (
@@ -158,16 +158,6 @@ def test_esp32_bundle_mpy_imports_and_runs_on_wasm(lenet: tuple[Path, bytes], tm
 
 # --- micro:bit (MicroPython 1.9.2, 30-bit floats, ~9 KB heap) in QEMU -------------------------------------------
 
-def _put(repl: RawRepl, name: str, data: bytes) -> None:
-    for _ in range(4):  # the emulated UART drops a byte now and then (no flow control); put_file verifies
-        try:
-            repl.put_file(name, data)
-            return
-        except DeviceError:
-            continue
-    raise AssertionError(f"could not copy {name} to the micro:bit")
-
-
 def _reboot_friendly(repl: RawRepl, timeout: float = 30.0) -> str:
     """Soft reboot from the friendly REPL, so that main.py runs (it does not after a raw-REPL reset)."""
     repl.serial.write(b"\r\x02")
@@ -215,8 +205,9 @@ def test_microbit_hex_boots_tuner_and_zo_round_in_qemu(micro: tuple[Path, bytes]
         try:
             repl.enter_raw()
             for name in ("zo.py", "ft.py", "spec.py", "head.bin"):
-                _put(repl, name, (bundle / name).read_bytes())
-            _put(repl, "feats.bin", feats.tobytes())
+                # the emulated UART drops a byte now and then (no flow control): put_file verifies and retries
+                repl.put_file(name, (bundle / name).read_bytes(), attempts=12)
+            repl.put_file("feats.bin", feats.tobytes(), attempts=12)
             boot = _reboot_friendly(repl)  # main.py of the hex builds the tuner
             assert "Traceback" not in boot, boot
             assert repl.exec("print('tuner' in globals())").strip() == "True"
