@@ -159,22 +159,9 @@ def run_rounds_microbit(bundle: Path, feats: np.ndarray, labels: list[int], seed
             for name in ("zo.py", "ft.py", "spec.py", "head.bin"):
                 put(repl, name, (bundle / name).read_bytes())
             put(repl, "feats.bin", np.ascontiguousarray(feats, np.int8).tobytes())
-            # soft reboot from the friendly REPL, so that main.py runs and builds the tuner
-            repl.serial.write(b"\r\x02")
-            repl.serial.flush()
-            time.sleep(0.3)
-            repl.serial.reset_input_buffer()
-            repl.serial.write(b"\x04")
-            repl.serial.flush()
-            got, deadline = b"", time.monotonic() + 30
-            while not got.endswith(b">>> "):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no prompt after the soft reboot: {got[-300:]!r}")
-                got += repl.serial.read(max(1, repl.serial.in_waiting))
-            if b"Traceback" in got:
-                raise RuntimeError(got.decode(errors="replace"))
-            repl.in_raw = False
-            repl.enter_raw()
+            got = repl.reboot_to_main()  # main.py of the hex builds the tuner
+            if "Traceback" in got:
+                raise RuntimeError(got)
             tuned = int(repl.exec("import gc\ngc.collect()\nprint(gc.mem_alloc())"))  # runtime + tuner
             # (short commands: the raw REPL's own buffers are garbage; one statement per line)
             # labels as bytes, the batch's row buffers allocated once

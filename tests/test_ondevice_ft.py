@@ -158,26 +158,6 @@ def test_esp32_bundle_mpy_imports_and_runs_on_wasm(lenet: tuple[Path, bytes], tm
 
 # --- micro:bit (MicroPython 1.9.2, 30-bit floats, ~9 KB heap) in QEMU -------------------------------------------
 
-def _reboot_friendly(repl: RawRepl, timeout: float = 30.0) -> str:
-    """Soft reboot from the friendly REPL, so that main.py runs (it does not after a raw-REPL reset)."""
-    repl.serial.write(b"\r\x02")
-    repl.serial.flush()
-    time.sleep(0.3)
-    repl._pending.clear()
-    repl.serial.reset_input_buffer()
-    repl.serial.write(b"\x04")
-    repl.serial.flush()
-    got, deadline = b"", time.monotonic() + timeout
-    while not got.endswith(b">>> "):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no prompt after the soft reboot: {got[-300:]!r}")
-        got += repl.serial.read(max(1, repl.serial.in_waiting))
-    repl.in_raw = False
-    repl.enter_raw()
-    return got.decode(errors="replace")
-
-
-
 @pytest.mark.skipif(not microbit.available(), reason="qemu-system-arm or the micro:bit firmware is missing")
 def test_microbit_hex_boots_tuner_and_zo_round_in_qemu(micro: tuple[Path, bytes], tmp_path: Path) -> None:
     """The bundle's hex boots zo + ft on the micro:bit (1.9.2, ~9 KB heap, QEMU) once the local head inputs are on
@@ -208,7 +188,7 @@ def test_microbit_hex_boots_tuner_and_zo_round_in_qemu(micro: tuple[Path, bytes]
                 # the emulated UART drops a byte now and then (no flow control): put_file verifies and retries
                 repl.put_file(name, (bundle / name).read_bytes(), attempts=12)
             repl.put_file("feats.bin", feats.tobytes(), attempts=12)
-            boot = _reboot_friendly(repl)  # main.py of the hex builds the tuner
+            boot = repl.reboot_to_main()  # main.py of the hex builds the tuner
             assert "Traceback" not in boot, boot
             assert repl.exec("print('tuner' in globals())").strip() == "True"
             tuned = int(repl.exec("import gc\ngc.collect()\nprint(gc.mem_alloc())"))  # runtime + tuner

@@ -123,6 +123,25 @@ class RawRepl:
         self.in_raw = False
         self.enter_raw()
 
+    def reboot_to_main(self, timeout: float = 30.0) -> str:
+        """Soft-reboot from the friendly REPL, so that ``main.py`` runs (it does not after a raw-REPL reset),
+        wait for its prompt, and re-enter the raw REPL; returns what the boot printed."""
+        self.serial.write(b"\r" + CTRL_B)
+        self.serial.flush()
+        time.sleep(0.3)
+        self._pending.clear()
+        self.serial.reset_input_buffer()
+        self.serial.write(CTRL_D)
+        self.serial.flush()
+        got, deadline = b"", time.monotonic() + timeout
+        while not got.endswith(b">>> "):
+            if time.monotonic() > deadline:
+                raise ReplError(f"no prompt after the soft reboot: {got[-300:]!r}")
+            got += self.serial.read(max(1, self.serial.in_waiting))
+        self.in_raw = False
+        self.enter_raw()
+        return got.decode(errors="replace")
+
     def exec_raw(self, code: str, timeout: float | None = None) -> tuple[str, str]:
         """Run ``code``; return (stdout, stderr) without raising on a device exception."""
         if not self.in_raw:
