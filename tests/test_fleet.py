@@ -70,6 +70,29 @@ def test_protocol_1_0_device_is_left_out_after_rejecting_round_update(tmp_path: 
         coord.close()
 
 
+def test_a_status_without_its_hello_is_asked_before_rounds(tmp_path: Path) -> None:
+    """A coordinator that subscribed after a device's HELLO sees its STATUS first (the race that stalled the
+    micro:bit test under CI load): caps unknown, so it PINGs and starts nothing; once the HELLO says SIGNED, the
+    round goes out sealed (an unsigned one would be refused with ERROR AUTH, round after round)."""
+    fleet = _FakeFleet()
+    coord = Coordinator(fleet, RoundConfig(rounds=1, k=2, min_devices=1), tmp_path, progress=None,  # type: ignore[arg-type]
+                        key_for=lambda d: b"k-" + d.encode())
+    try:
+        coord.handle("mb-1", messages.Status(1, round_id=0, model_id=1))
+        assert not coord.ready("mb-1")
+        assert [raw[1] for _, raw in fleet.sent] == [messages.T_PING]
+        coord.step(0)
+        assert not coord._open and [raw[1] for _, raw in fleet.sent] == [messages.T_PING]
+        coord.handle("mb-1", messages.Hello("mb-1", "microbit", "mpy", (0, 2, 0), 0, 160, messages.CAP_SIGNED, 9))
+        coord.handle("mb-1", messages.Status(1, round_id=0, model_id=1))
+        assert coord.ready("mb-1")
+        fleet.sent.clear()
+        coord.step(0)
+        assert coord._open and [raw[1] for _, raw in fleet.sent] == [messages.T_SIGNED]
+    finally:
+        coord.close()
+
+
 def test_wasm_app_over_serial_with_line_faults(tmp_path: Path) -> None:
     """serve --transport serial path: coordinator <-> SerialFleet <-> noisy pty <-> app.py on WebAssembly."""
     m = make_model()

@@ -320,8 +320,8 @@ class Coordinator:
 
     def ready(self, d: str) -> bool:
         s = self.devices.get(d)
-        return (s is not None and s.model_id == self.cfg.model_id and s.applied == self.round - 1
-                and not s.no_update and not s.refuses)
+        return (s is not None and s.session is not None and s.model_id == self.cfg.model_id
+                and s.applied == self.round - 1 and not s.no_update and not s.refuses)
 
     # -- device sync ------------------------------------------------------------------------------------------
     def _sync(self, s: DeviceState, force: bool = False) -> None:
@@ -378,6 +378,13 @@ class Coordinator:
                 return
             before = (s.model_id, s.applied)
             s.model_id, s.applied = msg.model_id, msg.round_id
+            if s.session is None:
+                # a STATUS without its HELLO: the broker's retained one, from a device that said HELLO before
+                # we subscribed. Its caps (SIGNED, HMAC) and session are unknown until it says HELLO again, and
+                # rounds sent blind would be unsigned (refused with ERROR AUTH, forever): ask, do not start.
+                if self.now() - s.asked > self.cfg.resend_s:
+                    self._ping(d)
+                return
             if before != (s.model_id, s.applied) or not self.ready(d):
                 self._sync(s, force=before != (s.model_id, s.applied))
             if self._open and self.ready(d) and d in self.participants[self.round] \
@@ -551,7 +558,7 @@ class Coordinator:
             if d not in self.devices and len(self.devices) >= self.cfg.max_devices:
                 continue  # (no eviction here: the fleet's online list may hold a flood, evicting would churn)
             s = self._dev(d)
-            if (s.model_id is None or s.applied is None) and now - s.asked > self.cfg.resend_s:
+            if (s.session is None or s.model_id is None or s.applied is None) and now - s.asked > self.cfg.resend_s:
                 self._ping(d)
         if not self._open:
             if self.awaiting == self.round:
