@@ -185,7 +185,13 @@ def _boot_with_model(repl: RawRepl, smf: bytes) -> tuple[int, int, int, int, int
 def _send_input(repl: RawRepl, x: np.ndarray) -> None:
     v = [int(c) for c in np.asarray(x, np.int8).reshape(-1)]
     for i in range(0, len(v), 28):  # short, flat commands: the parser needs contiguous blocks
-        repl.exec(f"gc.collect()\nX = {tuple(v[i:i + 28])!r}")  # (a tuple: no qstrs; collect the commands' garbage)
+        part = v[i:i + 28]
+        for _ in range(4):  # read back: a burst of bytes lost on the UART can leave a valid, different tuple
+            got = repl.exec(f"gc.collect()\nX = {tuple(part)!r}\nprint(repr(X))")  # (a tuple: no qstrs)
+            if got.strip() == repr(tuple(part)):
+                break
+        else:
+            raise AssertionError(f"the board kept reading input bytes {i}..{i + 27} differently")
         repl.exec(f"for i in range(28): b[{i} + i] = X[i]")
 
 

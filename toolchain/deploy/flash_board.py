@@ -98,16 +98,25 @@ def connect(port: str, timeout: float = 20.0, attempts: int = 4) -> RawRepl:
     return repl
 
 
-def run(repl: RawRepl, code: str, what: str, timeout: float | None = None) -> str:
-    """Run ``code``; a device exception or a lost link become one-line errors naming ``what``."""
-    try:
-        return repl.exec(code, timeout=timeout)
-    except DeviceError as exc:
-        last = exc.traceback.strip().splitlines()[-1] if exc.traceback.strip() else "error"
-        raise ToolchainError(f"{what} failed on the board: {last}; reset the board and retry") from None
-    except ReplError as exc:
-        raise ToolchainError(f"{what}: the board stopped answering ({str(exc).splitlines()[0][:120]}); "
-                             "reset it and retry") from None
+def run(repl: RawRepl, code: str, what: str, timeout: float | None = None, attempts: int = 3) -> str:
+    """Run read-only ``code`` (a query: running it twice is harmless); a device exception or a lost link become
+    one-line errors naming ``what``.
+
+    A UART without flow control can drop a burst of bytes and leave valid but different code (measured under
+    load on the QEMU micro:bit: ``f.close()\ndel f,b`` arrived as ``f.closeb``, an AttributeError), so a device
+    exception is asked again before it is believed."""
+    for i in range(attempts):
+        try:
+            return repl.exec(code, timeout=timeout)
+        except DeviceError as exc:
+            if i + 1 < attempts:
+                continue
+            last = exc.traceback.strip().splitlines()[-1] if exc.traceback.strip() else "error"
+            raise ToolchainError(f"{what} failed on the board: {last}; reset the board and retry") from None
+        except ReplError as exc:
+            raise ToolchainError(f"{what}: the board stopped answering ({str(exc).splitlines()[0][:120]}); "
+                                 "reset it and retry") from None
+    raise AssertionError("unreachable")
 
 
 def identify(repl: RawRepl) -> BoardInfo:

@@ -38,6 +38,7 @@ class RawRepl:
         # rarely); put_file verifies and retries.
         self.chunk = chunk
         self.chunk_delay = 0.01
+        self.ok_timeout = 20.0
         try:
             self.serial = serial.Serial(port, baudrate=baudrate, timeout=0.05, write_timeout=timeout)
         except serial.SerialException as exc:
@@ -150,7 +151,17 @@ class RawRepl:
         self._write(code.encode())
         self.serial.write(CTRL_D)
         self.serial.flush()
-        ok = self._read_until(b"OK", timeout, "OK after sending code")
+        # The board answers OK as soon as the Ctrl-D arrives, before it compiles, so this wait does not grow with
+        # the code's run time. No OK means a lost byte (the Ctrl-D itself, or the board still waits for code):
+        # clear its line and re-enter the raw REPL, so the next command starts clean instead of being appended.
+        try:
+            ok = self._read_until(b"OK", min(timeout, self.ok_timeout), "OK after sending code")
+        except ReplError:
+            try:
+                self.enter_raw()
+            except ReplError:
+                pass
+            raise
         if not ok.endswith(b"OK") or len(ok) > 2 and b"raw REPL" in ok:
             raise ReplError(f"unexpected raw-REPL answer {ok!r}")
         out = self._read_until(CTRL_D, timeout, "the end of the program's output")[:-1]

@@ -39,6 +39,7 @@ f.close()
 f = open('y.bin', 'rb')
 Y = f.read()
 f.close()
+U = -1
 gc.collect()
 print(gc.mem_free())
 """
@@ -73,32 +74,77 @@ class ReplTuner:
                 self.repl.exec("gc.collect()", timeout=self.timeout)
         raise AssertionError("unreachable")
 
+    # A dropped byte can also leave a valid literal with another value (a lost digit, two numbers run together),
+    # which would train the board's copy away from the host's without an error. So every number the host sends is
+    # assigned on its own and read back; only commands made of names touch the model.
+    def _let(self, name: str, value: int | float | list[int]) -> None:
+        lit = f"{value:.9g}" if isinstance(value, float) else repr(value)
+        for _ in range(4):
+            self._x("gc.collect()")  # the parser needs contiguous blocks
+            if _same(self._x(f"{name}={lit}\nprint(repr({name}))").strip(), value):
+                return
+        raise ReplError(f"the board keeps reading {name}={lit[:40]} differently (bytes lost on the serial line)")
+
     def _seed(self, round_seed: int) -> None:
-        self._x("gc.collect()")  # the parser needs contiguous blocks
+        self._x("gc.collect()")
         self._x(f"S={round_seed >> 16}<<16|{round_seed & 0xFFFF}")  # small ints
+        for _ in range(4):
+            if self._x("print(S)").strip() == str(round_seed):
+                return
+            self._x(f"S={round_seed >> 16}<<16|{round_seed & 0xFFFF}")
+        raise ReplError("the board keeps reading the round seed differently (bytes lost on the serial line)")
 
     def probe(self, round_seed: int, k: int, mu: float, xs: Sequence[int], ys: Sequence[int]
               ) -> tuple[list[float], float, int]:
         idx = list(xs)
         self._seed(round_seed)
+        self._let("K", k)
+        self._let("M", float(mu))
         if idx == list(range(self.n)):
-            self._x(f"g,l,n=tuner.probe(S,{k},{mu:.9g},X,Y)")
+            self._x("g,l,n=tuner.probe(S,K,M,X,Y)")
         else:
-            self._x(f"I={idx}")
-            self._x(f"g,l,n=tuner.probe(S,{k},{mu:.9g},[X[i] for i in I],[Y[i] for i in I])")
+            self._let("I", idx)
+            self._x("g,l,n=tuner.probe(S,K,M,[X[i] for i in I],[Y[i] for i in I])")
         self._x("gc.collect()")
         vals = self._x("for x in g:print(repr(x))").split()
         loss, n = self._x("print(repr(l),n)\ndel g").split()
+        if len(vals) != k:
+            raise ReplError(f"the board answered {len(vals)} scalars for k={k}")
         return [float(v) for v in vals], float(loss), int(n)
 
     def update(self, round_seed: int, gbar_list: Sequence[float], lr: float) -> None:
+        gbar = [float(g) for g in gbar_list]
         self._seed(round_seed)
-        self._x("G=[]")
-        for g in gbar_list:
-            self._x(f"G.append({float(g):.9g})")
-        self._x("gc.collect()")
-        self._x(f"tuner.update(S,G,{float(lr):.9g})")
-        self._x("del G\ngc.collect()")
+        self._let("L", float(lr))
+        for _ in range(4):
+            self._x("G=[]")
+            for g in gbar:
+                self._x(f"G.append({g:.9g})")
+            self._x("gc.collect()")
+            if len(got := self._x("for x in G:print(repr(x))").split()) == len(gbar) and all(
+                    _same(v, g) for v, g in zip(got, gbar, strict=True)):
+                break
+        else:
+            raise ReplError("the board keeps reading the update's scalars differently (bytes lost on the serial line)")
+        # U: the seed of the last update applied, so that an update asked again (its ACK lost, or a link error
+        # after it ran) is not applied twice
+        self._x("if U!=S:\n tuner.update(S,G,L)\n U=S")
+        try:
+            self._x("del G\ngc.collect()")
+        except DeviceError:
+            pass  # (the update is in: a failed clean-up must not make the host ask for it again)
+
+
+def _same(echo: str, value: int | float | list[int]) -> bool:
+    """Whether the board's ``repr`` of a number (list) is ``value``: ints exactly, floats to 1e-5 relative (the
+    micro:bit's floats have 22 significant bits; a lost digit moves a value far more)."""
+    if isinstance(value, float):
+        try:
+            got = float(echo)
+        except ValueError:
+            return False
+        return abs(got - value) <= 1e-5 * abs(value)
+    return echo == repr(value)
 
 
 def repl_agent(cfg: MqttConfig, device_id: str, repl: RawRepl, labels: Sequence[int], cols: int, *,
