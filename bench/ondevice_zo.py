@@ -138,56 +138,39 @@ def run_rounds_microbit(bundle: Path, feats: np.ndarray, labels: list[int], seed
     import ast
 
     from toolchain.deploy.emulators import microbit
-    from toolchain.deploy.repl import RawRepl, ReplError
-
-    def put(repl: RawRepl, name: str, data: bytes) -> None:
-        for _ in range(4):  # the emulated UART drops a byte now and then (no flow control); put_file verifies
-            try:
-                repl.put_file(name, data)
-                return
-            except ReplError:  # (DeviceError included)
-                continue
-        raise RuntimeError(f"could not copy {name} to the micro:bit")
+    from toolchain.deploy.repl import ReplError
+    from toolchain.package.bundle import MICROBIT_TUNER_FILES
 
     cols = feats.shape[1]
     run = DeviceRun([], [], [], [], float("nan"), {})
-    with microbit.QemuMicrobit(bundle / "microbit.hex") as board:
-        time.sleep(0.5)
-        repl = RawRepl(board.port, timeout=60)
-        try:
-            repl.enter_raw()
-            for name in ("zo.py", "ft.py", "spec.py", "head.bin"):
-                put(repl, name, (bundle / name).read_bytes())
-            put(repl, "feats.bin", np.ascontiguousarray(feats, np.int8).tobytes())
-            got = repl.reboot_to_main()  # main.py of the hex builds the tuner
-            if "Traceback" in got:
-                raise RuntimeError(got)
-            tuned = int(repl.exec("import gc\ngc.collect()\nprint(gc.mem_alloc())"))  # runtime + tuner
-            # (short commands: the raw REPL's own buffers are garbage; one statement per line)
-            # labels as bytes, the batch's row buffers allocated once
-            repl.exec(f"Y={bytes(labels)!r}\nT=bytearray({cols})\nV=[bytearray({cols}) for j in range({len(batches[0])})]")
-            data = int(repl.exec("gc.collect()\nprint(gc.mem_alloc())")) - tuned
-            peak = 0
-            for r, seed in enumerate(seeds):
-                v = {"batch": batches[r], "seed": seed, "k": k, "mu": mu, "lr": lr, "n": len(feats),
-                     "b": len(batches[r])}
-                for i, c in enumerate(MICROBIT_ROUND):
-                    try:
-                        out = repl.exec(c % v, timeout=300)
-                    except ReplError as exc:
-                        raise RuntimeError(f"round {r}, command {i}: {exc}") from None
-                alloc, loss, n = out.split()
-                peak = max(peak, int(alloc))
-                run.losses.append(float(loss))
-                run.counts.append(int(n))
-                for name, dst in (("tuner.g", run.scalars), ("tuner.w", run.weights)):
-                    raw = b"".join(ast.literal_eval(ln) for ln in repl.exec(MICROBIT_READ % {"a": name}).split("\n")
-                                   if ln.strip())
-                    dst.append(np.frombuffer(raw, "<f4").copy())
-            free = int(repl.exec("gc.collect()\nprint(gc.mem_free())"))
-            rt = int(repl.exec("del tuner, V, T, Y\ngc.collect()\nprint(gc.mem_alloc())"))  # zo + ft code only
-        finally:
-            repl.close()
+    files = {**{name: (bundle / name).read_bytes() for name in MICROBIT_TUNER_FILES},
+             "feats.bin": np.ascontiguousarray(feats, np.int8).tobytes()}
+    # main.py of the hex builds the tuner
+    with microbit.microbit_session(hex_path=bundle / "microbit.hex", files=files, timeout=60) as (_board, repl):
+        tuned = int(repl.exec("import gc\ngc.collect()\nprint(gc.mem_alloc())"))  # runtime + tuner
+        # (short commands: the raw REPL's own buffers are garbage; one statement per line)
+        # labels as bytes, the batch's row buffers allocated once
+        repl.exec(f"Y={bytes(labels)!r}\nT=bytearray({cols})\nV=[bytearray({cols}) for j in range({len(batches[0])})]")
+        data = int(repl.exec("gc.collect()\nprint(gc.mem_alloc())")) - tuned
+        peak = 0
+        for r, seed in enumerate(seeds):
+            v = {"batch": batches[r], "seed": seed, "k": k, "mu": mu, "lr": lr, "n": len(feats),
+                 "b": len(batches[r])}
+            for i, c in enumerate(MICROBIT_ROUND):
+                try:
+                    out = repl.exec(c % v, timeout=300)
+                except ReplError as exc:
+                    raise RuntimeError(f"round {r}, command {i}: {exc}") from None
+            alloc, loss, n = out.split()
+            peak = max(peak, int(alloc))
+            run.losses.append(float(loss))
+            run.counts.append(int(n))
+            for name, dst in (("tuner.g", run.scalars), ("tuner.w", run.weights)):
+                raw = b"".join(ast.literal_eval(ln) for ln in repl.exec(MICROBIT_READ % {"a": name}).split("\n")
+                               if ln.strip())
+                dst.append(np.frombuffer(raw, "<f4").copy())
+        free = int(repl.exec("gc.collect()\nprint(gc.mem_free())"))
+        rt = int(repl.exec("del tuner, V, T, Y\ngc.collect()\nprint(gc.mem_alloc())"))  # zo + ft code only
     run.heap = {"runtime": rt, "tuner": tuned - rt, "data": data, "round_alloc": peak, "free_end": free}
     return run
 

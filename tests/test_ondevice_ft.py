@@ -7,7 +7,6 @@ Real parts: pruned int8 models converted by TensorFlow, the sparse engine and ft
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,8 @@ from support import sparse_models as sm
 from toolchain.boards.profiles import get_profile
 from toolchain.deploy.emulators import microbit, wasm
 from toolchain.deploy.emulators.harness import run_rounds
-from toolchain.deploy.repl import RawRepl
 from toolchain.export.smf_writer import tflite_to_smf
-from toolchain.package.bundle import write_bundle
+from toolchain.package.bundle import MICROBIT_TUNER_FILES, write_bundle
 from toolchain.verify.reference import (
     Head,
     engine_features,
@@ -179,30 +177,20 @@ def test_microbit_hex_boots_tuner_and_zo_round_in_qemu(micro: tuple[Path, bytes]
     feats = engine_features(smf, x, head)
     seed = SEEDS[1]
     k = json.loads((bundle / "config.json").read_text())["k_max"]  # preallocated by the tuner
-    with microbit.QemuMicrobit(bundle / "microbit.hex") as board:
-        time.sleep(0.5)
-        repl = RawRepl(board.port, timeout=60)
-        try:
-            repl.enter_raw()
-            for name in ("zo.py", "ft.py", "spec.py", "head.bin"):
-                # the emulated UART drops a byte now and then (no flow control): put_file verifies and retries
-                repl.put_file(name, (bundle / name).read_bytes(), attempts=12)
-            repl.put_file("feats.bin", feats.tobytes(), attempts=12)
-            boot = repl.reboot_to_main()  # main.py of the hex builds the tuner
-            assert "Traceback" not in boot, boot
-            assert repl.exec("print('tuner' in globals())").strip() == "True"
-            tuned = int(repl.exec("import gc\ngc.collect()\nprint(gc.mem_alloc())"))  # runtime + tuner
-            repl.exec(f"f=open('feats.bin','rb')\nxs=[f.read({head.cols}) for i in range({n})]\nf.close()\n"
-                      f"ys={ys!r}")
-            # short commands: the raw REPL's own buffers are garbage that gc.disable() would keep
-            repl.exec(f"gc.collect()\na1=gc.mem_alloc()\ngc.disable()\ng,l,n=tuner.probe({seed},{k},{MU},xs,ys)\n"
-                      f"tuner.update({seed},g,{LR})\na2=gc.mem_alloc()\ngc.enable()", timeout=300)
-            # scalars and weights as their float32 bytes (exact, not the 6 printed digits)
-            lines = repl.exec("del xs\ngc.collect()\nprint(a1,a2,gc.mem_free())\nprint(repr(l),n)\n"
-                              "print(bytes(tuner.g))\nprint(bytes(tuner.w))").split("\n")
-            rt = int(repl.exec("del tuner, g, l, n, ys\ngc.collect()\nprint(gc.mem_alloc())"))  # zo + ft code only
-        finally:
-            repl.close()
+    files = {**{name: (bundle / name).read_bytes() for name in MICROBIT_TUNER_FILES}, "feats.bin": feats.tobytes()}
+    # main.py of the hex builds the tuner
+    with microbit.microbit_session(hex_path=bundle / "microbit.hex", files=files) as (_board, repl):
+        assert repl.exec("print('tuner' in globals())").strip() == "True"
+        tuned = int(repl.exec("import gc\ngc.collect()\nprint(gc.mem_alloc())"))  # runtime + tuner
+        repl.exec(f"f=open('feats.bin','rb')\nxs=[f.read({head.cols}) for i in range({n})]\nf.close()\n"
+                  f"ys={ys!r}")
+        # short commands: the raw REPL's own buffers are garbage that gc.disable() would keep
+        repl.exec(f"gc.collect()\na1=gc.mem_alloc()\ngc.disable()\ng,l,n=tuner.probe({seed},{k},{MU},xs,ys)\n"
+                  f"tuner.update({seed},g,{LR})\na2=gc.mem_alloc()\ngc.enable()", timeout=300)
+        # scalars and weights as their float32 bytes (exact, not the 6 printed digits)
+        lines = repl.exec("del xs\ngc.collect()\nprint(a1,a2,gc.mem_free())\nprint(repr(l),n)\n"
+                          "print(bytes(tuner.g))\nprint(bytes(tuner.w))").split("\n")
+        rt = int(repl.exec("del tuner, g, l, n, ys\ngc.collect()\nprint(gc.mem_alloc())"))  # zo + ft code only
     a1, a2, free = map(int, lines[0].split())
     loss, count = float(lines[1].split()[0]), int(lines[1].split()[1])
     g = np.frombuffer(ast.literal_eval(lines[2]), "<f4").astype(np.float64)

@@ -194,6 +194,8 @@ class RawRepl:
         want = [str(len(data)), str(s)]
         got: list[str] = []
         for _ in range(attempts):
+            # a byte lost on the way turns a command into a SyntaxError or into other valid code (an
+            # AttributeError), or swallows its Ctrl-D (exec_raw re-enters the raw REPL): write it all again
             try:
                 self.exec(f"f=open({name!r},'wb')")
                 try:
@@ -201,13 +203,16 @@ class RawRepl:
                         self.exec(f"f.write({data[i : i + chunk]!r})")
                 finally:
                     self.exec("f.close()\ndel f")
-            except DeviceError as exc:  # a byte lost on the way turned the command into a SyntaxError
+                got = self.exec(
+                    f"f=open({name!r},'rb')\nn=0\ns=0\nwhile 1:\n b=f.read(64)\n if not b:break\n n+=len(b)\n"
+                    " for c in b:s=(s*31+c)%65521\nf.close()\nprint(n,s)\ndel f,n,s,b"
+                ).split()
+            except DeviceError as exc:
                 got = [f"error: {exc.traceback.strip().splitlines()[-1]}"]
                 continue
-            got = self.exec(
-                f"f=open({name!r},'rb')\nn=0\ns=0\nwhile 1:\n b=f.read(64)\n if not b:break\n n+=len(b)\n"
-                " for c in b:s=(s*31+c)%65521\nf.close()\nprint(n,s)\ndel f,n,s,b"
-            ).split()
+            except ReplError as exc:
+                got = [f"error: {str(exc).splitlines()[0][:120]}"]
+                continue
             if got == want:
                 return
         raise ReplError(f"copy of {name} is corrupt after {attempts} attempts: board has (size, checksum) {got}, "

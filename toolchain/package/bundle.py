@@ -64,6 +64,8 @@ def mpy_modules() -> list[str]:
     return sorted(engine + apps + [m for m in MPY_RUNTIME if (MPY_DIR / f"{m}.py").is_file()])
 MICROBIT_RUNTIME = ("zo", "ft")
 MICROBIT_SPEC_KEYS = ("head", "estimator", "copy_restore", "batch_max")
+# the bundle's files that MICROBIT_MAIN builds the tuner from (with the device's own feats.bin)
+MICROBIT_TUNER_FILES = ("zo.py", "ft.py", "spec.py", "head.bin")
 # Boot of the fine-tuner, once feats.bin (the local data's head inputs: computed by the micro:bit engine smf_mb in an
 # earlier boot, or sent by the host) is on the flash file system; otherwise the heap is left to that engine boot.
 # zo first and a collection between the imports: importing ft first (or both back to back) leaves no contiguous

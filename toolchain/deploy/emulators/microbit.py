@@ -101,15 +101,28 @@ class QemuMicrobit:
 
 
 @contextlib.contextmanager
-def microbit_session(script: str | None = None, timeout: float = 60.0) -> Iterator[tuple[QemuMicrobit, RawRepl]]:
-    """Start an emulated micro:bit (optionally with ``script`` as main.py) and yield it with a raw REPL."""
+def microbit_session(script: str | None = None, timeout: float = 60.0, *, hex_path: Path | None = None,
+                     files: dict[str, bytes] | None = None) -> Iterator[tuple[QemuMicrobit, RawRepl]]:
+    """Start an emulated micro:bit and yield it with a raw REPL.
+
+    It runs ``script`` as main.py, or the built ``hex_path`` (a bundle's ``microbit.hex``), or the bare firmware.
+    ``files`` (name -> bytes) are copied onto it first, then it is soft-rebooted so that its main.py runs with
+    them (:class:`EmulatorError` if the boot raised); the emulated UART drops a byte now and then (no flow
+    control), so each copy is verified and retried."""
     with tempfile.TemporaryDirectory() as tmp:
-        hex_path = build_hex_with_script(script, Path(tmp) / "app.hex") if script else DEFAULT_FIRMWARE
+        if hex_path is None:
+            hex_path = build_hex_with_script(script, Path(tmp) / "app.hex") if script else DEFAULT_FIRMWARE
         with QemuMicrobit(hex_path) as board:
             time.sleep(0.5)  # let the firmware boot before interrupting it
             repl = RawRepl(board.port, timeout=timeout)
             try:
                 repl.enter_raw()
+                if files:
+                    for name, data in files.items():
+                        repl.put_file(name, data, attempts=12)
+                    boot = repl.reboot_to_main()
+                    if "Traceback" in boot:
+                        raise EmulatorError(f"main.py raised at boot: {boot.strip()[-300:]}")
                 yield board, repl
             finally:
                 repl.close()
