@@ -193,6 +193,7 @@ class RawRepl:
             s = (s * 31 + c) % 65521
         want = [str(len(data)), str(s)]
         got: list[str] = []
+        tried: list[str] = []  # each attempt's outcome, for the error
         for _ in range(attempts):
             # a byte lost on the way turns a command into a SyntaxError or into other valid code (an
             # AttributeError), or swallows its Ctrl-D (exec_raw re-enters the raw REPL): write it all again
@@ -209,11 +210,14 @@ class RawRepl:
                 ).split()
             except DeviceError as exc:
                 got = [f"error: {exc.traceback.strip().splitlines()[-1]}"]
+                tried.append(got[0])
                 continue
             except ReplError as exc:
                 got = [f"error: {str(exc).splitlines()[0][:120]}"]
+                tried.append(got[0])
                 continue
             if got == want:
                 return
+            tried.append(" ".join(got))
         raise ReplError(f"copy of {name} is corrupt after {attempts} attempts: board has (size, checksum) {got}, "
-                        f"expected {want}")
+                        f"expected {want} (attempts: {'; '.join(tried)})")
