@@ -379,9 +379,10 @@ class Coordinator:
             before = (s.model_id, s.applied)
             s.model_id, s.applied = msg.model_id, msg.round_id
             if s.session is None:
-                # a STATUS without its HELLO: the broker's retained one, from a device that said HELLO before
-                # we subscribed. Its caps (SIGNED, HMAC) and session are unknown until it says HELLO again, and
-                # rounds sent blind would be unsigned (refused with ERROR AUTH, forever): ask, do not start.
+                # a STATUS without its HELLO: we subscribed after the device's HELLO (started or restarted
+                # while it runs; its next STATUS, or the one right after its HELLO, is the first we hear). Its
+                # caps (SIGNED, HMAC) and session are unknown until it says HELLO again, and rounds sent blind
+                # would be unsigned (refused with ERROR AUTH, forever): ask, do not start.
                 if self.now() - s.asked > self.cfg.resend_s:
                     self._ping(d)
                 return
