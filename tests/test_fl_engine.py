@@ -11,7 +11,7 @@ from toolchain.contracts.errors import ToolchainError
 from toolchain.data.partition import partition
 from toolchain.learning.fl import Federation, TrainConfig, codec, simulate
 from toolchain.learning.fl.masks import apply_masks, density, global_topk, prunable_names
-from toolchain.learning.fl.memory import measure_saved_activation_bytes, training_memory
+from toolchain.learning.fl.memory import measure_saved_tensors, training_memory
 from toolchain.learning.fl.messages import TrainIns, TrainRes
 from toolchain.learning.fl.simulator import seed_everything
 from toolchain.learning.pruning import make_strategy
@@ -77,8 +77,8 @@ def test_messages_roundtrip_with_sparse_extras():
 def test_activation_memory_is_measured():
     model = build_model("lenet5", (28, 28, 1), 10)
     x, y = torch.randn(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)
-    a8 = measure_saved_activation_bytes(model, x, y)
-    a16 = measure_saved_activation_bytes(model, torch.randn(16, 1, 28, 28), torch.zeros(16, dtype=torch.long))
+    a8 = measure_saved_tensors(model, x, y).activations
+    a16 = measure_saved_tensors(model, torch.randn(16, 1, 28, 28), torch.zeros(16, dtype=torch.long)).activations
     # conv1's input (8x1x28x28 floats) and its ReLU output (8x6x28x28) alone are saved for backward
     assert a8 >= 8 * 4 * (28 * 28 + 6 * 28 * 28)
     assert 1.9 < a16 / a8 < 2.1  # activations scale with the batch
@@ -86,6 +86,31 @@ def test_activation_memory_is_measured():
     dense = training_memory(model, {k: torch.ones_like(v) for k, v in masks.items()}, x, y)
     sparse = training_memory(model, masks, x, y)
     assert sparse.weights < 0.3 * dense.weights and sparse.gradients < 0.2 * dense.gradients
+
+
+def test_saved_model_state_is_not_an_activation_and_a_weight_copy_costs_its_kept_entries():
+    """docs/memory.md: what autograd saves of the model's own state (BN statistics, NSConv masks) is already in
+    the weights term; an NSConv effective weight is charged at its kept entries (a device holds nothing else)."""
+    x, y = torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)
+    bn = build_model("resnet8", (32, 32, 3), 10)
+    saved = measure_saved_tensors(bn, x, y)
+    stats = sum(b.numel() * 4 for n, b in bn.named_buffers() if "running_" in n)
+    # BN's backward keeps the running statistics: model state, not activations
+    assert saved.buffers == stats and saved.weight_copies == saved.weight_copies_device == 0
+    ns = build_model("resnet8", (32, 32, 3), 10, norm="nsconv")
+    names = [n for n in prunable_names(ns) if n.endswith(".weight") and ns.get_parameter(n).dim() == 4]
+    dense = measure_saved_tensors(ns, x, y)
+    conv_numel = sum(ns.get_parameter(n).numel() for n in names)
+    assert dense.weight_copies == dense.weight_copies_device == 4 * conv_numel
+    assert dense.buffers == conv_numel  # the bool masks, one byte each, are model state too
+    masks = global_topk({n: ns.get_parameter(n).abs() for n in names}, 0.05)
+    apply_masks(ns, masks)
+    sparse = measure_saved_tensors(ns, x, y)
+    nnz = sum(int(m.sum()) for m in masks.values())
+    assert sparse.weight_copies == 4 * conv_numel and sparse.weight_copies_device == 4 * nnz
+    assert sparse.activations == dense.activations  # weight sparsity removes no feature map
+    mem = training_memory(ns, masks, x, y)
+    assert mem.activations == sparse.activations + 4 * nnz
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -208,6 +210,30 @@ def materialize(model: nn.Module) -> nn.Module:
             parent, attr = _parent(out, name)
             setattr(parent, attr, plain.eval())
     return out
+
+
+@contextmanager
+def recording_effective_weights(model: nn.Module) -> Iterator[dict[int, int]]:
+    """Within the block, every NSConv of ``model`` records the effective weight it computes: yields
+    ``{storage data_ptr: kept entries}``, filled as forwards run.
+
+    The convolution saves that weight for its input gradient. It is derived from the parameters, not from
+    the batch, and it is zero wherever the mask is, so a device holds only its kept entries; memory
+    accounting (``toolchain.learning.fl.memory``) uses this to tell it apart from activations."""
+    seen: dict[int, int] = {}
+    convs = [m for m in model.modules() if isinstance(m, NSConv)]
+    for m in convs:
+        def effective(m: NSConv = m) -> torch.Tensor:
+            w = type(m).effective_weight(m)
+            seen[w.untyped_storage().data_ptr()] = int(m.mask.sum())
+            return w
+
+        m.effective_weight = effective  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        for m in convs:
+            del m.effective_weight
 
 
 def has_nsconv(model: nn.Module) -> bool:

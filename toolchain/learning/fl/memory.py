@@ -2,7 +2,7 @@
 
 Activations are *measured*: the bytes of every distinct tensor autograd saves for the backward
 pass during a real forward of one batch (``torch.autograd.graph.saved_tensors_hooks``), excluding
-the parameters themselves. The other terms follow the formulas in ``docs/memory.md``.
+the model's own state (counted as weights) and charging a parameter-derived copy at its kept entries. The other terms follow the formulas in ``docs/memory.md``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from toolchain.learning.fl.masks import Masks
+from toolchain.models.nsconv import recording_effective_weights
 
 F32 = 4
+# Version of the rules in docs/memory.md that figures are measured under. 2 (2026-12-04): saved model buffers are
+# not activations; an NSConv effective weight costs its kept entries. Results carry it (bench/fl_grid.py).
+MEMORY_RULE = 2
 
 
 @dataclass
@@ -38,28 +42,63 @@ class MemoryReport:
         return {**asdict(self), "total": self.total}
 
 
-def measure_saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes of distinct non-parameter tensors saved for backward in one training forward pass."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+@dataclass
+class SavedTensors:
+    """What one training forward saves for backward, in bytes (``measure_saved_tensors``)."""
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        # Count each saved tensor once by its data pointer, with the bytes of the view itself (a batch
-        # sliced from a larger dataset tensor costs only the batch on a device).
-        try:
-            if t.untyped_storage().data_ptr() not in param_ptrs:
-                seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
-        except (RuntimeError, NotImplementedError):
-            pass
-        return t
+    activations: int  # distinct batch-derived tensors (input batch included)
+    weight_copies: int  # parameter-derived tensors (NSConv effective weights), dense as this simulation holds them
+    weight_copies_device: int  # the same at their kept entries, 4 B each: what a device holds
+    buffers: int  # model buffers saved as they are (BN statistics, NSConv masks): the weights term holds them
+    activation_tensors: int
 
+
+def measure_saved_tensors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, backward: bool = False) -> SavedTensors:
+    """Sort every distinct tensor autograd saves in one training forward of ``(x, y)`` (``saved_tensors_hooks``).
+
+    Model state (parameters, BN statistics, NSConv masks) saved as it is costs nothing extra: the weights term
+    holds it. An NSConv effective weight is recorded apart (``recording_effective_weights``): a device holds its
+    kept entries only. Everything else counts once, by data pointer, at the bytes of the view itself (a batch
+    sliced from a larger dataset tensor costs only the batch on a device). ``backward`` also runs the backward
+    pass (a real step, e.g. to exercise SAP's backward on what it saved); it saves nothing more.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    buffers = {b.untyped_storage().data_ptr() for b in model.buffers()}
+    saved: dict[int, int] = {}
+    copies: dict[int, tuple[int, int]] = {}
+    buffer_bytes: dict[int, int] = {}
     was_training = model.training
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), y)
-    del loss
-    model.train(was_training)
-    return sum(seen.values())
+    with recording_effective_weights(model) as effective:  # filled by the forward, read by pack()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            try:
+                ptr = t.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):
+                return t
+            nbytes = t.numel() * t.element_size()
+            key = t.data_ptr() if t.numel() else id(t)
+            if ptr in params:
+                pass
+            elif ptr in buffers:
+                buffer_bytes[key] = nbytes
+            elif ptr in effective:
+                copies[key] = (nbytes, effective[ptr] * t.element_size())
+            else:
+                saved[key] = max(saved.get(key, 0), nbytes)
+            return t
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = F.cross_entropy(model(x), y)
+            if backward:
+                loss.backward()
+        finally:
+            if backward:
+                model.zero_grad(set_to_none=True)
+            model.train(was_training)
+    return SavedTensors(sum(saved.values()), sum(c[0] for c in copies.values()), sum(c[1] for c in copies.values()),
+                        sum(buffer_bytes.values()), len(saved))
 
 
 def sparse_tensor_bytes(numel: int, nnz: int) -> int:
@@ -96,7 +135,8 @@ def training_memory(model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Te
         opt = trained * F32
     else:
         opt = 0
-    act = measure_saved_activation_bytes(model, x, y) + extra_activation_bytes
+    saved = measure_saved_tensors(model, x, y)
+    act = saved.activations + saved.weight_copies_device + extra_activation_bytes
     return MemoryReport(weights, grads, opt, act, extra_bytes)
 
 
@@ -137,7 +177,7 @@ def measure_forward_peak_bytes(model: nn.Module, x: torch.Tensor) -> int:
     set of tensors alive at once: every float tensor an aten op returns is counted from creation until it
     is freed (``TorchDispatchMode`` + ``weakref.finalize``); tensors sharing storage with parameters or
     buffers are excluded (they are the weights term). Op-internal scratch (e.g. a conv's im2col) is not
-    seen, as with ``measure_saved_activation_bytes``.
+    seen, as with ``measure_saved_tensors``.
     """
     exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
     exclude |= {b.untyped_storage().data_ptr() for b in model.buffers()}

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolchain.learning.fl.memory import F32, sparse_tensor_bytes
+from toolchain.learning.fl.memory import F32, measure_saved_tensors, sparse_tensor_bytes
 from toolchain.models.nsconv import NSConv
 
 DEFAULT_GAMMA = 0.7
@@ -248,43 +248,6 @@ def model_bytes(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
 def measure_footprint(model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor,
                       y: torch.Tensor) -> Footprint:
     """Measure the footprint during a real training step (forward + backward) on batch ``(x, y)``."""
-    state_ptrs = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    eff_ptrs: set[int] = set()
-    nsconvs = [m for m in model.modules() if isinstance(m, NSConv)]
-    for m in nsconvs:  # record which saved tensors are effective weights (by storage)
-        def eff(m: NSConv = m) -> torch.Tensor:
-            w = type(m).effective_weight(m)
-            eff_ptrs.add(w.untyped_storage().data_ptr())
-            return w
-
-        m.effective_weight = eff  # type: ignore[method-assign]
-    saved: dict[int, tuple[int, bool]] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            ptr = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):
-            return t
-        if ptr not in state_ptrs:
-            nbytes = t.numel() * t.element_size()
-            key = t.data_ptr() if t.numel() else id(t)
-            saved[key] = (max(saved.get(key, (0, False))[0], nbytes), ptr in eff_ptrs)
-        return t
-
-    was_training = model.training
-    model.train()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()  # a real step: SAP's backward runs on what was saved
-    finally:
-        for m in nsconvs:
-            del m.effective_weight
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    act = sum(b for b, is_w in saved.values() if not is_w)
-    copies = sum(b for b, is_w in saved.values() if is_w)
-    nnz_ns = sum(int(masks[f"{n}.weight"].sum()) if f"{n}.weight" in masks else m.weight.numel()
-                 for n, m in model.named_modules() if isinstance(m, NSConv))
-    return Footprint(model_bytes(model, masks), act, copies, nnz_ns * 4 if nsconvs else 0,
-                     sum(1 for _, is_w in saved.values() if not is_w))
+    saved = measure_saved_tensors(model, x, y, backward=True)  # backward: SAP's backward runs on what was saved
+    return Footprint(model_bytes(model, masks), saved.activations, saved.weight_copies, saved.weight_copies_device,
+                     saved.activation_tensors)

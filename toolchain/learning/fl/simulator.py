@@ -19,6 +19,7 @@ from toolchain.data.datasets import Dataset
 from toolchain.data.partition import partition
 from toolchain.learning.fl.config import TrainConfig
 from toolchain.learning.fl.masks import density
+from toolchain.learning.fl.memory import MEMORY_RULE
 from toolchain.learning.fl.messages import TrainRes
 from toolchain.learning.fl.strategy import ClientData, ServerContext, Strategy
 
@@ -130,6 +131,9 @@ class _RunState:
     history: list[RoundRecord]
     torch_rng: torch.Tensor
     np_rng: tuple
+    # the memory-accounting rule its round records follow (docs/memory.md); a factory, not a class default, so a
+    # checkpoint pickled before the field existed reads as rule 1 (``getattr(state, "memory_rule", 1)``)
+    memory_rule: int = field(default_factory=lambda: MEMORY_RULE)
 
 
 def _share_equal_masks(client_masks: dict[int, dict[str, torch.Tensor]]) -> None:
