@@ -34,7 +34,7 @@ from toolchain.learning.fl.masks import apply_masks, dense_masks
 from toolchain.learning.fl.sap import enable_sap, keep_count, measure_footprint
 from toolchain.learning.fl.simulator import seed_everything, to_tensors
 from toolchain.learning.pruning import ALGORITHMS, make_strategy
-from toolchain.learning.pruning.scores import random_erk_masks
+from toolchain.learning.pruning.scores import random_masks
 from toolchain.models.zoo import build_model
 
 DATA = REPO.parent / "shared" / "data" / "cifar10"
@@ -91,7 +91,7 @@ def memory_rows(data) -> list[dict]:
                 seed_everything(0)
                 model = build_model(name, data.input_shape, data.num_classes, norm=norm, **kw)
                 masks = (dense_masks(model) if density == 1.0
-                         else random_erk_masks(model, density, torch.Generator().manual_seed(0)))
+                         else random_masks(model, density, torch.Generator().manual_seed(0)))
                 apply_masks(model, masks)
                 if gamma is not None:
                     enable_sap(model, gamma, relu_bits=bits)
@@ -171,7 +171,7 @@ def cosine_at_default(data) -> dict:
     for norm in ("nsconv", "bn"):
         seed_everything(0)
         model = build_model("resnet8", data.input_shape, 10, norm=norm)
-        masks = random_erk_masks(model, 0.05, torch.Generator().manual_seed(0))
+        masks = random_masks(model, 0.05, torch.Generator().manual_seed(0))
         apply_masks(model, masks)
         ref = copy.deepcopy(model)
         F.cross_entropy(ref(x), y).backward()

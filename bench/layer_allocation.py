@@ -28,32 +28,15 @@ from torch import nn
 
 from toolchain.data.datasets import load_dataset
 from toolchain.learning.fl import Federation, TrainConfig, simulate
-from toolchain.learning.fl.masks import Masks, prunable_names
+from toolchain.learning.fl.masks import Masks
 from toolchain.learning.fl.simulator import seed_everything
 from toolchain.learning.fl.strategy import ServerContext
 from toolchain.learning.pruning.baselines import StaticMask
-from toolchain.learning.pruning.scores import erk_counts, keep_count, synflow_masks
+from toolchain.learning.pruning.scores import erk_counts, layer_counts, synflow_masks
 from toolchain.models.zoo import build_model
 
 STEM = RESULTS / "layer_allocation"
 VARIANTS = ("erk", "synflow-counts", "equal", "synflow")
-
-
-def equal_counts(sizes: dict[str, int], total: int) -> dict[str, int]:
-    """``total`` kept weights spread evenly over the layers, none above its size (water-filling)."""
-    counts, left, open_ = dict.fromkeys(sizes, 0), total, sorted(sizes, key=sizes.get)
-    while open_ and left > 0:
-        share = left // len(open_)
-        name = open_[0]
-        if sizes[name] <= share:  # the smallest layer fills up; the rest share what is left
-            counts[name] = sizes[name]
-            left -= sizes[name]
-            open_.pop(0)
-            continue
-        for i, n in enumerate(open_):
-            counts[n] = share + (1 if i < left - share * len(open_) else 0)
-        left = 0
-    return counts
 
 
 def random_with_counts(model: nn.Module, counts: dict[str, int], generator: torch.Generator) -> Masks:
@@ -85,8 +68,7 @@ class Allocated(StaticMask):
             return syn
         if self.variant == "synflow-counts":
             return random_with_counts(model, {n: int(m.sum()) for n, m in syn.items()}, gen)
-        sizes = {n: model.get_parameter(n).numel() for n in prunable_names(model)}
-        return random_with_counts(model, equal_counts(sizes, keep_count(sum(sizes.values()), self.cfg.density)), gen)
+        return random_with_counts(model, layer_counts(model, self.cfg.density, "equal"), gen)
 
 
 def run(data, variant: str, density: float, seed: int) -> dict:

@@ -29,7 +29,7 @@ from toolchain.learning.fl.sap import (
 from toolchain.learning.fl.strategy import ClientData
 from toolchain.learning.pruning import make_strategy
 from toolchain.learning.pruning.fedmef import bae_lr, rex_budget
-from toolchain.learning.pruning.scores import random_erk_masks
+from toolchain.learning.pruning.scores import random_masks
 from toolchain.models.nsconv import NSConv, _Standardize, materialize
 from toolchain.models.zoo import build_model
 
@@ -106,7 +106,7 @@ def test_cosine_similarity_of_sap_weight_gradient_at_default_gamma():
     """Reported, not a paper number: cosine(SAP weight grad, exact) on a 5 %-dense ResNet-8 NSConv."""
     torch.manual_seed(0)
     model = build_model("resnet8", (32, 32, 3), 10, norm="nsconv")
-    masks = random_erk_masks(model, 0.05, torch.Generator().manual_seed(0))
+    masks = random_masks(model, 0.05, torch.Generator().manual_seed(0))
     apply_masks(model, masks)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     ref, sap = copy.deepcopy(model), enable_sap(copy.deepcopy(model), DEFAULT_GAMMA)
@@ -313,7 +313,7 @@ def test_int8_export_of_resnet8_nsconv(tmp_path):
     torch.manual_seed(0)
     shape = (32, 32, 3)
     model = build_model("resnet8", shape, 10, norm="nsconv")
-    masks = random_erk_masks(model, 0.1, torch.Generator().manual_seed(0))
+    masks = random_masks(model, 0.1, torch.Generator().manual_seed(0))
     apply_masks(model, masks)
     enable_sap(model)
     with torch.no_grad():

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from toolchain.contracts.errors import ToolchainError
 from toolchain.learning.fl.masks import kept_count, prunable_names
 from toolchain.learning.fl.messages import TrainRes
 from toolchain.learning.pruning.dynamic import (
@@ -16,11 +17,13 @@ from toolchain.learning.pruning.dynamic import (
     topk_inactive_gradients,
 )
 from toolchain.learning.pruning.scores import (
+    equal_counts,
     erk_counts,
     erk_densities,
     keep_count,
+    layer_counts,
     magnitude_masks,
-    random_erk_masks,
+    random_masks,
     snip_masks,
     synflow_masks,
 )
@@ -50,7 +53,7 @@ def test_every_scorer_keeps_the_exact_count(net, density):
     x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
     before = {k: v.clone() for k, v in net.state_dict().items()}
     masks = {
-        "random": random_erk_masks(net, density, torch.Generator().manual_seed(1)),
+        "random": random_masks(net, density, torch.Generator().manual_seed(1)),
         "magnitude": magnitude_masks(net, density),
         "snip": snip_masks(net, x, y, density),
         "synflow": synflow_masks(net, (16, 16, 3), density, iterations=5),
@@ -71,10 +74,28 @@ def test_every_scorer_keeps_the_exact_count(net, density):
     assert kept.min() >= dropped.max()
 
 
+def test_equal_budget_gives_every_layer_the_same_count_unless_it_is_full(net):
+    assert equal_counts({"a": 10, "b": 20}, 25) == {"a": 10, "b": 15}  # a fills up, b takes the rest
+    assert equal_counts({"a": 150, "b": 2400, "c": 840}, 302) == {"a": 101, "b": 100, "c": 101}
+    assert equal_counts({"a": 3, "b": 4}, 7) == {"a": 3, "b": 4}
+    params = dict(net.named_parameters())
+    for density in (0.01, 0.05):
+        counts = layer_counts(net, density, "equal")
+        assert sum(counts.values()) == keep_count(_total(net), density)
+        open_layers = [c for n, c in counts.items() if c < params[n].numel()]
+        assert max(open_layers) - min(open_layers) <= 1
+        masks = random_masks(net, density, torch.Generator().manual_seed(1), budget="equal")
+        assert {n: int(m.sum()) for n, m in masks.items()} == counts
+        mags = magnitude_masks(net, density, scope="equal")
+        assert {n: int(m.sum()) for n, m in mags.items()} == counts
+    with pytest.raises(ToolchainError, match="budget must be one of erk, equal"):
+        layer_counts(net, 0.01, "uniform")
+
+
 def test_random_masks_depend_only_on_the_seed(net):
-    a = random_erk_masks(net, 0.05, torch.Generator().manual_seed(3))
-    b = random_erk_masks(net, 0.05, torch.Generator().manual_seed(3))
-    c = random_erk_masks(net, 0.05, torch.Generator().manual_seed(4))
+    a = random_masks(net, 0.05, torch.Generator().manual_seed(3))
+    b = random_masks(net, 0.05, torch.Generator().manual_seed(3))
+    c = random_masks(net, 0.05, torch.Generator().manual_seed(4))
     assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], c[k]) for k in a)
 
 

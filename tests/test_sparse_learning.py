@@ -14,7 +14,7 @@ from toolchain.learning.fl.quality import chance_accuracy, chance_message
 from toolchain.learning.fl.simulator import seed_everything
 from toolchain.learning.fl.sparse_init import rescale_kept
 from toolchain.learning.pruning import make_strategy
-from toolchain.learning.pruning.scores import random_erk_masks
+from toolchain.learning.pruning.scores import random_masks
 from toolchain.models.zoo import build_model
 from toolchain.pipelines.train import TrainOptions
 
@@ -65,7 +65,7 @@ def test_rescale_restores_the_dense_signal_per_unit():
     x = torch.randn(256, 1, 28, 28)
     with torch.no_grad():
         dense_spread = float(model(x).std(0).mean())
-    masks = random_erk_masks(model, 0.05, torch.Generator().manual_seed(1))
+    masks = random_masks(model, 0.05, torch.Generator().manual_seed(1))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, m in masks.items():

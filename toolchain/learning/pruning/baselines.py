@@ -55,7 +55,7 @@ from toolchain.learning.pruning.dynamic import (
 from toolchain.learning.pruning.scores import (
     layer_topk,
     magnitude_masks,
-    random_erk_masks,
+    random_masks,
     snip_masks,
     synflow_masks,
 )
@@ -100,9 +100,12 @@ class StaticMask(Strategy):
 
 class RandomERK(StaticMask):
     name = "random"
+    # budget: per-layer counts, "erk" (default, the papers' baseline) or "equal" (scores.layer_counts)
+    default_options = {**StaticMask.default_options, "budget": "erk"}
 
     def score_masks(self, model: nn.Module, ctx: ServerContext) -> Masks:
-        return random_erk_masks(model, self.cfg.density, torch.Generator().manual_seed(self.cfg.seed + 31))
+        return random_masks(model, self.cfg.density, torch.Generator().manual_seed(self.cfg.seed + 31),
+                            budget=str(self.opts["budget"]))
 
 
 class Magnitude(StaticMask):
@@ -136,7 +139,8 @@ class SynFlow(StaticMask):
 
 class PruneFL(Strategy):
     name = "prunefl"
-    # initial_scope: the initial magnitude mask keeps ERK layer counts by default; "global" (one ranking over
+    # initial_scope: the initial magnitude mask keeps ERK layer counts by default ("equal": the same count in every
+    # layer, scores.layer_counts); "global" (one ranking over
     # every layer) emptied LeNet-5's fc1 at 5 % even after pre-training, leaving the run at chance (issue 14)
     # rule: "prune_grow" by default. "importance" re-selects each layer's whole mask by importance, and at 1 %
     # most kept weights were swapped for new ones that start at 0: the quick benchmark ended at chance (8.7 %
@@ -221,7 +225,8 @@ class FedDST(Strategy):
     # the last step (1.0): at E = 1 the grown weights then reach the server as exact zeros and its magnitude
     # re-prune of the union admits them by index order, not by gradient (355/355 grown values were 0, issue
     # 14). At 0.5 (default) the grown weights train for the second half of the local steps first.
-    default_options: dict[str, Any] = {"delta": 10, "t_end": 0, "alpha": 0.5, "readjust_at": 0.5}
+    # budget: the initial random mask's per-layer counts, "erk" (default, [LIB]) or "equal" (scores.layer_counts)
+    default_options: dict[str, Any] = {"delta": 10, "t_end": 0, "alpha": 0.5, "readjust_at": 0.5, "budget": "erk"}
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -229,7 +234,8 @@ class FedDST(Strategy):
         self.t_end = int(self.opts["t_end"]) or max(1, cfg.rounds // 2)
 
     def initial_masks(self, model: nn.Module, ctx: ServerContext) -> Masks:
-        masks = random_erk_masks(model, self.cfg.density, torch.Generator().manual_seed(self.cfg.seed + 31))
+        masks = random_masks(model, self.cfg.density, torch.Generator().manual_seed(self.cfg.seed + 31),
+                             budget=str(self.opts["budget"]))
         self.layer_counts = {n: int(m.sum()) for n, m in masks.items()}
         return masks
 

@@ -6,7 +6,7 @@ grow with grown weights = 0, mask broadcast) and adds:
 
 * **BN-free model**: conv+BN pairs become NSConv (``toolchain/models/nsconv.py``), statistics over the unpruned
   entries (``nsconv_stats=active``, default) or all entries (``all``, the authors' active code path).
-* **Random ERK initial mask** (``toolchain.learning.pruning.scores.random_erk_masks``; exact per-layer counts by
+* **Random ERK initial mask** (``toolchain.learning.pruning.scores.random_masks``; exact per-layer counts by
   default, ``init=erk_bernoulli`` for the authors' independent draws).
 * **SAP** (``toolchain/learning/fl/sap.py``) on every conv/linear layer of the client model, gamma 0.7 by default.
 * **Budget-aware extrusion (BaE)** in the ``bae_rounds`` rounds that end with each adjustment round (the
@@ -47,7 +47,7 @@ from toolchain.learning.pruning.dynamic import (
     is_adjust_round,
     prune_and_grow,
 )
-from toolchain.learning.pruning.scores import random_erk_masks
+from toolchain.learning.pruning.scores import random_masks
 from toolchain.models.nsconv import convert_to_nsconv, has_nsconv
 
 NSCONV_ARCHS = ("resnet8", "resnet18", "mobilenetv2")
@@ -96,7 +96,7 @@ class FedMef(DynamicPruning):
         "bae": 1, "bae_rounds": None, "lam": 0.01, "lam_mode": "fixed", "lam_step": 1e-4, "penalty": "sq",
         "lr_norm": "l2", "bae_lr": 1, "max_lr": None, "marks": "window", "prune": "magnitude",
         # model / init / SAP
-        "init": "erk", "nsconv": 1, "nsconv_stats": "active", "nsconv_init": "nf", "sap": 1, "gamma": DEFAULT_GAMMA,
+        "init": "erk", "budget": "erk", "nsconv": 1, "nsconv_stats": "active", "nsconv_init": "nf", "sap": 1, "gamma": DEFAULT_GAMMA,
         "sap_fp16": 1, "relu_bits": 1,
         # optional per-round exponential lr decay to min_lr over all rounds ([AUTH]); off = engine schedule
         "min_lr": None,
@@ -151,7 +151,8 @@ class FedMef(DynamicPruning):
         if init not in ("erk", "erk_bernoulli"):
 
             raise ToolchainError(f"fedmef init must be 'erk' or 'erk_bernoulli', got '{init}'")
-        return random_erk_masks(model, self.cfg.density, self._init_gen, bernoulli=init == "erk_bernoulli")
+        return random_masks(model, self.cfg.density, self._init_gen, bernoulli=init == "erk_bernoulli",
+                            budget=str(self.opt("budget")))
 
     def set_masks(self, masks) -> None:
         super().set_masks(masks)

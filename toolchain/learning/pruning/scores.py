@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolchain.contracts.errors import ToolchainError
 from toolchain.learning.fl.masks import Masks, global_topk, prunable_names
 
 
@@ -85,18 +86,48 @@ def erk_counts(model: nn.Module, density: float) -> dict[str, int]:
     return counts
 
 
+BUDGETS = ("erk", "equal")
+
+
+def equal_counts(sizes: dict[str, int], total: int) -> dict[str, int]:
+    """``total`` kept weights spread evenly over the layers, none above its size (water-filling; the remainder goes
+    to the smallest layers first)."""
+    counts, left, open_ = dict.fromkeys(sizes, 0), total, sorted(sizes, key=lambda n: sizes[n])
+    while open_ and left > 0:
+        share = left // len(open_)
+        if sizes[open_[0]] <= share:  # the smallest layer fills up; the others share what is left
+            counts[open_[0]] = sizes[open_[0]]
+            left -= sizes[open_.pop(0)]
+            continue
+        for i, n in enumerate(open_):
+            counts[n] = share + (1 if i < left - share * len(open_) else 0)
+        left = 0
+    return counts
+
+
+def layer_counts(model: nn.Module, density: float, budget: str = "erk") -> dict[str, int]:
+    """Kept weights per prunable layer, summing to ``keep_count(N, density)``: ``erk`` (``erk_counts``, every
+    paper's setting) or ``equal`` (the same count in every layer; at 1 % it trains far better than ERK on
+    LeNet-5, docs/training.md and bench/results/layer_allocation.md)."""
+    if budget == "erk":
+        return erk_counts(model, density)
+    if budget == "equal":
+        sizes = {n: p.numel() for n, p in _prunable(model).items()}
+        return equal_counts(sizes, keep_count(sum(sizes.values()), density))
+    raise ToolchainError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r} (--algo-opt budget=equal)")
+
+
 def erk_densities(model: nn.Module, density: float) -> dict[str, float]:
     """ERK per-layer densities, realised exactly: ``erk_counts / n_l`` (global density = ``keep_count/N``)."""
     sizes = {n: p.numel() for n, p in _prunable(model).items()}
     return {n: c / sizes[n] for n, c in erk_counts(model, density).items()}
 
 
-def random_erk_masks(model: nn.Module, density: float, generator: torch.Generator, bernoulli: bool = False) -> Masks:
-    """Random mask with ERK layer densities.
-
-    Default: exactly ``erk_counts`` uniformly random positions per layer. ``bernoulli=True`` keeps each
-    weight independently with its ERK probability (FedMef's [AUTH] ``erdos-renyi-kernel`` init; the
-    count is then only right in expectation).
+def random_masks(model: nn.Module, density: float, generator: torch.Generator, bernoulli: bool = False,
+                 budget: str = "erk") -> Masks:
+    """Random mask: exactly ``layer_counts(model, density, budget)`` uniformly random positions per layer (ERK
+    by default). ``bernoulli=True`` keeps each weight independently with its ERK probability (FedMef's [AUTH]
+    ``erdos-renyi-kernel`` init; the count is then only right in expectation).
     """
     params = _prunable(model)
     out: Masks = {}
@@ -105,7 +136,7 @@ def random_erk_masks(model: nn.Module, density: float, generator: torch.Generato
         for n, p in params.items():
             out[n] = torch.rand(p.shape, generator=generator) < min(probs[n], 1.0)
         return out
-    for n, k in erk_counts(model, density).items():
+    for n, k in layer_counts(model, density, budget).items():
         p = params[n]
         flat = torch.zeros(p.numel(), dtype=torch.bool)
         flat[torch.randperm(p.numel(), generator=generator)[:k]] = True
@@ -119,7 +150,7 @@ def topk_masks(scores: dict[str, torch.Tensor], density: float, scope: str = "gl
         return global_topk(scores, density)
     if scope == "local":
         return {n: global_topk({n: s}, density)[n] for n, s in scores.items()}
-    raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
+    raise ToolchainError(f"scope must be 'global', 'local' or a budget ({', '.join(BUDGETS)}), got {scope!r}")
 
 
 def layer_topk(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -139,8 +170,8 @@ def magnitude_masks(model: nn.Module, density: float, scope: str = "global") -> 
     PyTorch's init has std ~ 1/sqrt(fan_in), so LeNet-5's 400-input fc1 loses every weight at 5 % and the
     network is cut in two (measured: fc1 kept 0 of 48000)."""
     scores = {n: p.detach().abs() for n, p in _prunable(model).items()}
-    if scope == "erk":
-        return {n: layer_topk(scores[n], k) for n, k in erk_counts(model, density).items()}
+    if scope in BUDGETS:  # per-layer counts from that budget (``equal``: the same in every layer)
+        return {n: layer_topk(scores[n], k) for n, k in layer_counts(model, density, scope).items()}
     return topk_masks(scores, density, scope)
 
 

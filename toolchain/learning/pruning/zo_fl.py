@@ -45,7 +45,7 @@ from toolchain.learning.fl.masks import Masks, apply_masks, dense_masks, prunabl
 from toolchain.learning.fl.memory import MemoryReport, forward_only_memory
 from toolchain.learning.fl.strategy import ClientData, ServerContext, Strategy, float_state
 from toolchain.learning.pruning import ntk
-from toolchain.learning.pruning.scores import random_erk_masks, snip_masks
+from toolchain.learning.pruning.scores import random_masks, snip_masks
 from toolchain.models.fold_bn import fold_batchnorm
 
 MASK_KINDS = ("ntk", "ntk-datafree", "random", "snip", "dense")
@@ -272,7 +272,7 @@ class NTKZeroOrder(Strategy):
         self.in_shape = tuple(model.arch["in_shape"]) if hasattr(model, "arch") else tuple(ctx.server_x.shape[1:])
         kind, rho = self.opts["mask"], self.cfg.density
         if kind == "random":
-            return random_erk_masks(model, rho, torch.Generator().manual_seed(self.cfg.seed))
+            return random_masks(model, rho, torch.Generator().manual_seed(self.cfg.seed))
         if kind == "snip":
             # SNIP on the server's small labelled set (the engine's few-shot set, else its server batch)
             x, y = ctx.extra.get("fewshot", (ctx.server_x, ctx.server_y))
