@@ -42,7 +42,7 @@ from toolchain.learning.fl import Federation, TrainConfig, simulate
 from toolchain.learning.fl.memory import MEMORY_RULE
 from toolchain.learning.fl.quality import chance_accuracy
 from toolchain.learning.fl.simulator import read_checkpoint, seed_everything
-from toolchain.learning.pruning import make_strategy
+from toolchain.learning.pruning import BUDGET_OPTION, make_strategy
 from toolchain.models.zoo import build_model
 from toolchain.pipelines.train import TrainOptions
 
@@ -76,6 +76,16 @@ GRIDS: dict[str, dict[str, Any]] = {
         "train": _cli_defaults(clients=10, per_round=4, rounds=5),
         "algo_options": {},
         "per_method": {},
+    },
+    # the same protocol with every budgeted method on the "equal" per-layer budget (toolchain train --budget equal)
+    "mnist-equal": {
+        "dataset": "mnist", "model": "lenet5",
+        "methods": ["fedtiny", "feddst", "fedmef", "prunefl", "random", "magnitude"],
+        "densities": [0.01, 0.05], "seeds": [0, 1, 2],
+        "train": _cli_defaults(clients=10, per_round=4, rounds=5),
+        "algo_options": {},
+        "per_method": {m: {BUDGET_OPTION[m]: "equal"} for m in ("fedtiny", "feddst", "fedmef", "prunefl", "random",
+                                                                "magnitude")},
     },
 }
 

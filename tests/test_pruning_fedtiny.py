@@ -11,7 +11,7 @@ from toolchain.learning.fl.messages import TrainIns, TrainRes
 from toolchain.learning.fl.simulator import seed_everything
 from toolchain.learning.pruning.blocks import block_for_adjustment, model_blocks
 from toolchain.learning.pruning.fedtiny import FedTiny, bn_modules
-from toolchain.learning.pruning.scores import keep_count
+from toolchain.learning.pruning.scores import equal_counts, keep_count
 from toolchain.models.zoo import build_model
 
 
@@ -203,7 +203,7 @@ def test_authors_preset(toy):
     assert s.opt("dense_first_conv") == 1 and s.opt("candidate_base") == "uniform" and s.opt("sparse_init") == "none"
 
 
-@pytest.mark.parametrize("base", ["uniform", "erk"])
+@pytest.mark.parametrize("base", ["uniform", "erk", "equal"])
 def test_candidate_pool_hits_density(base):
     import numpy as np
 
@@ -216,6 +216,10 @@ def test_candidate_pool_hits_density(base):
     total = sum(m.numel() for m in s.candidate_masks()[0].values())
     for m in s.candidate_masks():  # authors' rule without the exact nudge: within 2 % of rho
         assert abs(kept_count(m) / total - 0.05) / 0.05 < 0.02
+    if base == "equal":  # the noise (+-50 % per layer) is centred on the same count in every layer
+        centre = equal_counts({n: m.numel() for n, m in s.candidate_masks()[0].items()}, round(0.05 * total))
+        for n, c in centre.items():
+            assert all(0.5 * c - 1 <= int(m[n].sum()) <= 1.5 * c + 1 for m in s.candidate_masks()), n
 
 
 def test_round1_memory_counts_the_abns_phase(run):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from toolchain.contracts.errors import ToolchainError
 from toolchain.data.datasets import Dataset
 from toolchain.learning.fl import Federation, TrainConfig, simulate
 from toolchain.learning.fl.quality import chance_accuracy, chance_message
@@ -46,6 +47,21 @@ def test_sparse_run_leaves_chance_with_cli_defaults(toy, algo):
     acc = _final_accuracy(toy, algo, _cli_config())
     assert chance_message(acc, chance) is None, (algo, acc)
     assert acc > 0.4, (algo, acc)  # chance is 0.126 on these 1000 test images
+
+
+def test_budget_reaches_each_method_through_its_own_option():
+    """``--budget`` sets the per-layer budget of whichever method runs; an explicit ``--algo-opt`` wins."""
+    def opts(algo: str, budget: str, **algo_options) -> dict:
+        return TrainOptions(algo=algo, out="-", budget=budget, algo_options=algo_options).train_config().algo_options
+
+    assert opts("prunefl", "equal") == {"initial_scope": "equal"}
+    assert opts("magnitude", "equal") == {"scope": "equal"}
+    assert opts("fedtiny", "equal") == {"candidate_base": "equal"}
+    assert opts("feddst", "equal", delta=5) == {"delta": 5, "budget": "equal"}
+    assert opts("magnitude", "equal", scope="global") == {"scope": "global"}
+    assert opts("snip", "equal") == {} and opts("random", "erk") == {}
+    with pytest.raises(ToolchainError, match="unknown budget 'flat'"):
+        TrainOptions(algo="random", out="-", budget="flat").validate()
 
 
 def test_the_old_collapse_is_reported_as_chance(toy):

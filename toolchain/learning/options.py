@@ -18,7 +18,8 @@ from typing import Any
 
 from toolchain.contracts.errors import ToolchainError
 from toolchain.learning.fl.config import TrainConfig
-from toolchain.learning.pruning import ALGORITHMS
+from toolchain.learning.pruning import ALGORITHMS, BUDGET_OPTION
+from toolchain.learning.pruning.scores import BUDGETS
 from toolchain.models.zoo import MODELS
 
 OPTIMIZERS = ("sgd", "adam")
@@ -44,6 +45,7 @@ class FederatedOptions:
     seed: int = 0
     threads: int = 1
     eval_samples: int | None = None  # test samples for per-round evaluation; None: all
+    budget: str = "erk"  # per-layer budget of the methods in BUDGET_OPTION ("erk": each paper's own)
     quiet: bool = False
     algo_options: dict[str, Any] = field(default_factory=dict)
 
@@ -71,6 +73,8 @@ class FederatedOptions:
             raise ToolchainError(f"--alpha must be positive, got {self.alpha}")
         if self.model is not None and self.model not in MODELS:
             raise ToolchainError(f"unknown model '{self.model}'; choose one of: {', '.join(MODELS)}")
+        if self.budget not in BUDGETS:
+            raise ToolchainError(f"unknown budget '{self.budget}'; choose one of: {', '.join(BUDGETS)}")
         if self.eval_samples is not None and self.eval_samples < 1:
             raise ToolchainError(f"--eval-samples must be at least 1, got {self.eval_samples}")
 
@@ -80,7 +84,16 @@ class FederatedOptions:
                            local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
                            optimizer=self.optimizer, partition=self.partition, alpha=self.alpha,
                            density=self.density, seed=self.seed, eval_samples=self.eval_samples,
-                           threads=self.threads, algo_options=dict(self.algo_options))
+                           threads=self.threads, algo_options=self.method_options())
+
+    def method_options(self) -> dict[str, Any]:
+        """``algo_options`` with ``budget`` passed to the method's own option (an explicit ``--algo-opt`` wins);
+        the papers' ``erk`` is every method's default, so it adds nothing."""
+        opts = dict(self.algo_options)
+        key = BUDGET_OPTION.get(self.algo)
+        if key is not None and self.budget != "erk":
+            opts.setdefault(key, self.budget)
+        return opts
 
 
 # Each command's defaults where they differ from the field defaults above. build: gmp with SGD 0.08, batch 64,
@@ -125,6 +138,8 @@ FLAGS: dict[str, Flag] = {
     "threads": Flag("--threads", "torch intra-op threads", int),
     "model": Flag("--model", "zoo model"),
     "eval_samples": Flag("--eval-samples", "test samples for per-round evaluation (all when unset)", int),
+    "budget": Flag("--budget", "kept weights per layer for " + ", ".join(BUDGET_OPTION) + ": equal (the same count "
+                   "in every layer) or erk (the papers'); docs/training.md", None, BUDGETS),
 }
 _DEFAULT_FROM_OTHERS = ("partition", "alpha")  # resolved together in from_args: --alpha alone means dirichlet
 

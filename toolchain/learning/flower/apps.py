@@ -121,7 +121,7 @@ def _node_partition(context: Context) -> tuple[int, int]:
 RUN_CONFIG_KEYS = {"algo": "algo", "model": "model", "dataset": "dataset", "data": "data", "density": "density",
                    "clients": "clients", "per-round": "per_round", "rounds": "rounds", "local-epochs": "local_epochs",
                    "batch-size": "batch_size", "lr": "lr", "optimizer": "optimizer", "partition": "partition",
-                   "alpha": "alpha", "seed": "seed", "eval-samples": "eval_samples", "out": "out"}
+                   "alpha": "alpha", "seed": "seed", "eval-samples": "eval_samples", "budget": "budget", "out": "out"}
 
 
 def spec_from_run_config(run_config: dict) -> str:

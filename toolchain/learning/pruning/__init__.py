@@ -30,6 +30,12 @@ ALGORITHMS: dict[str, type[Strategy]] = {
 }
 
 
+# The option through which each method that allocates a per-layer budget takes it (values: scores.BUDGETS; every
+# method's own default is "erk", its paper's). ``--budget`` sets it for whichever method runs (learning/options.py).
+BUDGET_OPTION: dict[str, str] = {"random": "budget", "feddst": "budget", "fedmef": "budget", "magnitude": "scope",
+                                 "prunefl": "initial_scope", "fedtiny": "candidate_base"}
+
+
 def make_strategy(name: str, cfg: TrainConfig) -> Strategy:
     if name not in ALGORITHMS:
         raise ToolchainError(f"unknown algorithm '{name}'; choose one of: {', '.join(ALGORITHMS)}")

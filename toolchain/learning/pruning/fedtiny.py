@@ -39,7 +39,7 @@ from toolchain.learning.fl.strategy import ClientData, ServerContext, float_stat
 from toolchain.learning.pruning.baselines import server_pretrain
 from toolchain.learning.pruning.blocks import block_for_adjustment, model_blocks
 from toolchain.learning.pruning.dynamic import F32, DynamicPruning
-from toolchain.learning.pruning.scores import erk_probabilities, keep_count, layer_topk
+from toolchain.learning.pruning.scores import equal_counts, erk_probabilities, keep_count, layer_topk
 
 # Authors' code ([AUTH] fedlottery ``main_fedavg.py``) defaults that are algorithm options. Run-level
 # settings of that code (Adam amsgrad lr 1e-3 wd 1e-4, 5 local epochs, batch 64, Dirichlet 0.5) are
@@ -126,8 +126,10 @@ class FedTiny(DynamicPruning):
             base = {n: rho_adj for n in sizes}
         elif base_name == "erk":  # [LIB]-style ERK layer densities as the centre of the noise
             base = erk_probabilities({n: params[n].shape for n in sizes}, rho_adj)
+        elif base_name == "equal":  # the same count in every layer (scores.layer_counts' "equal" budget)
+            base = {n: c / sizes[n] for n, c in equal_counts(sizes, target - fixed).items()}
         else:
-            raise ToolchainError(f"candidate_base must be uniform or erk, got {base_name!r}")
+            raise ToolchainError(f"candidate_base must be uniform, erk or equal, got {base_name!r}")
         rng = np.random.default_rng(self.cfg.seed + 104729)
         tol = float(self.opt("density_tol"))
         out = []
