@@ -2,7 +2,8 @@
 
 Activations are *measured*: the bytes of every distinct tensor autograd saves for the backward
 pass during a real forward of one batch (``torch.autograd.graph.saved_tensors_hooks``), excluding
-the model's own state (counted as weights) and charging a parameter-derived copy at its kept entries. The other terms follow the formulas in ``docs/memory.md``.
+the model's own state (counted as weights) and charging a parameter-derived copy at its kept entries.
+The other terms follow the formulas in ``docs/memory.md``.
 """
 
 from __future__ import annotations

@@ -204,6 +204,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def descendants(pids: list[int]) -> list[int]:
     """Every live process below ``pids`` (by parent links in /proc, whatever session they moved to)."""
     children: dict[int, list[int]] = {}
@@ -332,6 +340,11 @@ class LocalFederation:
         for pid in below:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        # A SIGKILL is delivered asynchronously: on a loaded machine a killed process was still running when
+        # stop() returned (CI rehearsal, 2026-12-04). Return only once each is gone or a zombie.
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and any(_running(pid) for pid in below):
+            time.sleep(0.05)
         self.procs.clear()
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
         if not self.keep_logs:
