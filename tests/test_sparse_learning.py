@@ -17,6 +17,7 @@ from toolchain.learning.fl.sparse_init import rescale_kept
 from toolchain.learning.pruning import make_strategy
 from toolchain.learning.pruning.scores import random_masks
 from toolchain.models.zoo import build_model
+from toolchain.pipelines.build import BuildOptions
 from toolchain.pipelines.train import TrainOptions
 
 
@@ -26,9 +27,10 @@ def toy(mnist):
                    10, mnist.preprocessing)
 
 
-def _cli_config(**algo_options) -> TrainConfig:
-    """``toolchain train``'s own defaults, with the issue's federation, 3 rounds of 2 local epochs on 300 images per client."""
-    cfg = TrainOptions(algo="random", out="-", density=0.05, clients=10, per_round=4, rounds=3, local_epochs=2,
+def _cli_config(algo: str = "random", **algo_options) -> TrainConfig:
+    """``toolchain train --algo ALGO``'s own defaults, with the issue's federation, 3 rounds of 2 local epochs on 300
+    images per client."""
+    cfg = TrainOptions(algo=algo, out="-", density=0.05, clients=10, per_round=4, rounds=3, local_epochs=2,
                        algo_options=algo_options).train_config()
     cfg.eval_samples = None
     return cfg
@@ -44,7 +46,7 @@ def _final_accuracy(toy, algo: str, cfg: TrainConfig) -> float:
 @pytest.mark.parametrize("algo", ["random", "magnitude", "feddst", "fedtiny"])
 def test_sparse_run_leaves_chance_with_cli_defaults(toy, algo):
     chance = chance_accuracy(toy.y_test, 10)
-    acc = _final_accuracy(toy, algo, _cli_config())
+    acc = _final_accuracy(toy, algo, _cli_config(algo))
     assert chance_message(acc, chance) is None, (algo, acc)
     assert acc > 0.4, (algo, acc)  # chance is 0.126 on these 1000 test images
 
@@ -60,6 +62,11 @@ def test_budget_reaches_each_method_through_its_own_option():
     assert opts("feddst", "equal", delta=5) == {"delta": 5, "budget": "equal"}
     assert opts("magnitude", "equal", scope="global") == {"scope": "global"}
     assert opts("snip", "equal") == {} and opts("random", "erk") == {}
+    # the product's default is the equal budget, for train and build alike; the methods' own stays the papers' ERK
+    assert TrainOptions(algo="prunefl", out="-").train_config().algo_options == {"initial_scope": "equal"}
+    assert BuildOptions(algo="fedtiny", target="esp32", out="-").train_config().algo_options == {
+        "candidate_base": "equal"}
+    assert make_strategy("random", TrainConfig()).opts["budget"] == "erk"
     with pytest.raises(ToolchainError, match="unknown budget 'flat'"):
         TrainOptions(algo="random", out="-", budget="flat").validate()
 
