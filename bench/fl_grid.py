@@ -304,7 +304,7 @@ def markdown(s: dict[str, Any]) -> str:
                          for m in s["machines"]) + ".", "",
              "Memory (docs/memory.md, peak over all rounds, round 1 included): **total** at the training batch; "
              "**w+g+opt** = weights + gradients + optimizer state + method buffers; **batch 1** = everything when "
-             "training on one sample (how the papers count).", "",
+             "training on one sample. FedMef's claim uses its own footprint, model + activations (docs/memory.md).", "",
              "| method | density | seeds | final accuracy % (mean +- std) | at chance | total KiB | w+g+opt KiB | "
              "batch 1 KiB | up B/client/round | wall s/run |",
              "|---|---|---|---|---|---|---|---|---|---|"]

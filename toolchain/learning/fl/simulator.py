@@ -106,7 +106,7 @@ def close_round(strategy: Strategy, fed: Federation, cfg: TrainConfig, rnd: int,
     bs = min(cfg.batch_size, len(probe.y))
     probe_model.load_state_dict(strategy.model.state_dict())
     mem = strategy.device_memory(rnd, probe_model, probe.x[:bs], probe.y[:bs])
-    mem1 = strategy.device_memory(rnd, probe_model, probe.x[:1], probe.y[:1])  # how the papers count
+    mem1 = strategy.device_memory(rnd, probe_model, probe.x[:1], probe.y[:1])  # the smallest batch a device trains with
     if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
         ev = strategy.evaluate(fed.eval_x, fed.eval_y)
     else:
