@@ -88,6 +88,9 @@ def test_equal_budget_gives_every_layer_the_same_count_unless_it_is_full(net):
         assert {n: int(m.sum()) for n, m in masks.items()} == counts
         mags = magnitude_masks(net, density, scope="equal")
         assert {n: int(m.sum()) for n, m in mags.items()} == counts
+    bern = random_masks(net, 0.05, torch.Generator().manual_seed(1), bernoulli=True, budget="equal")
+    big = max(counts, key=lambda n: params[n].numel())  # Bernoulli draws keep the equal count in expectation
+    assert abs(int(bern[big].sum()) - counts[big]) < 5 * counts[big] ** 0.5
     with pytest.raises(ToolchainError, match="budget must be one of erk, equal"):
         layer_counts(net, 0.01, "uniform")
 

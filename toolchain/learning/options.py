@@ -46,7 +46,7 @@ class FederatedOptions:
     threads: int = 1
     eval_samples: int | None = None  # test samples for per-round evaluation; None: all
     # Per-layer budget of the methods in BUDGET_OPTION. "equal", not the papers' "erk": on the acceptance protocol
-    # (LeNet-5, MNIST, 5 rounds) every such method gained 12-27 points at 1 % and 1-2 at 5 % (docs/training.md).
+    # (LeNet-5, MNIST, 5 rounds, 3 seeds) every such method gained 15-21 points at 1 % and ~1 at 5 % (docs/training.md).
     budget: str = "equal"
     quiet: bool = False
     algo_options: dict[str, Any] = field(default_factory=dict)

@@ -114,7 +114,7 @@ def layer_counts(model: nn.Module, density: float, budget: str = "erk") -> dict[
     if budget == "equal":
         sizes = {n: p.numel() for n, p in _prunable(model).items()}
         return equal_counts(sizes, keep_count(sum(sizes.values()), density))
-    raise ToolchainError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r} (--algo-opt budget=equal)")
+    raise ToolchainError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r} (e.g. --budget equal)")
 
 
 def erk_densities(model: nn.Module, density: float) -> dict[str, float]:
@@ -126,13 +126,14 @@ def erk_densities(model: nn.Module, density: float) -> dict[str, float]:
 def random_masks(model: nn.Module, density: float, generator: torch.Generator, bernoulli: bool = False,
                  budget: str = "erk") -> Masks:
     """Random mask: exactly ``layer_counts(model, density, budget)`` uniformly random positions per layer (ERK
-    by default). ``bernoulli=True`` keeps each weight independently with its ERK probability (FedMef's [AUTH]
-    ``erdos-renyi-kernel`` init; the count is then only right in expectation).
+    by default). ``bernoulli=True`` keeps each weight independently with its layer's probability (FedMef's [AUTH]
+    ``erdos-renyi-kernel`` init with ERK; the count is then only right in expectation).
     """
     params = _prunable(model)
     out: Masks = {}
-    if bernoulli:
-        probs = erk_probabilities({n: p.shape for n, p in params.items()}, density)
+    if bernoulli:  # each weight kept with its layer's probability: ERK's, or the equal budget's count / size
+        probs = (erk_probabilities({n: p.shape for n, p in params.items()}, density) if budget == "erk" else
+                 {n: c / params[n].numel() for n, c in layer_counts(model, density, budget).items()})
         for n, p in params.items():
             out[n] = torch.rand(p.shape, generator=generator) < min(probs[n], 1.0)
         return out
@@ -150,7 +151,8 @@ def topk_masks(scores: dict[str, torch.Tensor], density: float, scope: str = "gl
         return global_topk(scores, density)
     if scope == "local":
         return {n: global_topk({n: s}, density)[n] for n, s in scores.items()}
-    raise ToolchainError(f"scope must be 'global', 'local' or a budget ({', '.join(BUDGETS)}), got {scope!r}")
+    raise ToolchainError(f"scope must be 'global' or 'local' (magnitude masks also take a budget: "
+                         f"{', '.join(BUDGETS)}), got {scope!r}")
 
 
 def layer_topk(score: torch.Tensor, k: int) -> torch.Tensor:
