@@ -32,21 +32,11 @@ from toolchain.learning.fl.masks import Masks
 from toolchain.learning.fl.simulator import seed_everything
 from toolchain.learning.fl.strategy import ServerContext
 from toolchain.learning.pruning.baselines import StaticMask
-from toolchain.learning.pruning.scores import erk_counts, layer_counts, synflow_masks
+from toolchain.learning.pruning.scores import erk_counts, layer_counts, random_masks_with_counts, synflow_masks
 from toolchain.models.zoo import build_model
 
 STEM = RESULTS / "layer_allocation"
 VARIANTS = ("erk", "synflow-counts", "equal", "synflow")
-
-
-def random_with_counts(model: nn.Module, counts: dict[str, int], generator: torch.Generator) -> Masks:
-    params = dict(model.named_parameters())
-    out: Masks = {}
-    for n, k in counts.items():
-        flat = torch.zeros(params[n].numel(), dtype=torch.bool)
-        flat[torch.randperm(params[n].numel(), generator=generator)[:k]] = True
-        out[n] = flat.view(params[n].shape)
-    return out
 
 
 class Allocated(StaticMask):
@@ -62,13 +52,13 @@ class Allocated(StaticMask):
         h, w, c = model.arch["in_shape"]
         gen = torch.Generator().manual_seed(self.cfg.seed + 31)  # as the grid's random ERK
         if self.variant == "erk":
-            return random_with_counts(model, erk_counts(model, self.cfg.density), gen)
+            return random_masks_with_counts(model, erk_counts(model, self.cfg.density), gen)
+        if self.variant == "equal":
+            return random_masks_with_counts(model, layer_counts(model, self.cfg.density, "equal"), gen)
         syn = synflow_masks(model, (h, w, c), self.cfg.density, 100, "global")
         if self.variant == "synflow":
             return syn
-        if self.variant == "synflow-counts":
-            return random_with_counts(model, {n: int(m.sum()) for n, m in syn.items()}, gen)
-        return random_with_counts(model, layer_counts(model, self.cfg.density, "equal"), gen)
+        return random_masks_with_counts(model, {n: int(m.sum()) for n, m in syn.items()}, gen)
 
 
 def run(data, variant: str, density: float, seed: int) -> dict:

@@ -137,7 +137,14 @@ def random_masks(model: nn.Module, density: float, generator: torch.Generator, b
         for n, p in params.items():
             out[n] = torch.rand(p.shape, generator=generator) < min(probs[n], 1.0)
         return out
-    for n, k in layer_counts(model, density, budget).items():
+    return random_masks_with_counts(model, layer_counts(model, density, budget), generator)
+
+
+def random_masks_with_counts(model: nn.Module, counts: dict[str, int], generator: torch.Generator) -> Masks:
+    """``counts[name]`` uniformly random positions in each named prunable tensor (drawn in ``counts``' order)."""
+    params = _prunable(model)
+    out: Masks = {}
+    for n, k in counts.items():
         p = params[n]
         flat = torch.zeros(p.numel(), dtype=torch.bool)
         flat[torch.randperm(p.numel(), generator=generator)[:k]] = True
