@@ -64,6 +64,7 @@ from toolchain.learning.flower.launch import (
     write_flower_app,
     write_flwr_home,
 )
+from toolchain.learning.flower.polling import send_and_receive
 from toolchain.pipelines.serve import check_topic_level, open_fleet
 
 ROUND = MessageType.TRAIN  # one Flower round = one fleet round on every node's devices
@@ -201,7 +202,7 @@ def serve_fleet(grid: Grid, run: FleetRun) -> dict:
         results: dict[str, RoundResult] = {}
         refused: dict[str, dict[str, int]] = {}
         where: dict[str, int] = {}
-        for reply in grid.send_and_receive(msgs, timeout=run.round_timeout):
+        for reply in send_and_receive(grid, msgs, timeout=run.round_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():  # (like a node that did not answer: left out of this round; the next
                 # instruction's updates bring its devices along)
@@ -232,7 +233,7 @@ def serve_fleet(grid: Grid, run: FleetRun) -> dict:
             f" (clipped {', '.join(clipped)})" if clipped else "")
     unacked: list[str] = []
     msgs = [Message(instruction(cfg, cfg.rounds + 1, closed), dst_node_id=n, message_type=SYNC) for n in nodes]
-    for reply in grid.send_and_receive(msgs, timeout=run.round_timeout):
+    for reply in send_and_receive(grid, msgs, timeout=run.round_timeout):
         _reply_ok(reply, "the final sync")
         unacked += json.loads(str(reply.content["config"]["unacked"]))
     summary = {"rounds": len(rounds), "loss": [r["loss"] for r in rounds],

@@ -41,6 +41,7 @@ from toolchain.learning.flower.driver import (
     resolve_type,
     server_loop,
 )
+from toolchain.learning.flower.polling import send_and_receive
 from toolchain.learning.options import TRAIN_DEFAULTS, FederatedOptions
 from toolchain.learning.run_output import write_run
 
@@ -246,7 +247,7 @@ def discover(grid: Grid, clients: int, timeout: float) -> dict[int, int]:
     nodes = list(grid.get_node_ids())  # ask every node: two holding one partition is an error
     msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     node_of: dict[int, int] = {}
-    for reply in grid.send_and_receive(msgs, timeout=timeout):
+    for reply in send_and_receive(grid, msgs, timeout=timeout):
         _check(reply, "discovery")
         pid = int(reply.content["node"]["partition-id"])
         if pid in node_of:
@@ -274,7 +275,7 @@ class GridExchange:
                         message_type=SETUP_TYPE if o.kind == "setup" else MessageType.TRAIN,
                         group_id=str(o.rnd)) for o in out]
         got: dict[int, Incoming] = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+        for reply in send_and_receive(self.grid, msgs, timeout=self.timeout):
             _check(reply, f"round {out[0].rnd}")
             inc = incoming_from(reply)
             got[inc.cid] = inc
