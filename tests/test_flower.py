@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -252,3 +254,45 @@ def test_deployment_needs_tls_or_an_explicit_insecure(tmp_path, capsys):
     assert main(["train", "--algo", "gmp", "--out", out, "--engine", "flower", "--superlink", "127.0.0.1:9",
                  "--superlink-ca", str(tmp_path / "missing.pem")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+class _SlowGrid:
+    """The two calls of a Flower ``Grid`` that ``polling.send_and_receive`` uses: each pushed message is answered
+    ``delay`` s after its push (``None``: never), as a SuperLink holding the nodes' replies would."""
+
+    def __init__(self, delays):
+        self.delays, self.pulls, self.pushed_at = delays, [], {}
+
+    def push_messages(self, messages):
+        ids = []
+        for i, _ in enumerate(messages):
+            self.pushed_at[f"m{i}"] = time.monotonic()
+            ids.append(f"m{i}")
+        return ids
+
+    def pull_messages(self, ids):
+        now = time.monotonic()
+        self.pulls.append(now)
+        ready = [i for i in ids if self.delays[int(i[1:])] is not None
+                 and now >= self.pushed_at[i] + self.delays[int(i[1:])]]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ready]
+
+
+def test_polling_collects_fast_replies_at_once_and_bounds_the_wait():
+    from toolchain.learning.flower.polling import MAX_INTERVAL, send_and_receive
+
+    grid = _SlowGrid([0.05, 0.3])
+    t0 = time.monotonic()
+    got = send_and_receive(grid, ["a", "b"], timeout=10)
+    took = time.monotonic() - t0
+    assert sorted(r.metadata.reply_to_message_id for r in got) == ["m0", "m1"]
+    # collected about one pull interval after the last reply; Flower's deployment grid would sleep 3 s first
+    # (margins generous: the bound is the behaviour, not a timing)
+    assert took < 0.3 + MAX_INTERVAL + 1.0
+    assert len(grid.pulls) >= 4  # it polled, backing off, rather than sleeping through
+
+    grid = _SlowGrid([0.0, None])  # one node never answers: the other's reply comes back when the timeout ends
+    t0 = time.monotonic()
+    got = send_and_receive(grid, ["a", "b"], timeout=0.5)
+    assert [r.metadata.reply_to_message_id for r in got] == ["m0"]
+    assert 0.5 <= time.monotonic() - t0 < 0.5 + 1.0
