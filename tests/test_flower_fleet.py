@@ -165,9 +165,11 @@ def test_fleet_node_on_flower_equals_toolchain_serve(tmp_path: Path, capsys: pyt
     assert w_serve.tobytes() == w_flower.tobytes()
     assert not np.array_equal(w_flower, m.head.weights)
 
-    # the device outside the node's list: refused every round, never asked, nothing of it counted
+    # the device outside the node's list: refused, never asked, nothing of it counted. Refused in the run, not in
+    # every round: a round closes as soon as the listed devices answered, and the node does not wait to read a
+    # stranger (on a loaded machine one round closed before the forger's frames were read)
     assert all(r["devices"] == ["dev-0", "dev-1"] for r in rounds)
-    assert all(sum(n.get("evil", 0) for n in r["refused"].values()) > 0 for r in rounds)
+    assert sum(n.get("evil", 0) for r in rounds for n in r["refused"].values()) > 0
     node_wal = _wal(next((tmp_path / "node").glob("run-*")))
     assert not any(r.get("device") == "evil" for r in node_wal)
 
