@@ -210,6 +210,17 @@ def fill(grid_name: str, data_dir: str | None, methods: list[str] | None, max_ru
     return done
 
 
+TAIL = 6  # the tail mean averages the evaluations in the last 1/TAIL of the rounds
+
+
+def tail_accuracy(curve: list[list[float]], rounds: int) -> float:
+    """Mean test accuracy over the evaluations in the last sixth of the rounds (the last evaluation when there is
+    none): with 10 of 100 non-IID clients per round the final round alone moves by 2.4-3.3 points (std of the
+    change between consecutive evaluations, CIFAR-10 runs), as much as the gaps between methods."""
+    cutoff = rounds - rounds // TAIL
+    return float(np.mean([a for r, a in curve if r > cutoff] or [curve[-1][1]]))
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
@@ -243,9 +254,10 @@ def summarize(grid_name: str) -> dict[str, Any]:
     for (method, density), rs in sorted(cells.items(), key=lambda kv: (kv[0][1] != 1.0, kv[0][1],
                                                                        grid["methods"].index(kv[0][0]))):
         acc = _mean_std([r["accuracy"] for r in rs])
+        tail = _mean_std([tail_accuracy(r["curve"], r["rounds"]) for r in rs])
         rows.append({
             "method": method, "density": density, "seeds": sorted(r["seed"] for r in rs), "n": len(rs),
-            "accuracy_mean": acc[0], "accuracy_std": acc[1],
+            "accuracy_mean": acc[0], "accuracy_std": acc[1], "tail_mean": tail[0], "tail_std": tail[1],
             "at_chance": sum(r["accuracy"] < r["chance_accuracy"] + 0.05 for r in rs),
             **{k: float(np.mean([r["memory"][k] for r in rs]))
                for k in ("total_at_train_batch", "weights_grads_optimizer", "total_at_batch1")},
@@ -266,27 +278,35 @@ def summarize(grid_name: str) -> dict[str, Any]:
 def claims(summary: dict[str, Any]) -> list[str]:
     """Each paper claim of issue 14 item 5 that the finished cells can speak to, as table lines."""
     by = {(r["method"], r["density"]): r for r in summary["rows"]}
+    # the tail mean is a second reading only where the tail holds more than the final evaluation
+    keys = ["accuracy_mean"] + (["tail_mean"] if summary["settings"]["train"]["rounds"] // TAIL else [])
     lines = []
     for d in summary["settings"]["densities"]:
         tiny = by.get(("fedtiny", d))
         base = [r for (m, dd), r in by.items() if dd == d and m not in ("fedtiny", "fedavg")]
         if tiny and base:
-            best = max(base, key=lambda r: r["accuracy_mean"])
-            gap = 100 * (tiny["accuracy_mean"] - best["accuracy_mean"])
-            verdict = "reproduced" if gap >= 0 else "missed"
-            lines.append(f"| FedTiny >= best baseline at {d:g} (paper +2.61) | FedTiny {100 * tiny['accuracy_mean']:.2f} "
-                         f"vs {best['method']} {100 * best['accuracy_mean']:.2f}: {gap:+.2f} points "
-                         f"(n = {tiny['n']}, {best['n']}) | {verdict} |")
+            said, gaps = [], []
+            for key in keys:
+                what = "final" if key == "accuracy_mean" else "tail mean"
+                best = max(base, key=lambda r: r[key])  # noqa: B023 - used at once
+                gaps.append(100 * (tiny[key] - best[key]))
+                said.append(f"{what}: FedTiny {100 * tiny[key]:.2f} vs {best['method']} {100 * best[key]:.2f}, "
+                            f"{gaps[-1]:+.2f} points")
+            verdict = "reproduced" if min(gaps) >= 0 else "missed" if max(gaps) < 0 else "mixed (final vs tail mean)"
+            lines.append(f"| FedTiny >= best baseline at {d:g} (paper +2.61) | {'; '.join(said)} "
+                         f"(n = {tiny['n']}) | {verdict} |")
         mef = by.get(("fedmef", d))
         for other in ("feddst", "fedtiny"):
             o = by.get((other, d))
             if mef and o:
                 train, one = (mef[f"footprint_{k}"] / o[f"footprint_{k}"] for k in ("at_train_batch", "at_batch1"))
-                gap = 100 * (mef["accuracy_mean"] - o["accuracy_mean"])
-                ok = train <= 0.715 and gap >= -0.5
+                gaps = [100 * (mef[k] - o[k]) for k in keys]
+                held = [train <= 0.715 and g >= -0.5 for g in gaps]
+                verdict = "reproduced" if all(held) else "missed" if not any(held) else "mixed (final vs tail mean)"
                 lines.append(f"| FedMef footprint <= 0.715x {other}'s, accuracy within 0.5 at {d:g} | model + activations "
-                             f"{train:.3f}x at the training batch ({one:.3f}x at batch 1), accuracy {gap:+.2f} points "
-                             f"| {'reproduced' if ok else 'missed'} |")
+                             f"{train:.3f}x at the training batch ({one:.3f}x at batch 1), accuracy "
+                             + ", ".join(f"{g:+.2f} points {'final' if k == 'accuracy_mean' else 'tail mean'}"
+                                         for g, k in zip(gaps, keys, strict=True)) + f" | {verdict} |")
     return lines
 
 
@@ -305,12 +325,15 @@ def markdown(s: dict[str, Any]) -> str:
              "Memory (docs/memory.md, peak over all rounds, round 1 included): **total** at the training batch; "
              "**w+g+opt** = weights + gradients + optimizer state + method buffers; **batch 1** = everything when "
              "training on one sample. FedMef's claim uses its own footprint, model + activations (docs/memory.md).", "",
-             "| method | density | seeds | final accuracy % (mean +- std) | at chance | total KiB | w+g+opt KiB | "
-             "batch 1 KiB | up B/client/round | wall s/run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"**Tail mean**: the mean of each run's evaluations in the last 1/{TAIL} of the rounds (the final round "
+             "alone carries the sampling noise of its 10 clients), then mean +- std over seeds.", "",
+             "| method | density | seeds | final accuracy % (mean +- std) | tail mean % | at chance | total KiB | "
+             "w+g+opt KiB | batch 1 KiB | up B/client/round | wall s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         lines.append(f"| {r['method']} | {r['density']:g} | {r['n']} | {100 * r['accuracy_mean']:.2f} +- "
-                     f"{100 * r['accuracy_std']:.2f} | {r['at_chance']}/{r['n']} | {r['total_at_train_batch'] / 1024:.0f} | "
+                     f"{100 * r['accuracy_std']:.2f} | {100 * r['tail_mean']:.2f} +- {100 * r['tail_std']:.2f} | "
+                     f"{r['at_chance']}/{r['n']} | {r['total_at_train_batch'] / 1024:.0f} | "
                      f"{r['weights_grads_optimizer'] / 1024:.1f} | {r['total_at_batch1'] / 1024:.1f} | "
                      f"{r['bytes_up_per_client_round']:.0f} | {r['wall_s_mean']:.0f} |")
     c = claims(s)
