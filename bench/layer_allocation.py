@@ -10,8 +10,14 @@ method fixed (a random static mask, sparse FedAvg) and changes only how many wei
 - ``equal``: the same count in every layer (capped at the layer's size, the rest spread over the others);
 - ``synflow``: SynFlow's own mask (positions chosen too), for reference.
 
-Each finished run is saved at once (resumable). Writes ``bench/results/layer_allocation.{json,md,png}``.
-Usage: ``nice python bench/layer_allocation.py [--seeds 0,1,2] [--density 0.01]``.
+``--grid cifar10`` runs the same comparison on the CIFAR-10 grid's protocol (ResNet-8, 100 clients, Dirichlet
+0.5; ``bench/fl_grid.py``), by default as a short-horizon pilot (``--rounds 60`` of the grid's 300): it asks
+whether the product's default budget (equal) also suits a residual network, where SNIP empties whole branches.
+
+Each finished run is saved at once (resumable). Writes ``bench/results/layer_allocation.{json,md,png}``
+(``layer_allocation_cifar10.*`` for ``--grid cifar10``).
+Usage: ``nice python bench/layer_allocation.py [--seeds 0,1,2] [--density 0.01]``;
+``nice python bench/layer_allocation.py --grid cifar10 --seeds 0 --variants erk,equal --data DIR``.
 """
 
 from __future__ import annotations
@@ -61,15 +67,24 @@ class Allocated(StaticMask):
         return random_masks_with_counts(model, {n: int(m.sum()) for n, m in syn.items()}, gen)
 
 
-def run(data, variant: str, density: float, seed: int) -> dict:
-    cfg = TrainConfig(**GRIDS["mnist"]["train"], density=density, seed=seed)
+def stem(grid: str) -> Path:
+    return STEM if grid == "mnist" else STEM.with_name(f"{STEM.name}_{grid}")
+
+
+def train_config(grid: str, rounds: int | None) -> dict:
+    return {**GRIDS[grid]["train"], **({"rounds": rounds} if rounds else {})}
+
+
+def run(data, grid: str, train: dict, variant: str, density: float, seed: int) -> dict:
+    cfg = TrainConfig(**train, density=density, seed=seed)
     fed = Federation.from_dataset(data, cfg)
     seed_everything(seed)
-    model = build_model("lenet5", data.input_shape, data.num_classes)
+    model = build_model(GRIDS[grid]["model"], data.input_shape, data.num_classes)
     strategy = Allocated(cfg, variant)
     t0 = time.perf_counter()
     hist = simulate(strategy, model, fed, cfg, progress=False)
     return {"variant": variant, "density": density, "seed": seed, "accuracy": hist[-1].accuracy,
+            "curve": [[h.round, h.accuracy] for h in hist if h.accuracy == h.accuracy],  # evaluated rounds
             "counts": {n: int(m.sum()) for n, m in strategy.masks.items()},
             "sizes": {n: int(m.numel()) for n, m in strategy.masks.items()},
             "wall_s": round(time.perf_counter() - t0, 1)}
@@ -77,7 +92,9 @@ def run(data, variant: str, density: float, seed: int) -> dict:
 
 def markdown(res: dict) -> str:
     runs = res["runs"]
-    lines = ["# Layer allocation at extreme sparsity (MNIST / LeNet-5, quick protocol)", "",
+    what = {"mnist": "MNIST / LeNet-5, quick protocol",
+            "cifar10": f"CIFAR-10 / ResNet-8, the grid's protocol for {res['train']['rounds']} rounds"}[res["grid"]]
+    lines = [f"# Layer allocation at extreme sparsity ({what})", "",
              f"Train config: `{json.dumps(res['train'])}`. Same method for every row: a random static mask under "
              "sparse FedAvg; only the per-layer counts change (``synflow`` also picks the positions). "
              f"Machine: {res['machine']['cpus']} CPUs, torch {res['machine']['torch']}; "
@@ -99,6 +116,7 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
+    title = {"mnist": "LeNet-5, MNIST", "cifar10": f"ResNet-8, CIFAR-10, {res['train']['rounds']} rounds"}[res["grid"]]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, variant in enumerate(VARIANTS):
@@ -108,7 +126,7 @@ def plot(res: dict, path: Path) -> None:
             ax.scatter([i] * len(acc), acc, color="k", s=10, zorder=3)
     ax.set_xticks(range(len(VARIANTS)), VARIANTS)
     ax.set_ylabel("final test accuracy %")
-    ax.set_title("LeNet-5, MNIST, 1 % density: per-layer budget only")
+    ax.set_title(f"{title}, {res['runs'][0]['density']:g} density: per-layer budget only")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -117,23 +135,33 @@ def main() -> int:
     ap = parser(__doc__)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--density", type=float, default=0.01)
-    ap.add_argument("--data", default=None, help="MNIST folder (default: the shared copy)")
+    ap.add_argument("--grid", choices=("mnist", "cifar10"), default="mnist", help="whose protocol (bench/fl_grid.py)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (default: the grid's; 60 for cifar10)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    ap.add_argument("--data", default=None, help="dataset folder (default: the shared copy)")
     args = ap.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    if set(variants) - set(VARIANTS):
+        ap.error(f"unknown variant(s) {sorted(set(variants) - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(1)
-    path = STEM.with_name(STEM.name + ".json")
+    out = stem(args.grid)
+    train = train_config(args.grid, args.rounds or (60 if args.grid == "cifar10" else None))
+    path = out.with_name(out.name + ".json")
     res = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    res.update(train=GRIDS["mnist"]["train"], machine=machine("platform", "python", "torch", "cpus", "processor"))
+    if res["runs"] and res.get("train", train) != train:
+        ap.error(f"{path} holds runs of another train config; move it away or pass the same --rounds")
+    res.update(grid=args.grid, train=train, machine=machine("platform", "python", "torch", "cpus", "processor"))
     done = {(r["variant"], r["density"], r["seed"]) for r in res["runs"]}
-    data = load_dataset("mnist", args.data)
-    todo: list[tuple[str, int]] = [(v, int(s)) for s in args.seeds.split(",") for v in VARIANTS
+    data = load_dataset(GRIDS[args.grid]["dataset"], args.data)
+    todo: list[tuple[str, int]] = [(v, int(s)) for s in args.seeds.split(",") for v in variants
                                    if (v, args.density, int(s)) not in done]
     for variant, seed in todo:
-        r = run(data, variant, args.density, seed)
+        r = run(data, args.grid, train, variant, args.density, seed)
         res["runs"].append(r)
-        write_results(STEM, res, markdown(res))  # saved at once: an interrupted run keeps what finished
+        write_results(out, res, markdown(res))  # saved at once: an interrupted run keeps what finished
         print(f"{variant} d={args.density} s={seed}: {100 * r['accuracy']:.2f} % ({r['wall_s']} s)", flush=True)
-    write_results(STEM, res, markdown(res))
-    plot(res, STEM.with_name(STEM.name + ".png"))
+    write_results(out, res, markdown(res))
+    plot(res, out.with_name(out.name + ".png"))
     return 0
 
 
