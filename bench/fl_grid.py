@@ -211,6 +211,7 @@ def fill(grid_name: str, data_dir: str | None, methods: list[str] | None, max_ru
 
 
 TAIL = 6  # the tail mean averages the evaluations in the last 1/TAIL of the rounds
+READING = {"accuracy_mean": "final", "tail_mean": "tail mean"}  # the accuracy readings a claim is judged on
 
 
 def tail_accuracy(curve: list[list[float]], rounds: int) -> float:
@@ -287,10 +288,9 @@ def claims(summary: dict[str, Any]) -> list[str]:
         if tiny and base:
             said, gaps = [], []
             for key in keys:
-                what = "final" if key == "accuracy_mean" else "tail mean"
                 best = max(base, key=lambda r: r[key])  # noqa: B023 - used at once
                 gaps.append(100 * (tiny[key] - best[key]))
-                said.append(f"{what}: FedTiny {100 * tiny[key]:.2f} vs {best['method']} {100 * best[key]:.2f}, "
+                said.append(f"{READING[key]}: FedTiny {100 * tiny[key]:.2f} vs {best['method']} {100 * best[key]:.2f}, "
                             f"{gaps[-1]:+.2f} points")
             verdict = "reproduced" if min(gaps) >= 0 else "missed" if max(gaps) < 0 else "mixed (final vs tail mean)"
             lines.append(f"| FedTiny >= best baseline at {d:g} (paper +2.61) | {'; '.join(said)} "
@@ -305,7 +305,7 @@ def claims(summary: dict[str, Any]) -> list[str]:
                 verdict = "reproduced" if all(held) else "missed" if not any(held) else "mixed (final vs tail mean)"
                 lines.append(f"| FedMef footprint <= 0.715x {other}'s, accuracy within 0.5 at {d:g} | model + activations "
                              f"{train:.3f}x at the training batch ({one:.3f}x at batch 1), accuracy "
-                             + ", ".join(f"{g:+.2f} points {'final' if k == 'accuracy_mean' else 'tail mean'}"
+                             + ", ".join(f"{g:+.2f} points {READING[k]}"
                                          for g, k in zip(gaps, keys, strict=True)) + f" | {verdict} |")
     return lines
 

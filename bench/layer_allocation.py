@@ -75,6 +75,12 @@ def train_config(grid: str, rounds: int | None) -> dict:
     return {**GRIDS[grid]["train"], **({"rounds": rounds} if rounds else {})}
 
 
+def protocol(res: dict) -> str:
+    """The protocol a result file holds, in words (titles of its table and plot)."""
+    return {"mnist": "MNIST / LeNet-5, quick protocol",
+            "cifar10": f"CIFAR-10 / ResNet-8, {res['train']['rounds']} rounds of the grid's protocol"}[res["grid"]]
+
+
 def run(data, grid: str, train: dict, variant: str, density: float, seed: int) -> dict:
     cfg = TrainConfig(**train, density=density, seed=seed)
     fed = Federation.from_dataset(data, cfg)
@@ -92,9 +98,7 @@ def run(data, grid: str, train: dict, variant: str, density: float, seed: int) -
 
 def markdown(res: dict) -> str:
     runs = res["runs"]
-    what = {"mnist": "MNIST / LeNet-5, quick protocol",
-            "cifar10": f"CIFAR-10 / ResNet-8, the grid's protocol for {res['train']['rounds']} rounds"}[res["grid"]]
-    lines = [f"# Layer allocation at extreme sparsity ({what})", "",
+    lines = [f"# Layer allocation at extreme sparsity ({protocol(res)})", "",
              f"Train config: `{json.dumps(res['train'])}`. Same method for every row: a random static mask under "
              "sparse FedAvg; only the per-layer counts change (``synflow`` also picks the positions). "
              f"Machine: {res['machine']['cpus']} CPUs, torch {res['machine']['torch']}; "
@@ -116,7 +120,6 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    title = {"mnist": "LeNet-5, MNIST", "cifar10": f"ResNet-8, CIFAR-10, {res['train']['rounds']} rounds"}[res["grid"]]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, variant in enumerate(VARIANTS):
@@ -126,7 +129,7 @@ def plot(res: dict, path: Path) -> None:
             ax.scatter([i] * len(acc), acc, color="k", s=10, zorder=3)
     ax.set_xticks(range(len(VARIANTS)), VARIANTS)
     ax.set_ylabel("final test accuracy %")
-    ax.set_title(f"{title}, {res['runs'][0]['density']:g} density: per-layer budget only")
+    ax.set_title(f"{protocol(res)}, density {res['runs'][0]['density']:g}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
