@@ -21,6 +21,9 @@ runs still in progress listed, machine, wall time and seeds.
 
 Run:  ``nice -n 10 .venv/bin/python bench/fl_grid.py --grid cifar10 --data /work/shared/data/cifar10``
       (start it twice to use two cores), then ``.venv/bin/python bench/fl_grid.py --grid cifar10 --report``.
+With ``--device cuda`` each round's clients train together on the GPU (toolchain/learning/fl/vectorised.py;
+``bench/gpu_grid.sh`` runs the grid on a lent GPU machine); each result records its engine, and the table names
+every row that a non-default engine finished.
 """
 
 from __future__ import annotations
@@ -42,16 +45,18 @@ from toolchain.learning.fl import Federation, TrainConfig, simulate
 from toolchain.learning.fl.memory import MEMORY_RULE
 from toolchain.learning.fl.quality import chance_accuracy
 from toolchain.learning.fl.simulator import read_checkpoint, seed_everything
+from toolchain.learning.options import TRAIN_DEFAULTS, FederatedOptions
 from toolchain.learning.pruning import BUDGET_OPTION, make_strategy
 from toolchain.models.zoo import build_model
-from toolchain.pipelines.train import TrainOptions
 
 CACHE = REPO / ".cache" / "fl_grid"
 
 
 def _cli_defaults(**overrides: Any) -> dict[str, Any]:
     """The TrainConfig that ``toolchain train`` builds from its defaults (plus the issue's flags)."""
-    opts = TrainOptions(algo="fedavg", out="-", **overrides)
+    # the options class the CLI's ``train`` subclasses, with train's own defaults; not toolchain.pipelines, which
+    # imports the Flower adapter (and its TLS packages) that a bare GPU machine may lack (bench/gpu_grid.sh)
+    opts = FederatedOptions(algo="fedavg", **{**TRAIN_DEFAULTS, **overrides})
     cfg = opts.train_config().as_dict()
     cfg.pop("density"), cfg.pop("seed"), cfg.pop("algo_options")
     return cfg
@@ -90,8 +95,16 @@ GRIDS: dict[str, dict[str, Any]] = {
 }
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(device: str | None = None) -> dict[str, Any]:
+    if device and device.startswith("cuda"):
+        return machine("host", "platform", "python", "torch", "cpus", "torch_threads", "processor",
+                       device=f"{device} ({torch.cuda.get_device_name(torch.device(device))})")
     return machine("host", "platform", "python", "torch", "cpus", "torch_threads", "processor", device="cpu")
+
+
+def engine_name(device: str | None) -> str:
+    """How a run's clients were trained: one by one (``local_train``) or together on a device (fl/vectorised.py)."""
+    return "one-by-one cpu" if device is None else f"vectorised {device}"
 
 
 def run_key(method: str, density: float, seed: int) -> str:
@@ -149,7 +162,8 @@ def memory_figures(hist: list) -> dict[str, Any]:
             "peak_breakdown": peak, "peak_breakdown_batch1": b1}
 
 
-def run_one(grid_name: str, grid: dict[str, Any], data, method: str, density: float, seed: int) -> dict[str, Any]:
+def run_one(grid_name: str, grid: dict[str, Any], data, method: str, density: float, seed: int,
+            device: str | None = None) -> dict[str, Any]:
     opts = {**grid["algo_options"], **grid["per_method"].get(method, {})}
     cfg = TrainConfig(**grid["train"], density=density, seed=seed, algo_options=opts)
     fed = Federation.from_dataset(data, cfg)
@@ -159,7 +173,8 @@ def run_one(grid_name: str, grid: dict[str, Any], data, method: str, density: fl
     ckpt = RESULTS / f"fl_grid_{grid_name}" / "checkpoints" / f"{run_key(method, density, seed)}.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    hist = simulate(strategy, model, fed, cfg, progress=False, checkpoint=ckpt)
+    resumed_at = len(read_checkpoint(ckpt).history) if ckpt.is_file() else 0
+    hist = simulate(strategy, model, fed, cfg, progress=False, checkpoint=ckpt, clients_device=device)
     evaluated = [r for r in hist if r.accuracy == r.accuracy]
     return {
         "grid": grid_name, "method": method, "density_target": density, "seed": seed,
@@ -171,14 +186,17 @@ def run_one(grid_name: str, grid: dict[str, Any], data, method: str, density: fl
         "bytes_up_per_client_round": float(np.mean([r.bytes_up_per_client for r in hist])),
         "bytes_down_per_client_round": float(np.mean([r.bytes_down_per_client for r in hist])),
         "abns": {k: v for k, v in hist[0].extra.items() if k.startswith("abns")},
-        "config": cfg.as_dict(), "machine": machine_info(),
+        "config": cfg.as_dict(), "machine": machine_info(device),
+        # the engine of the process that finished the run, and the rounds it ran (the rest came from a checkpoint)
+        "engine": engine_name(device), "rounds_this_process": len(hist) - resumed_at,
         # rounds run by this process (a resumed run's earlier rounds are in the sum of its round records)
         "wall_s_this_process": time.perf_counter() - t0, "wall_s": sum(r.seconds for r in hist),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def fill(grid_name: str, data_dir: str | None, methods: list[str] | None, max_runs: int | None) -> int:
+def fill(grid_name: str, data_dir: str | None, methods: list[str] | None, max_runs: int | None,
+         device: str | None = None) -> int:
     grid = GRIDS[grid_name]
     out = RESULTS / f"fl_grid_{grid_name}"
     out.mkdir(parents=True, exist_ok=True)
@@ -195,7 +213,7 @@ def fill(grid_name: str, data_dir: str | None, methods: list[str] | None, max_ru
         try:
             t0 = time.perf_counter()
             print(f"[{time.strftime('%H:%M:%S')}] {grid_name} {key}: start", flush=True)
-            res = run_one(grid_name, grid, data, method, density, seed)
+            res = run_one(grid_name, grid, data, method, density, seed, device)
             tmp = result.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(res, indent=1) + "\n")
             tmp.replace(result)  # saved the moment it finishes; the checkpoint is no longer needed
@@ -267,6 +285,8 @@ def summarize(grid_name: str) -> dict[str, Any]:
                for at, b in (("at_train_batch", "peak_breakdown"), ("at_batch1", "peak_breakdown_batch1"))},
             "bytes_up_per_client_round": float(np.mean([r["bytes_up_per_client_round"] for r in rs])),
             "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
+            # runs that another engine than the one-by-one CPU engine finished (issue 14: say which rows a GPU made)
+            "engines": sorted({r.get("engine", engine_name(None)) for r in rs}),
         })
     total = len(grid_runs(grid))
     return {"grid": grid_name, "settings": {k: grid[k] for k in ("dataset", "model", "train", "algo_options",
@@ -325,13 +345,18 @@ def markdown(s: dict[str, Any]) -> str:
              "Memory (docs/memory.md, peak over all rounds, round 1 included): **total** at the training batch; "
              "**w+g+opt** = weights + gradients + optimizer state + method buffers; **batch 1** = everything when "
              "training on one sample. FedMef's claim uses its own footprint, model + activations (docs/memory.md).", "",
+             "Engine: every run trained its clients one by one on the CPU unless its row names another engine "
+             "(`--device`: the round's clients batched on that device, equal up to float rounding; docs/training.md).",
+             "",
              f"**Tail mean**: the mean of each run's evaluations in the last 1/{TAIL} of the rounds (the final round "
              "alone carries the sampling noise of its 10 clients), then mean +- std over seeds.", "",
              "| method | density | seeds | final accuracy % (mean +- std) | tail mean % | at chance | total KiB | "
              "w+g+opt KiB | batch 1 KiB | up B/client/round | wall s/run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
-        lines.append(f"| {r['method']} | {r['density']:g} | {r['n']} | {100 * r['accuracy_mean']:.2f} +- "
+        engines = [e for e in r.get("engines", []) if e != engine_name(None)]
+        lines.append(f"| {r['method']}{' (' + ', '.join(engines) + ')' if engines else ''} | {r['density']:g} | "
+                     f"{r['n']} | {100 * r['accuracy_mean']:.2f} +- "
                      f"{100 * r['accuracy_std']:.2f} | {100 * r['tail_mean']:.2f} +- {100 * r['tail_std']:.2f} | "
                      f"{r['at_chance']}/{r['n']} | {r['total_at_train_batch'] / 1024:.0f} | "
                      f"{r['weights_grads_optimizer'] / 1024:.1f} | {r['total_at_batch1'] / 1024:.1f} | "
@@ -405,13 +430,16 @@ def main() -> int:
     p.add_argument("--methods", default=None, help="comma-separated subset of the grid's methods")
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many finished runs")
     p.add_argument("--report", action="store_true", help="render the table/plot from the finished runs and exit")
+    p.add_argument("--device", default=None,
+                   help="train each round's clients together on this device, batched (cuda, cuda:1, cpu; "
+                        "toolchain/learning/fl/vectorised.py); default: one by one on the CPU")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.report:
         print(markdown(report(args.grid)))
         return 0
     methods = args.methods.split(",") if args.methods else None
-    n = fill(args.grid, args.data, methods, args.max_runs)
+    n = fill(args.grid, args.data, methods, args.max_runs, args.device)
     report(args.grid)
     print(f"{n} run(s) finished by this process; report in bench/results/fl_grid_{args.grid}.md")
     return 0

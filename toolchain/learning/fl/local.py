@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +21,30 @@ class LocalResult:
     steps: int
     last_grads: dict[str, torch.Tensor] | None = None  # dense grads of the last mini-batch, if asked
     masks: Masks | None = None  # the masks in force after the last step (changed by ``mask_update``)
+
+
+@dataclass
+class LocalJob:
+    """One client's ``local_train`` call, as handed to a trainer that runs several clients together
+    (toolchain/learning/fl/vectorised.py). Fields are ``local_train``'s arguments."""
+
+    model: nn.Module
+    masks: Masks
+    x: torch.Tensor
+    y: torch.Tensor
+    cfg: TrainConfig
+    lr: float
+    generator: torch.Generator
+    keep_last_grads: bool = False
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
+    lr_fn: Callable[[int, int], float] | None = None
+    grad_hook: Callable[[dict[str, torch.Tensor]], None] | None = None
+    mask_update: Callable[[int, int, dict[str, torch.Tensor]], Masks | None] | None = None
+
+
+# Where this thread's ``local_train`` calls go: ``ROUTE.trainer`` (an object with ``submit(LocalJob) ->
+# LocalResult``) when a vectorised exchange runs this client's strategy code in a thread, else nowhere (train here).
+ROUTE = threading.local()
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -43,7 +69,14 @@ def local_train(model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Tensor
     grads)`` may return new masks after a backward (the dense gradients of that mini-batch); the step's update
     and all later ones use them (FedDST's on-device readjustment within local training). ``masks`` is not
     modified; ``LocalResult.masks`` holds the masks in force at the end.
+
+    Inside a vectorised round (``ROUTE.trainer`` set) the call is handed to that trainer, which trains this
+    client in one batch with the round's other clients (toolchain/learning/fl/vectorised.py).
     """
+    trainer = getattr(ROUTE, "trainer", None)
+    if trainer is not None:
+        return trainer.submit(LocalJob(model, masks, x, y, cfg, lr, generator, keep_last_grads, extra_loss, lr_fn,
+                                       grad_hook, mask_update))
     model.train()
     opt = make_optimizer(model, cfg, lr)
     params = dict(model.named_parameters())
@@ -88,33 +121,58 @@ def local_train(model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Tensor
 AUGMENTS = ("none", "flip", "flip-crop")
 
 
+CROP_PAD = 4
+
+
 @torch.no_grad()
-def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
     """The standard CIFAR augmentation on a NCHW batch: a random horizontal flip per image and, for
-    ``flip-crop``, a random ``pad``-pixel shifted crop (zero padding, i.e. the normalised mean colour is
-    not restored: the same as torchvision's RandomCrop(padding=4) on normalised tensors). Draws come from
-    the client's generator, so runs stay reproducible."""
+    ``flip-crop``, a random ``CROP_PAD``-pixel shifted crop (zero padding, i.e. the normalised mean colour
+    is not restored: the same as torchvision's RandomCrop(padding=4) on normalised tensors). Draws come
+    from the client's generator, so runs stay reproducible."""
     if kind == "none":
         return x
-    if kind not in AUGMENTS:
+    flip, offsets = augment_draws(len(x), kind, generator)
+    return augment_apply(x, flip, offsets)
+
+
+def augment_draws(n: int, kind: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The random draws of ``augment_batch`` for ``n`` images, in its order: per-image flips, then crop offsets
+    (``None`` without cropping). Always on the CPU generator, so every device draws the same numbers."""
+    if kind not in AUGMENTS or kind == "none":
         raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {kind!r}")
-    n, _c, h, w = x.shape
     flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if kind == "flip-crop":
-        padded = F.pad(x, (pad, pad, pad, pad))
-        off = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
-        x = torch.stack([padded[i, :, off[i, 0]:off[i, 0] + h, off[i, 1]:off[i, 1] + w] for i in range(n)])
-    return x
+    off = torch.randint(0, 2 * CROP_PAD + 1, (n, 2), generator=generator) if kind == "flip-crop" else None
+    return flip, off
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` in eval mode."""
+def augment_apply(x: torch.Tensor, flip: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """Apply drawn flips and crop offsets to ``x`` of shape (..., N, C, H, W), the draws shaped (..., N) and
+    (..., N, 2) (leading dimensions: several clients' batches at once). One gather for all the crops."""
+    x = torch.where(flip.to(x.device)[..., None, None, None], x.flip(-1), x)
+    if offsets is None:
+        return x
+    lead, (h, w), p = x.shape[:-2], x.shape[-2:], CROP_PAD
+    offsets = offsets.to(x.device)
+    rows = offsets[..., 0, None] + torch.arange(h, device=x.device)  # (..., N, H): source row of each output row
+    cols = offsets[..., 1, None] + torch.arange(w, device=x.device)
+    padded = F.pad(x, (p, p, p, p)).gather(-2, rows[..., None, :, None].expand(*lead, h, w + 2 * p))
+    return padded.gather(-1, cols[..., None, None, :].expand(*lead, h, w))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+             device: str | torch.device | None = None) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` in eval mode; on ``device`` (a copy of the model) if given."""
     model.eval()
+    if device is not None and torch.device(device) != next(model.parameters()).device:
+        model = copy.deepcopy(model).to(device)
+    dev = next(model.parameters()).device
     correct, loss = 0, 0.0
     for i in range(0, len(y), batch_size):
-        out = model(x[i:i + batch_size])
-        loss += float(F.cross_entropy(out, y[i:i + batch_size], reduction="sum"))
-        correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
+        xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
+        out = model(xb)
+        loss += float(F.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
     return correct / len(y), loss / len(y)

@@ -50,7 +50,7 @@ def compress(x: torch.Tensor, gamma: float, fp16: bool) -> tuple[torch.Tensor, t
     k = keep_count(flat.numel(), gamma)
     vdtype = torch.float16 if fp16 else flat.dtype
     if k >= flat.numel():
-        return flat.to(vdtype).clone(), torch.empty(0, dtype=torch.int32)
+        return flat.to(vdtype).clone(), torch.empty(0, dtype=torch.int32, device=flat.device)
     # the k-th largest |x| as a threshold (kthvalue is ~2x faster than topk on CPU), then every entry
     # above it plus as many ties as needed: exactly k entries, the same set as topk up to ties
     a = flat.abs()
@@ -64,7 +64,7 @@ def compress(x: torch.Tensor, gamma: float, fp16: bool) -> tuple[torch.Tensor, t
 def decompress(values: torch.Tensor, idx: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     if idx.numel() == 0 and values.numel() == math.prod(shape):
         return values.to(dtype).reshape(shape)
-    out = torch.zeros(math.prod(shape), dtype=dtype)
+    out = torch.zeros(math.prod(shape), dtype=dtype, device=values.device)
     out[idx.long()] = values.to(dtype)
     return out.reshape(shape)
 
@@ -141,11 +141,11 @@ def pack_bits(b: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) * _POW2).sum(1, dtype=torch.uint8)
+    return (flat.view(-1, 8) * _POW2.to(flat.device)).sum(1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    bits = (packed.unsqueeze(1) & _POW2).ne(0).reshape(-1)
+    bits = (packed.unsqueeze(1) & _POW2.to(packed.device)).ne(0).reshape(-1)
     return bits[:math.prod(shape)].reshape(shape)
 
 

@@ -97,7 +97,7 @@ def fewshot_set(fed: Federation, per_class: int, seed: int) -> tuple[torch.Tenso
 
 def close_round(strategy: Strategy, fed: Federation, cfg: TrainConfig, rnd: int, sampled: list[int],
                 results: list[TrainRes], setup_metrics: dict, up: int, down: int, t0: float,
-                probe_model: nn.Module) -> RoundRecord:
+                probe_model: nn.Module, eval_device: str | None = None) -> RoundRecord:
     """Server side of a round once every result is in: aggregate, measure device memory on one batch,
     evaluate, and make the round's record (shared by this simulator and the Flower driver)."""
     metrics = strategy.aggregate_train(rnd, results)
@@ -108,7 +108,7 @@ def close_round(strategy: Strategy, fed: Federation, cfg: TrainConfig, rnd: int,
     mem = strategy.device_memory(rnd, probe_model, probe.x[:bs], probe.y[:bs])
     mem1 = strategy.device_memory(rnd, probe_model, probe.x[:1], probe.y[:1])  # the smallest batch a device trains with
     if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-        ev = strategy.evaluate(fed.eval_x, fed.eval_y)
+        ev = strategy.evaluate(fed.eval_x, fed.eval_y, eval_device)
     else:
         ev = {"accuracy": float("nan"), "loss": float("nan")}
     train_loss = metrics.pop("train_loss", float("nan"))
@@ -239,7 +239,7 @@ def start_run(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainC
 
 
 def play_round(strategy: Strategy, fed: Federation, cfg: TrainConfig, rnd: int, rng: np.random.Generator,
-               exchange: Exchange, probe_model: nn.Module) -> RoundRecord:
+               exchange: Exchange, probe_model: nn.Module, eval_device: str | None = None) -> RoundRecord:
     """One round on the server: sample, setup exchanges, train exchange, aggregate (``close_round``).
 
     The one round loop of every engine: ``simulate`` passes an in-process exchange, the Flower driver one
@@ -273,7 +273,8 @@ def play_round(strategy: Strategy, fed: Federation, cfg: TrainConfig, rnd: int, 
         up += len(replies[cid].blob)
         down += replies[cid].resent_bytes
         results.append(replies[cid].cls.from_bytes(replies[cid].blob, strategy.masks))
-    return close_round(strategy, fed, cfg, rnd, sampled, results, setup_metrics, up, down, t0, probe_model)
+    return close_round(strategy, fed, cfg, rnd, sampled, results, setup_metrics, up, down, t0, probe_model,
+                       eval_device)
 
 
 class InProcessExchange:
@@ -288,29 +289,39 @@ class InProcessExchange:
     def __call__(self, out: list[Dispatch]) -> dict[int, Reply]:
         replies: dict[int, Reply] = {}
         for d in out:
-            gen = torch.Generator().manual_seed(d.seed)
-            data = self.fed.clients[d.cid]
+            ins, data, gen = self.decode(d)
             if d.kind == SETUP:
-                ins = type(d.ins).from_bytes(d.blob, {})
                 res = self.strategy.client_setup(ins, data, self.client_model, gen)
                 replies[d.cid] = Reply(res.to_bytes({}), type(res))
                 continue
-            # A strategy may use its own message kinds (e.g. ZO rounds): decode with the sender's class.
-            ins = type(d.ins).from_bytes(d.blob, self.client_masks.get(d.cid, {}))
-            self.client_masks[d.cid] = ins.masks
             res = self.strategy.client_train(ins, data, self.client_model, gen)
             replies[d.cid] = Reply(res.to_bytes(ins.masks), type(res))
         return replies
 
+    def decode(self, d: Dispatch) -> tuple[Any, ClientData, torch.Generator]:
+        """What client ``d.cid`` starts from: the decoded instruction (a train instruction with the masks it
+        now holds), its data and its generator."""
+        gen = torch.Generator().manual_seed(d.seed)
+        if d.kind == SETUP:
+            return type(d.ins).from_bytes(d.blob, {}), self.fed.clients[d.cid], gen
+        # A strategy may use its own message kinds (e.g. ZO rounds): decode with the sender's class.
+        ins = type(d.ins).from_bytes(d.blob, self.client_masks.get(d.cid, {}))
+        self.client_masks[d.cid] = ins.masks
+        return ins, self.fed.clients[d.cid], gen
+
 
 def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainConfig,
              on_round: Callable[[RoundRecord], None] | None = None, progress: bool = True,
-             checkpoint: Path | None = None) -> list[RoundRecord]:
+             checkpoint: Path | None = None, clients_device: str | None = None) -> list[RoundRecord]:
     """Run ``cfg.rounds`` rounds of ``strategy`` over ``fed``; returns one record per round.
 
     With ``checkpoint``, the run state is saved there (atomically) after every round, and a run that
     finds a checkpoint resumes after its last round: the result is bit-identical to an uninterrupted
     run (tests/test_fl_engine.py). ``on_round`` is called only for rounds run in this call.
+
+    With ``clients_device`` ("cpu", "cuda", ...), each round's clients train together on that device, batched
+    (toolchain/learning/fl/vectorised.py; equal to the one-by-one engine up to float rounding), and
+    evaluation runs there too; the server's state stays on the CPU, so a checkpoint resumes on either engine.
     """
     from tqdm import tqdm
 
@@ -327,11 +338,16 @@ def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainCo
         torch.set_rng_state(state.torch_rng)
         np.random.set_state(state.np_rng)
     client_model = copy.deepcopy(strategy.model)
-    exchange = InProcessExchange(strategy, fed, client_model, client_masks)
+    if clients_device is None:
+        exchange: Exchange = InProcessExchange(strategy, fed, client_model, client_masks)
+    else:
+        from toolchain.learning.fl.vectorised import VectorisedExchange  # it builds on this module
+
+        exchange = VectorisedExchange(strategy, fed, client_model, client_masks, device=clients_device)
     bar = tqdm(range(len(history) + 1, cfg.rounds + 1), desc=f"{strategy.name} rounds", unit="round",
                disable=not progress, leave=False, dynamic_ncols=True)
     for rnd in bar:
-        rec = play_round(strategy, fed, cfg, rnd, rng, exchange, client_model)
+        rec = play_round(strategy, fed, cfg, rnd, rng, exchange, client_model, eval_device=clients_device)
         history.append(rec)
         bar.set_postfix(acc=f"{rec.accuracy:.4f}", density=f"{rec.density:.3f}")
         if checkpoint is not None:

@@ -111,8 +111,8 @@ class Strategy:
         """Hook for mask adjustments after FedAvg (server side)."""
         return None
 
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        acc, loss = evaluate(self.model, x, y)
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, device: str | None = None) -> dict[str, float]:
+        acc, loss = evaluate(self.model, x, y, device=device)
         return {"accuracy": acc, "loss": loss, "density": density(self.masks)}
 
     # ---- optional setup exchanges (e.g. FedTiny's adaptive BN selection) ----------------------------

@@ -1,0 +1,159 @@
+"""The vectorised client engine (toolchain/learning/fl/vectorised.py) against the one-by-one engine.
+
+The reference is ``local_train`` (one client, one torch.optim optimizer, plain modules), which the vectorised
+engine does not call for batchable jobs. In float64 the two agree to rounding noise, so a wrong update,
+batch, augmentation, BN statistic or hook call shows as a real difference; in float32 whole runs agree
+closely and pick the same masks.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from toolchain.data.datasets import Dataset
+from toolchain.learning.fl import Federation, TrainConfig, simulate
+from toolchain.learning.fl.local import LocalJob, augment_apply, augment_batch, augment_draws, local_train
+from toolchain.learning.fl.simulator import seed_everything
+from toolchain.learning.fl.vectorised import DeviceData, batchable, run_together, train_together
+from toolchain.learning.pruning import make_strategy
+from toolchain.models.zoo import build_model
+
+# the device the engine trains on: the CPU in CI; bench/gpu_grid.sh runs this file with TOOLCHAIN_TEST_DEVICE=cuda
+DEVICE = os.environ.get("TOOLCHAIN_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
+
+
+def test_augmentation_of_stacked_batches_equals_per_image_crops():
+    x = torch.randn(3, 5, 3, 8, 8)
+    draws = [augment_draws(5, "flip-crop", torch.Generator().manual_seed(i)) for i in range(3)]
+    got = augment_apply(x, torch.stack([f for f, _ in draws]), torch.stack([o for _, o in draws]))
+    for i, (flip, off) in enumerate(draws):  # the reference: flip, pad by 4, slice each image's window
+        ref = F.pad(torch.where(flip[:, None, None, None], x[i].flip(3), x[i]), (4, 4, 4, 4))
+        ref = torch.stack([ref[j, :, off[j, 0]:off[j, 0] + 8, off[j, 1]:off[j, 1] + 8] for j in range(5)])
+        assert torch.equal(got[i], ref)
+    # one image set, one generator: the same draws in the same order as the per-batch function
+    assert torch.equal(augment_batch(x[0], "flip-crop", torch.Generator().manual_seed(0)), got[0])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_clients_trained_together_equal_clients_trained_alone(float64, optimizer):
+    """Three clients of unequal sizes (so groups of unequal batches and clients that stop early), BN, flip-crop
+    augmentation, masks, and every hook ``local_train`` offers, one of them on each client."""
+    torch.manual_seed(0)
+    base = build_model("resnet8", (16, 16, 3), 10)
+    params = dict(base.named_parameters())
+    masks = {n: torch.rand_like(p) < 0.5 for n, p in params.items() if p.dim() > 1}
+    sizes = [37, 20, 8]
+    data = [(torch.randn(n, 3, 16, 16), torch.randint(0, 10, (n,))) for n in sizes]
+    cfg = TrainConfig(batch_size=8, lr=0.05, optimizer=optimizer, augment="flip-crop", local_epochs=2)
+    calls: dict[str, list] = {}
+
+    def hooks(i: int, model: torch.nn.Module) -> dict:
+        own = dict(model.named_parameters())
+        first = "stem.0.weight"
+        if i == 0:  # a regulariser and a per-step learning rate that read the client's current weights
+            return {"extra_loss": lambda _m: 0.01 * own[first].pow(2).sum(),
+                    "lr_fn": lambda s, t: 0.05 / (1.0 + float(own[first].detach().abs().sum()) * (s + 1) / t)}
+        if i == 1:  # a gradient statistic, and the last mini-batch's dense gradients
+            def grad_hook(g: dict) -> None:
+                calls.setdefault("grads", []).append(float(g[first].abs().sum()))
+            return {"grad_hook": grad_hook, "keep_last_grads": True}
+
+        def mask_update(step: int, total: int, g: dict):  # swap masks mid-training, as FedDST's readjustment
+            calls.setdefault("steps", []).append((step, total))
+            if step != 1:
+                return None
+            new = {n: m.clone() for n, m in masks.items()}
+            new[first] = (own[first].detach().abs() + g[first].abs()) > float(own[first].detach().abs().median())
+            return new
+        return {"mask_update": mask_update}
+
+    alone, together = [copy.deepcopy(base) for _ in sizes], [copy.deepcopy(base) for _ in sizes]
+    ref = [local_train(m, masks, x, y, cfg, cfg.lr, torch.Generator().manual_seed(i), **hooks(i, m))
+           for i, (m, (x, y)) in enumerate(zip(alone, data, strict=True))]
+    ref_calls, calls = calls, {}
+    jobs = [LocalJob(m, masks, x, y, cfg, cfg.lr, torch.Generator().manual_seed(i), **hooks(i, m))
+            for i, (m, (x, y)) in enumerate(zip(together, data, strict=True))]
+    got = train_together(jobs, torch.device(DEVICE), DeviceData(torch.device(DEVICE)))
+    assert calls["steps"] == ref_calls["steps"] and calls["grads"] == pytest.approx(ref_calls["grads"], rel=1e-9)
+    for r, g, a, b in zip(ref, got, alone, together, strict=True):
+        assert (g.steps, g.loss) == (r.steps, pytest.approx(r.loss, rel=1e-9))
+        assert _max_diff(a, b) < 1e-9  # weights and BN running statistics
+        assert all(torch.equal(r.masks[n], g.masks[n]) for n in masks)
+    assert not torch.equal(got[2].masks["stem.0.weight"], masks["stem.0.weight"])  # the mask update took effect
+    assert all(torch.allclose(ref[1].last_grads[n], got[1].last_grads[n], atol=1e-9) for n in masks)
+
+
+def _toy(mnist) -> Dataset:
+    return Dataset("mnist-toy", mnist.x_train[:900], mnist.y_train[:900], mnist.x_test[:300], mnist.y_test[:300], 10,
+                   mnist.preprocessing)
+
+
+@pytest.mark.parametrize("algo", ["fedavg", "fedtiny", "feddst", "prunefl", "snip", "fedmef"])
+def test_a_vectorised_run_matches_the_one_by_one_run(mnist, algo):
+    """Whole runs in float32 (LeNet-5, non-IID clients of unequal sizes, mask adjustments every round): the
+    methods' own client code runs in the client threads and meets in one batched step. FedMef's SAP layers
+    cannot be batched and are trained one by one (identical by construction)."""
+    toy, runs = _toy(mnist), []
+    for device in (None, DEVICE):
+        cfg = TrainConfig(rounds=3, clients=6, per_round=4, batch_size=16, lr=0.1, partition="dirichlet", alpha=0.5,
+                          density=0.1, seed=0, algo_options={"delta": 1, "t_end": 3})
+        fed = Federation.from_dataset(toy, cfg)
+        seed_everything(0)
+        strategy = make_strategy(algo, cfg)
+        hist = simulate(strategy, build_model("lenet5", toy.input_shape, 10), fed, cfg, progress=False,
+                        clients_device=device)
+        runs.append((strategy, hist))
+    (a, ha), (b, hb) = runs
+    assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
+    assert _max_diff(a.model, b.model) < 1e-4
+    assert [r.accuracy for r in hb] == pytest.approx([r.accuracy for r in ha], abs=2 / 300)  # 2 test images
+    assert [r.bytes_up for r in hb] == pytest.approx([r.bytes_up for r in ha], rel=1e-3)  # encoded sizes vary a little
+
+
+def test_sap_and_nsconv_layers_are_not_batched():
+    from toolchain.learning.fl.sap import enable_sap
+    from toolchain.models.nsconv import convert_to_nsconv
+
+    def job(model: torch.nn.Module) -> LocalJob:
+        return LocalJob(model, {}, torch.zeros(1), torch.zeros(1), TrainConfig(), 0.1, torch.Generator())
+
+    assert batchable(job(build_model("resnet8", (16, 16, 3), 10)))
+    assert not batchable(job(enable_sap(build_model("lenet5", (28, 28, 1), 10))))
+    assert not batchable(job(convert_to_nsconv(build_model("resnet8", (16, 16, 3), 10))))
+
+
+def test_a_failing_client_or_trainer_fails_the_round_without_hanging():
+    from toolchain.learning.fl.local import ROUTE
+
+    def client(i: int):
+        def work():
+            if i == 1:
+                raise ValueError("client 1 broke")
+            return ROUTE.trainer.submit(i)
+        return work
+
+    with pytest.raises(ValueError, match="client 1 broke"):
+        run_together([client(0), client(1), client(2)], lambda jobs: [f"res{j}" for j in jobs])
+    assert run_together([client(0), client(2)], lambda jobs: [f"res{j}" for j in jobs]) == ["res0", "res2"]
+
+    def broken_trainer(jobs):
+        raise RuntimeError("out of device memory")
+
+    with pytest.raises(RuntimeError, match="out of device memory"):
+        run_together([client(0), client(2)], broken_trainer)
