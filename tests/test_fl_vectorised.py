@@ -7,6 +7,7 @@ closely and pick the same masks.
 """
 
 import copy
+import json
 import os
 
 import pytest
@@ -17,7 +18,7 @@ from toolchain.data.datasets import Dataset
 from toolchain.learning.fl import Federation, TrainConfig, simulate
 from toolchain.learning.fl.local import LocalJob, augment_apply, augment_batch, augment_draws, local_train
 from toolchain.learning.fl.simulator import seed_everything
-from toolchain.learning.fl.vectorised import DeviceData, batchable, run_together, train_together
+from toolchain.learning.fl.vectorised import DeviceData, run_together, train_together
 from toolchain.learning.pruning import make_strategy
 from toolchain.models.zoo import build_model
 
@@ -107,8 +108,7 @@ def _toy(mnist) -> Dataset:
 @pytest.mark.parametrize("algo", ["fedavg", "fedtiny", "feddst", "prunefl", "snip", "fedmef"])
 def test_a_vectorised_run_matches_the_one_by_one_run(mnist, algo):
     """Whole runs in float32 (LeNet-5, non-IID clients of unequal sizes, mask adjustments every round): the
-    methods' own client code runs in the client threads and meets in one batched step. FedMef's SAP layers
-    cannot be batched and are trained one by one (identical by construction)."""
+    methods' own client code runs in the client threads and meets in one batched step."""
     toy, runs = _toy(mnist), []
     for device in (None, DEVICE):
         cfg = TrainConfig(rounds=3, clients=6, per_round=4, batch_size=16, lr=0.1, partition="dirichlet", alpha=0.5,
@@ -120,22 +120,40 @@ def test_a_vectorised_run_matches_the_one_by_one_run(mnist, algo):
                         clients_device=device)
         runs.append((strategy, hist))
     (a, ha), (b, hb) = runs
-    assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
-    assert _max_diff(a.model, b.model) < 1e-4
+    # FedMef's SAP keeps the top 30 % of |x| per layer: float rounding of the batched forward moves entries across
+    # that threshold, and its masks follow the weights' magnitudes; the float64 test above is its exact check
+    agree, drift = (0.97, 5e-2) if algo == "fedmef" else (1.0, 1e-4)
+    assert min(float((a.masks[n] == b.masks[n]).float().mean()) for n in a.masks) >= agree
+    assert _max_diff(a.model, b.model) < drift
     assert [r.accuracy for r in hb] == pytest.approx([r.accuracy for r in ha], abs=2 / 300)  # 2 test images
     assert [r.bytes_up for r in hb] == pytest.approx([r.bytes_up for r in ha], rel=1e-3)  # encoded sizes vary a little
 
 
-def test_sap_and_nsconv_layers_are_not_batched():
+def test_fedmef_layers_batched_give_the_sequential_gradients(float64):
+    """FedMef's client model (NSConv instead of BN, SAP on every layer, 1-bit ReLU): NSConv's standardisation
+    under vmap and SAP's vmappable formulation against the layers' own autograd functions, two clients."""
     from toolchain.learning.fl.sap import enable_sap
     from toolchain.models.nsconv import convert_to_nsconv
 
-    def job(model: torch.nn.Module) -> LocalJob:
-        return LocalJob(model, {}, torch.zeros(1), torch.zeros(1), TrainConfig(), 0.1, torch.Generator())
+    torch.manual_seed(1)
+    base = enable_sap(convert_to_nsconv(build_model("resnet8", (16, 16, 3), 10)), relu_bits=True)
+    masks = {n: torch.rand_like(p) < 0.3 for n, p in base.named_parameters() if n.endswith("weight") and p.dim() > 1}
+    from toolchain.learning.fl.masks import apply_masks
 
-    assert batchable(job(build_model("resnet8", (16, 16, 3), 10)))
-    assert not batchable(job(enable_sap(build_model("lenet5", (28, 28, 1), 10))))
-    assert not batchable(job(convert_to_nsconv(build_model("resnet8", (16, 16, 3), 10))))
+    apply_masks(base, masks)
+    # integer-valued images: many ties at SAP's threshold, taken in index order as compress() does
+    data = [(torch.randint(-3, 4, (n, 3, 16, 16)).double(), torch.randint(0, 10, (n,))) for n in (24, 13)]
+    cfg = TrainConfig(batch_size=8, lr=0.05)
+    alone, together = [copy.deepcopy(base) for _ in data], [copy.deepcopy(base) for _ in data]
+    ref = [local_train(m, masks, x, y, cfg, cfg.lr, torch.Generator().manual_seed(i))
+           for i, (m, (x, y)) in enumerate(zip(alone, data, strict=True))]
+    got = train_together([LocalJob(m, masks, x, y, cfg, cfg.lr, torch.Generator().manual_seed(i))
+                          for i, (m, (x, y)) in enumerate(zip(together, data, strict=True))],
+                         torch.device(DEVICE), DeviceData(torch.device(DEVICE)))
+    for r, g, a, b in zip(ref, got, alone, together, strict=True):
+        assert g.loss == pytest.approx(r.loss, rel=1e-9)
+        assert _max_diff(a, b) < 1e-9
+    assert _max_diff(alone[0], base) > 1e-3  # it trained
 
 
 def test_a_failing_client_or_trainer_fails_the_round_without_hanging():
@@ -157,3 +175,23 @@ def test_a_failing_client_or_trainer_fails_the_round_without_hanging():
 
     with pytest.raises(RuntimeError, match="out of device memory"):
         run_together([client(0), client(2)], broken_trainer)
+
+
+def test_train_device_flag(tmp_path, capsys):
+    """``toolchain train --device``: a device this machine lacks, an unknown one, or one with a Flower engine is
+    refused in one line before anything is written; ``--device cpu`` trains with the vectorised engine."""
+    from toolchain.cli import main
+
+    base = ["train", "--algo", "random", "--model", "lenet5", "--rounds", "1", "--clients", "3", "--density", "0.05", "--batch-size", "500",
+            "--quiet"]
+    missing = "cuda:7" if torch.cuda.device_count() < 8 else "cuda:99"
+    for extra, needle in ((["--device", missing], "no such CUDA device"), (["--device", "tpu0"], "torch device"),
+                          (["--device", "cpu", "--engine", "flower-sim"], "in-process engine")):
+        out = tmp_path / "refused"
+        assert main([*base, "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and not out.exists()
+    out = tmp_path / "run"
+    assert main([*base, "--out", str(out), "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["device"] == "cpu" and summary["accuracy"] > 0.5

@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--superlink", metavar="HOST:PORT", default=None, help="--engine flower: the SuperLink address")
     p.add_argument("--superlink-ca", metavar="PEM", default=None,
                    help="--engine flower: the SuperLink's CA certificate (TLS; docs/flower.md)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="train each round's clients together, batched, on this torch device (cuda, cuda:1, cpu); "
+                        "default: one by one on the CPU (docs/training.md)")
     p.add_argument("--insecure", action="store_true",
                    help="--engine flower: connect without TLS (only on a trusted network)")
     options.add_arguments(p, options.TRAIN_DEFAULTS, "zoo model (default: lenet5)")
@@ -32,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     opts = TrainOptions(**options.from_args(args), out=args.out, engine=args.engine, superlink=args.superlink,
-                        superlink_ca=args.superlink_ca, insecure=args.insecure, force=args.force)
+                        superlink_ca=args.superlink_ca, insecure=args.insecure, force=args.force,
+                        device=args.device)
     summary = train(opts)
     print(f"{opts.algo} {opts.model} on {opts.dataset}: accuracy {summary['accuracy'] * 100:.2f} % at density "
           f"{summary['density']:.4f}; device memory {summary['device_memory_bytes']['total']} B; "

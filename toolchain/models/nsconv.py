@@ -45,18 +45,24 @@ RELU_GAIN = (2.0 / (1.0 - 1.0 / math.pi)) ** 0.5
 
 
 class _Standardize(torch.autograd.Function):
-    """What = g * s * a*(W - mu) * m with per-filter mu, s over the entries selected by ``a``."""
+    """What = g * s * a*(W - mu) * m with per-filter mu, s over the entries selected by ``a``.
+
+    Written in the setup_context style with ``generate_vmap_rule`` so that torch.func.vmap can run it over a
+    batch of clients (toolchain/learning/fl/vectorised.py); the per-filter statistics are extra outputs that
+    backward reuses, and ``_Standardize.apply(...)[0]`` is the effective weight."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, gain: torch.Tensor, mask: torch.Tensor,
-                active_stats: bool) -> torch.Tensor:
+    def forward(weight: torch.Tensor, gain: torch.Tensor, mask: torch.Tensor,  # type: ignore[override]
+                active_stats: bool) -> tuple[torch.Tensor, ...]:
         co = weight.shape[0]
         w = weight.reshape(co, -1)
         m = mask.reshape(co, -1).to(weight.dtype)
         a = m if active_stats else torch.ones_like(w)
         n = a.sum(1, keepdim=True)
         # A filter with a single selected entry (common at 1 % density, and in depthwise 3x3 filters) has no
-        # spread to standardise: centring would zero it and kill the channel for good. It is scaled by its
+        # spread to standardise; centring it would zero the filter for good. Such filters keep their sign and
         # magnitude instead (mu = 0, so What = g * sign(w)): the gain carries its scale.
         mu = torch.where(n > 1.0, (w * a).sum(1, keepdim=True) / n.clamp_min(1.0), torch.zeros_like(n))
         c = a * (w - mu)
@@ -66,12 +72,18 @@ class _Standardize(torch.autograd.Function):
         s = torch.rsqrt(v.clamp_min(EPS))
         g = gain.reshape(co, 1)
         out = g * s * c * m
-        ctx.active_stats = active_stats
-        ctx.save_for_backward(weight, gain, mask, mu, s, n, (v > EPS).to(weight.dtype))
-        return out.reshape(weight.shape)
+        return out.reshape(weight.shape), mu, s, n, (v > EPS).to(weight.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        weight, gain, mask, active_stats = inputs
+        _out, mu, s, n, unclamped = output
+        ctx.active_stats = active_stats
+        ctx.mark_non_differentiable(mu, s, n, unclamped)
+        ctx.save_for_backward(weight, gain, mask, mu, s, n, unclamped)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, *_stats: Any) -> tuple[torch.Tensor | None, ...]:
         weight, gain, mask, mu, s, n, unclamped = ctx.saved_tensors
         co = weight.shape[0]
         w = weight.reshape(co, -1)
@@ -115,7 +127,7 @@ class NSConv(nn.Conv2d):
         self.mask.copy_(mask.to(torch.bool).reshape(self.mask.shape))
 
     def effective_weight(self) -> torch.Tensor:
-        return _Standardize.apply(self.weight, self.gain, self.mask, self.stats == "active")
+        return _Standardize.apply(self.weight, self.gain, self.mask, self.stats == "active")[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)

@@ -36,6 +36,9 @@ class TrainOptions(FederatedOptions):
     superlink_ca: str | None = None  # --engine flower: the SuperLink's CA certificate (TLS)
     insecure: bool = False  # --engine flower: plaintext to the SuperLink, only when asked for
     force: bool = False  # replace a non-empty --out that is not an earlier training run
+    # in-process engine: train each round's clients together on this device (cuda, cpu; None: one by one on the
+    # CPU). Equal up to float rounding (docs/training.md, "Clients trained together").
+    device: str | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -43,8 +46,27 @@ class TrainOptions(FederatedOptions):
             raise ToolchainError("give --model (`toolchain train` trains one zoo model)")
         if self.engine not in ENGINES:
             raise ToolchainError(f"unknown engine '{self.engine}'; choose one of: {', '.join(ENGINES)}")
+        if self.device is not None:
+            check_device(self.device, self.engine)
         # before any training: never replace a folder train did not write, and fail now on an unwritable path
         check_out(Path(self.out), "train", self.force, [Path(self.data)] if self.data else [])
+
+
+def check_device(device: str, engine: str) -> None:
+    """``--device``: a torch device this machine has, for the in-process engine."""
+    import torch
+
+    if engine != "inprocess":
+        raise ToolchainError(f"--device trains clients together in the in-process engine; drop it for --engine {engine}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ToolchainError(f"--device must be a torch device such as cuda, cuda:1 or cpu, got '{device}'") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise ToolchainError(f"--device {device}: this machine has no such CUDA device (torch sees "
+                             f"{torch.cuda.device_count()}); drop --device to train on the CPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise ToolchainError(f"--device {device}: only cpu and cuda are supported")
 
 
 def train(opts: TrainOptions) -> dict[str, Any]:
@@ -56,7 +78,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     labels = run.fed.eval_y.numpy()
     return write_run(Path(opts.out), asdict(opts), run.strategy, run.cfg,
                      lambda on_round: simulate(run.strategy, run.model, run.fed, run.cfg, progress=not opts.quiet,
-                                               on_round=on_round),
+                                               on_round=on_round, clients_device=opts.device),
                      f"{opts.algo} / {opts.model} / {opts.dataset}",
                      verdict=lambda accuracy: quality(accuracy, labels, data.num_classes))
 

@@ -153,12 +153,44 @@ def _active(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
+# ---- the same gradients for torch.func.vmap (clients batched: toolchain/learning/fl/vectorised.py) ------------
+# The autograd functions above cut a data-dependent number of entries (nonzero), which vmap cannot batch. A layer
+# with ``sap_batched = True`` computes the same gradients from vmappable operations instead: the kept set as a
+# mask (the same entries as ``compress``, ties taken in index order), and the output split in two so that the
+# weight gradient sees only the kept, fp16-rounded input while the input gradient stays exact:
+#     y = layer(x_kept, W) + layer(x - x_kept, W.detach()),  x_kept = x * keep + (fp16 rounding).detach()
+# The forward value equals layer(x, W) up to rounding; the graph holds dense tensors (no memory saving: this
+# mode is for simulation speed, and memory is measured on the sequential layers).
+def kept_mask(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The entries ``compress(x, gamma, ...)`` keeps, as a bool tensor shaped like ``x`` (vmappable)."""
+    a = x.detach().abs().reshape(-1)
+    k = keep_count(a.numel(), gamma)
+    if k >= a.numel():
+        return torch.ones_like(x, dtype=torch.bool)
+    thr = a.kthvalue(a.numel() - k + 1).values
+    above, ties = a > thr, a == thr
+    return (above | (ties & (ties.cumsum(0) <= k - above.sum()))).reshape(x.shape)
+
+
+def split_input(x: torch.Tensor, gamma: float, fp16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_kept, x - x_kept): the kept part carries the stored (fp16-rounded) values, gradients pass straight."""
+    kept = x * kept_mask(x, gamma)
+    if fp16:
+        kept = kept + (kept.half().to(x.dtype) - kept).detach()
+    return kept, x - kept
+
+
 # ---- layer classes (swapped in place by enable_sap) ----------------------------------------------
 class _SAPConvMixin:
     sap_gamma: float = DEFAULT_GAMMA
     sap_fp16: bool = True
+    sap_batched: bool = False  # the vmappable formulation (set on the vectorised engine's own copy)
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.sap_batched and torch.is_grad_enabled():
+            kept, rest = split_input(x, self.sap_gamma, self.sap_fp16)
+            return (super()._conv_forward(kept, weight, bias)  # type: ignore[misc]
+                    + super()._conv_forward(rest, weight.detach(), None))  # type: ignore[misc]
         if self.padding_mode != "zeros" or isinstance(self.padding, str) or not _active(x, weight):
             return super()._conv_forward(x, weight, bias)  # type: ignore[misc]
         return _SAPConv2dFn.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
@@ -176,8 +208,12 @@ class SAPNSConv(_SAPConvMixin, NSConv):
 class SAPLinear(nn.Linear):
     sap_gamma: float = DEFAULT_GAMMA
     sap_fp16: bool = True
+    sap_batched: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sap_batched and torch.is_grad_enabled():
+            kept, rest = split_input(x, self.sap_gamma, self.sap_fp16)
+            return F.linear(kept, self.weight, self.bias) + F.linear(rest, self.weight.detach())
         if not _active(x, self.weight):
             return F.linear(x, self.weight, self.bias)
         return _SAPLinearFn.apply(x, self.weight, self.bias, self.sap_gamma, self.sap_fp16)
@@ -186,8 +222,10 @@ class SAPLinear(nn.Linear):
 class BitReLU(nn.ReLU):
     """ReLU that saves a packed sign bitmap for backward instead of its fp32 output."""
 
+    sap_batched: bool = False  # batched clients: plain ReLU, whose gradient is the same
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and x.requires_grad):
+        if self.sap_batched or not (torch.is_grad_enabled() and x.requires_grad):
             return torch.relu(x)
         return _BitReLUFn.apply(x)
 

@@ -18,10 +18,12 @@ from torch import nn
 from toolchain.data.datasets import Dataset
 from toolchain.data.partition import partition
 from toolchain.learning.fl.config import TrainConfig
+from toolchain.learning.fl.exchange import SETUP, TRAIN, Dispatch, Exchange, InProcessExchange
 from toolchain.learning.fl.masks import density
 from toolchain.learning.fl.memory import MEMORY_RULE
 from toolchain.learning.fl.messages import TrainRes
 from toolchain.learning.fl.strategy import ClientData, ServerContext, Strategy
+from toolchain.learning.fl.vectorised import VectorisedExchange
 
 
 @dataclass
@@ -189,32 +191,6 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> _RunState | None:
     return state
 
 
-@dataclass
-class Dispatch:
-    """One instruction for one sampled client, as the server made it: the message object, its encoded
-    bytes (what the byte accounting counts) and the client's torch generator seed."""
-
-    cid: int
-    kind: str  # TRAIN or SETUP
-    rnd: int
-    step: int
-    ins: Any  # TrainIns or a strategy's own instruction class
-    blob: bytes  # ins.to_bytes()
-    seed: int
-
-
-@dataclass
-class Reply:
-    """A client's encoded result (``res.to_bytes(masks the client held)``) and the class to decode it with."""
-
-    blob: bytes
-    cls: type
-    resent_bytes: int = 0  # instruction bytes a transport had to send twice (a node that lost its masks)
-
-
-# exchange(dispatches in sampled order) -> replies by cid; clients must run in that order (in-process RNG)
-Exchange = Callable[[list[Dispatch]], dict[int, Reply]]
-TRAIN, SETUP = "train", "setup"
 
 
 def client_seed(cfg: TrainConfig, rnd: int, cid: int, setup_step: int | None = None) -> int:
@@ -277,39 +253,6 @@ def play_round(strategy: Strategy, fed: Federation, cfg: TrainConfig, rnd: int, 
                        eval_device)
 
 
-class InProcessExchange:
-    """The in-process transport: decode each instruction as its client would, run the strategy's client
-    side on the shared client model, encode the result. ``client_masks`` is what each client last received
-    (part of a checkpoint)."""
-
-    def __init__(self, strategy: Strategy, fed: Federation, client_model: nn.Module,
-                 client_masks: dict[int, dict[str, torch.Tensor]]) -> None:
-        self.strategy, self.fed, self.client_model, self.client_masks = strategy, fed, client_model, client_masks
-
-    def __call__(self, out: list[Dispatch]) -> dict[int, Reply]:
-        replies: dict[int, Reply] = {}
-        for d in out:
-            ins, data, gen = self.decode(d)
-            if d.kind == SETUP:
-                res = self.strategy.client_setup(ins, data, self.client_model, gen)
-                replies[d.cid] = Reply(res.to_bytes({}), type(res))
-                continue
-            res = self.strategy.client_train(ins, data, self.client_model, gen)
-            replies[d.cid] = Reply(res.to_bytes(ins.masks), type(res))
-        return replies
-
-    def decode(self, d: Dispatch) -> tuple[Any, ClientData, torch.Generator]:
-        """What client ``d.cid`` starts from: the decoded instruction (a train instruction with the masks it
-        now holds), its data and its generator."""
-        gen = torch.Generator().manual_seed(d.seed)
-        if d.kind == SETUP:
-            return type(d.ins).from_bytes(d.blob, {}), self.fed.clients[d.cid], gen
-        # A strategy may use its own message kinds (e.g. ZO rounds): decode with the sender's class.
-        ins = type(d.ins).from_bytes(d.blob, self.client_masks.get(d.cid, {}))
-        self.client_masks[d.cid] = ins.masks
-        return ins, self.fed.clients[d.cid], gen
-
-
 def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainConfig,
              on_round: Callable[[RoundRecord], None] | None = None, progress: bool = True,
              checkpoint: Path | None = None, clients_device: str | None = None) -> list[RoundRecord]:
@@ -339,11 +282,9 @@ def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainCo
         np.random.set_state(state.np_rng)
     client_model = copy.deepcopy(strategy.model)
     if clients_device is None:
-        exchange: Exchange = InProcessExchange(strategy, fed, client_model, client_masks)
+        exchange: Exchange = InProcessExchange(strategy, fed.clients, client_model, client_masks)
     else:
-        from toolchain.learning.fl.vectorised import VectorisedExchange  # it builds on this module
-
-        exchange = VectorisedExchange(strategy, fed, client_model, client_masks, device=clients_device)
+        exchange = VectorisedExchange(strategy, fed.clients, client_model, client_masks, device=clients_device)
     bar = tqdm(range(len(history) + 1, cfg.rounds + 1), desc=f"{strategy.name} rounds", unit="round",
                disable=not progress, leave=False, dynamic_ncols=True)
     for rnd in bar:

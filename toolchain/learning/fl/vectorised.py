@@ -19,7 +19,10 @@ are called at the same steps with the client's own values, on the CPU, and the c
 current weights whenever a hook may read them. What differs: float rounding of the batched kernels
 (tests/test_fl_vectorised.py bounds it). Clients with fewer samples stop early (their rows are frozen) and
 an epoch's shorter last batch runs as its own group, so unequal data sizes need no padding.
-Not batched (trained one by one, as before): models whose layers need the mask in their forward (NSConv).
+Layers with their own autograd functions batch too: NSConv's standardisation has a vmap rule and its mask is
+a per-client buffer; SAP layers switch to a vmappable formulation with the same gradients (``sap_batched``,
+toolchain/learning/fl/sap.py). A new custom autograd function must do the same, or vmap would change its
+gradients; tests/test_fl_vectorised.py checks FedMef's model.
 """
 
 from __future__ import annotations
@@ -35,44 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from toolchain.learning.fl.local import ROUTE, LocalJob, LocalResult, augment_apply, augment_draws, local_train
+from toolchain.learning.fl.exchange import SETUP, Dispatch, InProcessExchange, Reply
+from toolchain.learning.fl.local import ROUTE, LocalJob, LocalResult, augment_apply, augment_draws
 from toolchain.learning.fl.masks import Masks
-from toolchain.learning.fl.simulator import SETUP, Dispatch, InProcessExchange, Reply
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which make_optimizer uses
-
-
-def batchable(job: LocalJob) -> bool:
-    """Whether ``train_together`` can run this job. Layers with their own autograd functions cannot: NSConv
-    (standardises the masked weight in a custom backward) and SAP layers (a data-dependent top-k of the input;
-    under vmap they would silently fall back to the plain layer and change the gradients)."""
-    return not any(hasattr(m, "set_mask") or hasattr(m, "sap_gamma") for m in job.model.modules())
-
-
-def train_one_on(job: LocalJob, device: torch.device) -> LocalResult:
-    """``local_train`` for one job on ``device``: the client's model and tensors move there for the call and
-    come back, so the strategy's code before and after sees CPU tensors as always."""
-    model, cpu = job.model, torch.device("cpu")
-    if device == cpu:
-        return local_train(model, job.masks, job.x, job.y, job.cfg, job.lr, job.generator, job.keep_last_grads,
-                           job.extra_loss, job.lr_fn, job.grad_hook, job.mask_update)
-    model.to(device)  # in place: the Parameter objects a hook closed over stay the same, now on the device
-    try:
-        def on_cpu(masks: Masks | None) -> Masks | None:
-            return None if masks is None else {n: m.to(cpu) for n, m in masks.items()}
-
-        def to_dev(masks: Masks | None) -> Masks | None:
-            return None if masks is None else {n: m.to(device) for n, m in masks.items()}
-
-        grad_hook = job.grad_hook
-        mask_update = job.mask_update
-        res = local_train(model, to_dev(job.masks) or {}, job.x.to(device), job.y.to(device), job.cfg, job.lr,
-                          job.generator, job.keep_last_grads, job.extra_loss, job.lr_fn,
-                          None if grad_hook is None else lambda g: grad_hook(on_cpu(g) or {}),
-                          None if mask_update is None else lambda s, t, g: to_dev(mask_update(s, t, on_cpu(g) or {})))
-        return LocalResult(res.loss, res.steps, on_cpu(res.last_grads), on_cpu(res.masks))
-    finally:
-        model.to(cpu)
 
 
 class DeviceData:
@@ -114,6 +84,9 @@ def train_together(jobs: Sequence[LocalJob], device: torch.device, data: DeviceD
     The jobs must come from one strategy (one ``TrainConfig``, one architecture, the same masked tensors)."""
     cfg, k_all = jobs[0].cfg, len(jobs)
     template = copy.deepcopy(jobs[0].model).to("meta").train()  # the structure only; tensors come stacked
+    for m in template.modules():
+        if hasattr(m, "sap_batched"):
+            m.sap_batched = True
     lanes: list[_Lane] = []
     for j in jobs:
         n = len(j.y)
@@ -125,10 +98,10 @@ def train_together(jobs: Sequence[LocalJob], device: torch.device, data: DeviceD
     masked = list(jobs[0].masks)
     P = {n: torch.stack([ln.params[n].detach() for ln in lanes]).to(device).requires_grad_(True) for n in names}
     buffers = [dict(ln.job.model.named_buffers()) for ln in lanes]
-    B = {n: torch.stack([b[n].detach() for b in buffers]).to(device) for n in buffers[0]}  # BN statistics
+    B = {n: torch.stack([b[n].detach() for b in buffers]).to(device) for n in buffers[0]}  # BN stats, NSConv masks
     M = {n: torch.stack([ln.masks[n] for ln in lanes]).to(device=device, dtype=P[n].dtype) for n in masked}
     state: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}  # optimizer state, stacked like P
-    loss_sum = torch.zeros(k_all, device=device)
+    loss_sum = torch.zeros(k_all, dtype=torch.float64, device=device)  # local_train sums Python floats
 
     def client_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor,
                     y: torch.Tensor) -> torch.Tensor:
@@ -162,7 +135,7 @@ def train_together(jobs: Sequence[LocalJob], device: torch.device, data: DeviceD
             assert lane.order is not None
             idx = lane.order[b * lane.batch:(b + 1) * lane.batch]
             draws = augment_draws(len(idx), cfg.augment, job.generator) if cfg.augment != "none" else None
-            batches[k] = (idx.to(device), draws)
+            batches[k] = (idx, draws)  # on the CPU: each group sends its batches in one copy
         for p in P.values():
             p.grad = None
         total = torch.zeros((), device=device)
@@ -178,7 +151,7 @@ def train_together(jobs: Sequence[LocalJob], device: torch.device, data: DeviceD
             for n, v in g.items():
                 grads[n][k] += v
         for k in active:
-            _client_hooks(lanes[k], k, step, grads, masked, M, P, state, sync)
+            _client_hooks(lanes[k], k, step, grads, masked, M, P, B, state, sync)
         with torch.no_grad():
             act = torch.zeros(k_all, dtype=torch.bool)
             act[active] = True
@@ -205,8 +178,11 @@ def _group_loss(group: list[int], k_all: int, batches: dict[int, tuple[torch.Ten
                 P: dict[str, torch.Tensor], B: dict[str, torch.Tensor], augment: str,
                 batched_loss: Callable, loss_sum: torch.Tensor) -> torch.Tensor:
     """Forward one group of equal-size batches; BN statistics of the group's rows are updated in ``B``."""
-    x = torch.stack([lanes[k].x[batches[k][0]] for k in group])
-    y = torch.stack([lanes[k].y[batches[k][0]] for k in group])
+    device = loss_sum.device
+    idx = torch.stack([batches[k][0] for k in group]).to(device)
+    x = torch.stack([lanes[k].x[i] for k, i in zip(group, idx, strict=True)])
+    y = torch.stack([lanes[k].y[i] for k, i in zip(group, idx, strict=True)])
+    rows = torch.tensor(group, device=device)
     if augment != "none":
         flips = torch.stack([batches[k][1][0] for k in group])
         offsets = batches[group[0]][1][1]
@@ -215,14 +191,13 @@ def _group_loss(group: list[int], k_all: int, batches: dict[int, tuple[torch.Ten
     if len(group) == k_all:  # every client: the stacked tensors themselves (BN statistics update in place)
         losses = batched_loss(P, B, x, y)
     else:
-        rows = torch.tensor(group, device=x.device)
         p = {n: v.index_select(0, rows) for n, v in P.items()}  # differentiable: grads land in P's rows
         b = {n: v.index_select(0, rows) for n, v in B.items()}
         losses = batched_loss(p, b, x, y)
         for n, v in b.items():
             B[n].index_copy_(0, rows, v)
     with torch.no_grad():
-        loss_sum.index_add_(0, torch.tensor(group, device=loss_sum.device), losses.detach())
+        loss_sum.index_add_(0, rows, losses.detach().to(loss_sum.dtype))
     return losses.sum()
 
 
@@ -238,13 +213,13 @@ def _extra_loss_grads(lane: _Lane, k: int, step: int, sync: Callable[[int, int],
     value = lane.job.extra_loss(model)
     value.backward()
     with torch.no_grad():
-        loss_sum[k] += value.detach().to(device)
+        loss_sum[k] += value.detach().to(device, loss_sum.dtype)
     return {n: p.grad.to(device) for n, p in lane.params.items() if p.grad is not None}
 
 
 def _client_hooks(lane: _Lane, k: int, step: int, grads: dict[str, torch.Tensor], masked: list[str],
-                  M: dict[str, torch.Tensor], P: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]],
-                  sync: Callable[[int, int], None]) -> None:
+                  M: dict[str, torch.Tensor], P: dict[str, torch.Tensor], B: dict[str, torch.Tensor],
+                  state: dict[str, dict[str, torch.Tensor]], sync: Callable[[int, int], None]) -> None:
     """``local_train``'s per-step calls for one client, with its dense gradients (on the CPU)."""
     job = lane.job
     last = step == lane.total - 1
@@ -264,6 +239,9 @@ def _client_hooks(lane: _Lane, k: int, step: int, grads: dict[str, torch.Tensor]
                 for n in masked:
                     M[n][k] = new[n].to(M[n].device, M[n].dtype)
                     P[n][k] *= M[n][k]
+                    layer_mask = n.rpartition(".")[0] + ".mask"  # a layer that reads its mask (NSConv: set_mask)
+                    if layer_mask in B:
+                        B[layer_mask][k] = new[n].to(B[layer_mask].device).reshape(B[layer_mask][k].shape)
                     for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
                         if key in state[n]:
                             state[n][key][k] *= M[n][k]
@@ -379,7 +357,7 @@ def run_together(work: list[Callable[[], Any]], train: Callable[[list[LocalJob]]
 class VectorisedExchange(InProcessExchange):
     """The in-process transport, with a round's clients trained together on ``device`` (``train_together``).
 
-    Setup exchanges and clients whose models cannot be batched run one by one, as in ``InProcessExchange``."""
+    Setup exchanges (e.g. FedTiny's candidate selection) run one by one, as in ``InProcessExchange``."""
 
     def __init__(self, *args: Any, device: str | torch.device = "cpu", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -404,6 +382,4 @@ class VectorisedExchange(InProcessExchange):
         return {d.cid: Reply(res.to_bytes(ins.masks), type(res)) for d, (ins, res) in zip(out, done, strict=True)}
 
     def _train(self, jobs: list[LocalJob]) -> list[LocalResult]:
-        if all(batchable(j) for j in jobs):
-            return train_together(jobs, self.device, self.data)
-        return [train_one_on(j, self.device) for j in jobs]
+        return train_together(jobs, self.device, self.data)

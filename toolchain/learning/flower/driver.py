@@ -25,13 +25,9 @@ from torch import nn
 from toolchain.contracts.errors import ToolchainError
 from toolchain.data.datasets import Dataset, load_dataset
 from toolchain.learning.fl.config import TrainConfig
+from toolchain.learning.fl.exchange import SETUP, TRAIN, Dispatch, Exchange, Reply
 from toolchain.learning.fl.simulator import (
-    SETUP,
-    TRAIN,
-    Dispatch,
-    Exchange,
     Federation,
-    Reply,
     RoundRecord,
     client_seed,
     play_round,
