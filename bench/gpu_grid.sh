@@ -1,40 +1,56 @@
 #!/usr/bin/env bash
 # Fill the CIFAR-10 grid (bench/fl_grid.py) on a lent GPU machine, with the vectorised client engine.
 #
-# The device machine gets the working tree only (64 MiB a call) and nothing beside it, and CIFAR-10 is 133 MB
-# (six .xz files), so the data travels in parts over back-to-back calls while the machine stays warm:
+# The device machine gets the working tree only (64 MiB a call, 25 MB of it the tree itself) and nothing beside
+# it, and CIFAR-10 is 139 MB (six .xz files), so the data travels in four parts of at most 37 MB over back-to-back calls
+# while the machine stays warm (30 s after each call), the last part with the run itself:
 #
-#   here:   bash bench/gpu_grid.sh pack ../shared/data/cifar10      # .gpu/part1..3, ignored by git
-#   device: run(command="bash bench/gpu_grid.sh unpack", carry=[".gpu/part1"])    # then part2, part3, each
-#           within the machine's warm window (30 s) of the last call
-#   device: run(command="bash bench/gpu_grid.sh run 480 12", timeout_s=600)     # limit s, worker processes
+#   here:   bash bench/gpu_grid.sh pack ../shared/data/cifar10      # .gpu/part-aa..ad + .gpu/SHA256SUMS, git-ignored
+#   device: run(command="bash bench/gpu_grid.sh unpack", carry=[".gpu/part-aa"])   # then -ab, then -ac,
+#           each within 30 s of the last call's end
+#   device: run(command="bash bench/gpu_grid.sh run 480 12", carry=[".gpu/part-ad", ".gpu/SHA256SUMS"],
+#               timeout_s=600)                                         # LIMIT_S per worker, WORKERS
 #   here:   tar xzf FILES_AT/results.tgz; cat FILES_AT/checkpoints.tgz.* | tar xzf -   (from the repo root)
 #           python bench/fl_grid.py --grid cifar10 --report
 #
-# `run` first checks the engine on this GPU against the one-by-one CPU engine (2 rounds of every method on a
-# 2000-sample slice), stops if they disagree, then starts the workers; each run checkpoints every round, so
-# what the time limit cuts off resumes anywhere. Results, checkpoints and logs come back in $OUT.
+# `run` first checks the engine on this GPU against the one-by-one CPU engine (tests/test_fl_vectorised.py in
+# float64 on cuda, then bench/vectorised_check.py), stops if they disagree, then starts the workers; each run
+# checkpoints every round, so what the time limit cuts off resumes anywhere. Results, checkpoints and logs
+# come back in $OUT. If the machine went cold between calls, `run` says which parts are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=/tmp/cifar10
 PY=${PYTHON:-python3}
 
+PARTS=/tmp/cifar10_parts
+
+unpack() {  # keep the parts this call carried; assemble the data once all are here
+  mkdir -p "$PARTS" "$DATA"
+  for p in .gpu/part-*; do [ -e "$p" ] && cp "$p" "$PARTS/"; done
+  if [ -f .gpu/SHA256SUMS ]; then cp .gpu/SHA256SUMS "$PARTS/"; fi
+  ls "$PARTS"
+  if [ -f "$PARTS/SHA256SUMS" ] && (cd "$PARTS" && sha256sum --quiet -c SHA256SUMS); then
+    cat "$PARTS"/part-* | tar xf - -C "$DATA"
+  fi
+}
+
 case "${1:-}" in
 pack)
   src=${2:?usage: gpu_grid.sh pack CIFAR10_DIR}
-  mkdir -p .gpu && grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-  (cd "$src" && tar cf - data_batch_1.bin.xz data_batch_2.bin.xz) > .gpu/part1
-  (cd "$src" && tar cf - data_batch_3.bin.xz data_batch_4.bin.xz) > .gpu/part2
-  (cd "$src" && tar cf - data_batch_5.bin.xz test_batch.bin.xz) > .gpu/part3
+  mkdir -p .gpu && { grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude; }
+  rm -f .gpu/part-* .gpu/SHA256SUMS
+  (cd "$src" && tar cf - data_batch_{1,2,3,4,5}.bin.xz test_batch.bin.xz) | split -b 35M - .gpu/part-
+  (cd .gpu && sha256sum part-* > SHA256SUMS)
   ls -l .gpu ;;
 unpack)
-  mkdir -p "$DATA"
-  for p in .gpu/part*; do tar xf "$p" -C "$DATA"; done
-  ls "$DATA" ;;
+  unpack ;;
 run)
   limit=${2:-480}; workers=${3:-12}
   out=${OUT:-/tmp/gpu_grid_out}; mkdir -p "$out"
-  [ "$(ls "$DATA"/*.xz | wc -l)" = 6 ] || { echo "CIFAR-10 is not complete in $DATA: unpack all three parts first"; exit 2; }
+  unpack
+  [ "$(ls "$DATA"/*.xz 2>/dev/null | wc -l)" = 6 ] || {
+    echo "CIFAR-10 is not complete in $DATA (parts here: $(ls "$PARTS" | tr '\n' ' ')): the machine went cold" \
+         "between calls; carry the parts again"; exit 2; }
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
   export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
   logs=/tmp/gpu_grid_logs; mkdir -p "$logs"; cp "$out/gpu.txt" "$logs/"
