@@ -78,6 +78,35 @@ class _Lane:
     params: dict[str, nn.Parameter] = field(default_factory=dict)
 
 
+class _Layout:
+    """Where each parameter lives in one flat (clients, numel) tensor: the optimizer then updates every
+    parameter of every client in a handful of kernels, not a handful per parameter (launches bound a GPU here)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.shapes = {n: p.shape for n, p in model.named_parameters()}
+        self.slices: dict[str, slice] = {}
+        offset = 0
+        for n, shape in self.shapes.items():
+            self.slices[n] = slice(offset, offset + shape.numel())
+            offset += shape.numel()
+        self.numel = offset
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-parameter views (clients, *shape) of ``flat`` (clients, numel)."""
+        return {n: flat[:, sl].view(flat.shape[0], *self.shapes[n]) for n, sl in self.slices.items()}
+
+    def row(self, flat_row: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-parameter views of one client's row."""
+        return {n: flat_row[sl].view(self.shapes[n]) for n, sl in self.slices.items()}
+
+    def stack(self, per_client: list[dict[str, torch.Tensor]], fill: float | None = None) -> torch.Tensor:
+        """(clients, numel) from per-client tensors by name; names a client lacks get ``fill``."""
+        rows = [torch.cat([(t[n].detach().reshape(-1).to(torch.get_default_dtype()) if n in t else
+                            torch.full((sl.stop - sl.start,), float(fill if fill is not None else 0.0)))
+                           for n, sl in self.slices.items()]) for t in per_client]
+        return torch.stack(rows)
+
+
 def train_together(jobs: Sequence[LocalJob], device: torch.device, data: DeviceData) -> list[LocalResult]:
     """Run ``local_train`` for every job in lockstep, batched over clients; results in job order.
 
@@ -94,13 +123,14 @@ def train_together(jobs: Sequence[LocalJob], device: torch.device, data: DeviceD
         per_epoch = (n + bs - 1) // bs
         lanes.append(_Lane(j, data(j.x), data(j.y), bs, per_epoch, per_epoch * cfg.local_epochs, dict(j.masks),
                            params=dict(j.model.named_parameters())))
-    names = list(lanes[0].params)
+    layout = _Layout(jobs[0].model)
     masked = list(jobs[0].masks)
-    P = {n: torch.stack([ln.params[n].detach() for ln in lanes]).to(device).requires_grad_(True) for n in names}
+    dtype = next(jobs[0].model.parameters()).dtype
+    W = layout.stack([ln.params for ln in lanes]).to(device, dtype).requires_grad_(True)  # every client's weights
+    M = layout.stack([ln.masks for ln in lanes], fill=1.0).to(device, dtype)  # 1 where a weight may be nonzero
     buffers = [dict(ln.job.model.named_buffers()) for ln in lanes]
     B = {n: torch.stack([b[n].detach() for b in buffers]).to(device) for n in buffers[0]}  # BN stats, NSConv masks
-    M = {n: torch.stack([ln.masks[n] for ln in lanes]).to(device=device, dtype=P[n].dtype) for n in masked}
-    state: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}  # optimizer state, stacked like P
+    state: dict[str, torch.Tensor] = {}  # optimizer state, flat like W
     loss_sum = torch.zeros(k_all, dtype=torch.float64, device=device)  # local_train sums Python floats
 
     def client_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor,
@@ -114,8 +144,8 @@ def train_together(jobs: Sequence[LocalJob], device: torch.device, data: DeviceD
         lane = lanes[k]
         if lane.synced_at != step:
             with torch.no_grad():
-                for n, p in lane.params.items():
-                    p.copy_(P[n][k])
+                for n, v in layout.row(W[k].detach().cpu()).items():
+                    lane.params[n].copy_(v)
             lane.synced_at = step
 
     for step in range(max(ln.total for ln in lanes)):
@@ -136,30 +166,31 @@ def train_together(jobs: Sequence[LocalJob], device: torch.device, data: DeviceD
             idx = lane.order[b * lane.batch:(b + 1) * lane.batch]
             draws = augment_draws(len(idx), cfg.augment, job.generator) if cfg.augment != "none" else None
             batches[k] = (idx, draws)  # on the CPU: each group sends its batches in one copy
-        for p in P.values():
-            p.grad = None
+        W.grad = None
+        P = layout.views(W)  # fresh views each step: the optimizer updates W in place
         total = torch.zeros((), device=device)
         for group in _groups(active, batches):
             total = total + _group_loss(group, k_all, batches, lanes, P, B, cfg.augment, batched_loss, loss_sum)
         extra: dict[int, dict[str, torch.Tensor]] = {}
         for k in active:
             if lanes[k].job.extra_loss is not None:
-                extra[k] = _extra_loss_grads(lanes[k], k, step, sync, loss_sum, device)
+                extra[k] = _extra_loss_grads(lanes[k], k, step, sync, loss_sum)
         total.backward()
-        grads = {n: P[n].grad for n in names}
+        assert W.grad is not None
+        grad = W.grad
         for k, g in extra.items():
-            for n, v in g.items():
-                grads[n][k] += v
+            grad[k] += layout.stack([g], fill=0.0)[0].to(device, dtype)
         for k in active:
-            _client_hooks(lanes[k], k, step, grads, masked, M, P, B, state, sync)
+            _client_hooks(lanes[k], k, step, layout, grad, masked, W, M, B, state, sync)
         with torch.no_grad():
             act = torch.zeros(k_all, dtype=torch.bool)
             act[active] = True
-            _optimizer_step(cfg, P, grads, M, state, lr.to(device), act.to(device), step + 1)
+            _optimizer_step(cfg, W, grad, M, state, lr.to(device, dtype)[:, None], act.to(device)[:, None], step + 1)
     with torch.no_grad():
+        weights = W.detach().cpu()
         for k, lane in enumerate(lanes):
-            for n, p in lane.params.items():
-                p.copy_(P[n][k])
+            for n, v in layout.row(weights[k]).items():
+                lane.params[n].copy_(v)
             for n, b in lane.job.model.named_buffers():
                 b.copy_(B[n][k])
     losses = loss_sum.tolist()
@@ -191,7 +222,7 @@ def _group_loss(group: list[int], k_all: int, batches: dict[int, tuple[torch.Ten
     if len(group) == k_all:  # every client: the stacked tensors themselves (BN statistics update in place)
         losses = batched_loss(P, B, x, y)
     else:
-        p = {n: v.index_select(0, rows) for n, v in P.items()}  # differentiable: grads land in P's rows
+        p = {n: v.index_select(0, rows) for n, v in P.items()}  # differentiable: grads land in W's rows
         b = {n: v.index_select(0, rows) for n, v in B.items()}
         losses = batched_loss(p, b, x, y)
         for n, v in b.items():
@@ -201,31 +232,31 @@ def _group_loss(group: list[int], k_all: int, batches: dict[int, tuple[torch.Ten
     return losses.sum()
 
 
-def _extra_loss_grads(lane: _Lane, k: int, step: int, sync: Callable[[int, int], None], loss_sum: torch.Tensor,
-                      device: torch.device) -> dict[str, torch.Tensor]:
+def _extra_loss_grads(lane: _Lane, k: int, step: int, sync: Callable[[int, int], None],
+                      loss_sum: torch.Tensor) -> dict[str, torch.Tensor]:
     """A client's regulariser (``extra_loss(model)``) on its own CPU model holding the batch's weights: its
     gradients, to add to the client's row, and its value, added to the client's loss as ``local_train`` does."""
     sync(k, step)
-    model = lane.job.model
     for p in lane.params.values():
         p.grad = None
     assert lane.job.extra_loss is not None
-    value = lane.job.extra_loss(model)
+    value = lane.job.extra_loss(lane.job.model)
     value.backward()
     with torch.no_grad():
-        loss_sum[k] += value.detach().to(device, loss_sum.dtype)
-    return {n: p.grad.to(device) for n, p in lane.params.items() if p.grad is not None}
+        loss_sum[k] += value.detach().to(loss_sum.device, loss_sum.dtype)
+    return {n: p.grad for n, p in lane.params.items() if p.grad is not None}
 
 
-def _client_hooks(lane: _Lane, k: int, step: int, grads: dict[str, torch.Tensor], masked: list[str],
-                  M: dict[str, torch.Tensor], P: dict[str, torch.Tensor], B: dict[str, torch.Tensor],
-                  state: dict[str, dict[str, torch.Tensor]], sync: Callable[[int, int], None]) -> None:
+def _client_hooks(lane: _Lane, k: int, step: int, layout: _Layout, grad: torch.Tensor, masked: list[str],
+                  W: torch.Tensor, M: torch.Tensor, B: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                  sync: Callable[[int, int], None]) -> None:
     """``local_train``'s per-step calls for one client, with its dense gradients (on the CPU)."""
     job = lane.job
     last = step == lane.total - 1
     if not (job.grad_hook or job.mask_update or (job.keep_last_grads and last)):
         return
-    mine = {n: grads[n][k].detach().cpu() for n in masked}
+    row = layout.row(grad[k].detach().cpu())
+    mine = {n: row[n] for n in masked}
     if job.keep_last_grads and last:
         lane.last_grads = {n: g.clone() for n, g in mine.items()}
     if job.grad_hook is not None:
@@ -237,56 +268,45 @@ def _client_hooks(lane: _Lane, k: int, step: int, grads: dict[str, torch.Tensor]
             lane.masks = new
             with torch.no_grad():
                 for n in masked:
-                    M[n][k] = new[n].to(M[n].device, M[n].dtype)
-                    P[n][k] *= M[n][k]
+                    sl = layout.slices[n]
+                    M[k, sl] = new[n].reshape(-1).to(M.device, M.dtype)
                     layer_mask = n.rpartition(".")[0] + ".mask"  # a layer that reads its mask (NSConv: set_mask)
                     if layer_mask in B:
                         B[layer_mask][k] = new[n].to(B[layer_mask].device).reshape(B[layer_mask][k].shape)
-                    for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
-                        if key in state[n]:
-                            state[n][key][k] *= M[n][k]
+                W[k].mul_(M[k])  # local_train's apply_masks and mask_optimizer_state after a mask update
+                for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key][k].mul_(M[k])
 
 
-def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-client vector shaped to broadcast over stacked tensors like ``like``."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _optimizer_step(cfg: Any, P: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], M: dict[str, torch.Tensor],
-                    state: dict[str, dict[str, torch.Tensor]], lr: torch.Tensor, active: torch.Tensor,
-                    t: int) -> None:
+def _optimizer_step(cfg: Any, W: torch.Tensor, grad: torch.Tensor, M: torch.Tensor, state: dict[str, torch.Tensor],
+                    lr: torch.Tensor, active: torch.Tensor, t: int) -> None:
     """One optimizer step on the active rows (``make_optimizer``'s optimizer, update for update), then the
     masking ``local_train`` does after every step: gradients of pruned entries, the weights, their state."""
-    for n, p in P.items():
-        g = grads[n]
-        if n in M:
-            g = g * M[n]
-        g = g + cfg.weight_decay * p if cfg.weight_decay else g
-        act, rate = _rows(active, p), _rows(lr.to(p.dtype), p)
-        s = state[n]
-        if cfg.optimizer == "adam":
-            b1, b2 = ADAM_BETAS
-            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                s.setdefault(key, torch.zeros_like(p))
-            m = torch.where(act, s["exp_avg"].lerp(g, 1 - b1), s["exp_avg"])
-            v = torch.where(act, s["exp_avg_sq"] * b2 + (1 - b2) * g * g, s["exp_avg_sq"])
-            vmax = torch.where(act, torch.maximum(s["max_exp_avg_sq"], v), s["max_exp_avg_sq"])
-            denom = vmax.sqrt() / (1 - b2 ** t) ** 0.5 + ADAM_EPS
-            new = p - (rate / (1 - b1 ** t)) * m / denom
-            s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"] = m, v, vmax
-        elif cfg.momentum:
-            buf = s.get("momentum_buffer", torch.zeros_like(p))  # zeros: the first step's buffer is then g
-            buf = torch.where(act, buf * cfg.momentum + g, buf)
-            s["momentum_buffer"] = buf
-            new = p - rate * buf
-        else:
-            new = p - rate * g
-        p.copy_(torch.where(act, new, p))
-        if n in M:
-            p.mul_(M[n])
-            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
-                if key in s:
-                    s[key].mul_(M[n])
+    g = grad * M
+    if cfg.weight_decay:
+        g = g + cfg.weight_decay * W
+    if cfg.optimizer == "adam":
+        b1, b2 = ADAM_BETAS
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            state.setdefault(key, torch.zeros_like(W))
+        m = torch.where(active, state["exp_avg"].lerp(g, 1 - b1), state["exp_avg"])
+        v = torch.where(active, state["exp_avg_sq"] * b2 + (1 - b2) * g * g, state["exp_avg_sq"])
+        vmax = torch.where(active, torch.maximum(state["max_exp_avg_sq"], v), state["max_exp_avg_sq"])
+        denom = vmax.sqrt() / (1 - b2 ** t) ** 0.5 + ADAM_EPS
+        new = W - (lr / (1 - b1 ** t)) * m / denom
+        state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] = m, v, vmax
+    elif cfg.momentum:
+        buf = state.get("momentum_buffer", torch.zeros_like(W))  # zeros: the first step's buffer is then g
+        buf = torch.where(active, buf * cfg.momentum + g, buf)
+        state["momentum_buffer"] = buf
+        new = W - lr * buf
+    else:
+        new = W - lr * g
+    W.copy_(torch.where(active, new, W) * M)
+    for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key].mul_(M)
 
 
 class _ClientThread(threading.Thread):
