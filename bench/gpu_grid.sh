@@ -56,7 +56,7 @@ run)
   export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
   logs=/tmp/gpu_grid_logs; mkdir -p "$logs"; cp "$out/gpu.txt" "$logs/"
   if ! { TOOLCHAIN_TEST_DEVICE=$DEVICE timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_fl_vectorised.py &&
-         timeout 150 $PY bench/vectorised_check.py --data "$DATA" --device "$DEVICE"; } 2>&1 | tee "$out/check.txt"; then
+         timeout 240 $PY bench/vectorised_check.py --data "$DATA" --device "$DEVICE"; } 2>&1 | tee "$out/check.txt"; then
     echo "the engine check failed on this GPU: not filling the grid"; exit 1
   fi
   for i in $(seq "$workers"); do
@@ -67,7 +67,7 @@ run)
   $PY bench/fl_grid.py --grid cifar10 --report > /dev/null || true
   # at most 8 files of 16 MB come back: one archive of results and logs, the checkpoints in 15 MB pieces
   tar czf "$out/results.tgz" bench/results/fl_grid_cifar10.* bench/results/fl_grid_cifar10/*.json \
-    bench/results/vectorised_engine_"${DEVICE//:/}".* "$logs"
+    bench/results/vectorised_engine_"${DEVICE//:/}".* -C /tmp gpu_grid_logs
   tar czf - bench/results/fl_grid_cifar10/checkpoints | split -b 15M - "$out/checkpoints.tgz."
   tail -n 3 "$logs"/worker*.log ;;
 *)
