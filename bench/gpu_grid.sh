@@ -54,7 +54,7 @@ run)
          "between calls; carry the parts again"; exit 2; }
   { nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 || echo "no nvidia-smi"; } | tee "$out/gpu.txt"
   export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-  logs=/tmp/gpu_grid_logs; mkdir -p "$logs"; cp "$out/gpu.txt" "$logs/"
+  logs=/tmp/gpu_grid_logs; rm -rf "$logs"; mkdir -p "$logs"; cp "$out/gpu.txt" "$logs/"
   if ! { TOOLCHAIN_TEST_DEVICE=$DEVICE timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_fl_vectorised.py &&
          timeout 240 $PY bench/vectorised_check.py --data "$DATA" --device "$DEVICE"; } 2>&1 | tee "$out/check.txt"; then
     echo "the engine check failed on this GPU: not filling the grid"; exit 1
