@@ -129,6 +129,35 @@ def test_a_vectorised_run_matches_the_one_by_one_run(mnist, algo):
     assert [r.bytes_up for r in hb] == pytest.approx([r.bytes_up for r in ha], rel=1e-3)  # encoded sizes vary a little
 
 
+def test_a_checkpoint_resumes_on_the_other_engine(mnist, tmp_path):
+    """The server's state stays on the CPU, so a grid run checkpointed by one engine finishes on the other."""
+    toy = _toy(mnist)
+    cfg = TrainConfig(rounds=3, clients=6, per_round=4, batch_size=16, lr=0.1, partition="dirichlet", alpha=0.5,
+                      density=0.1, seed=0, algo_options={"delta": 1, "t_end": 3})
+    fed = Federation.from_dataset(toy, cfg)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_2(rec) -> None:
+        if rec.round == 2:
+            raise Stop
+
+    def run(**kw):
+        seed_everything(0)
+        strategy = make_strategy("feddst", cfg)
+        return strategy, simulate(strategy, build_model("lenet5", toy.input_shape, 10), fed, cfg, progress=False, **kw)
+
+    ref, _ = run()
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Stop):
+        run(checkpoint=ckpt, on_round=stop_after_2)  # one by one on the CPU, "killed" after round 2
+    resumed, hist = run(checkpoint=ckpt, clients_device=DEVICE)  # round 3 with the clients batched
+    assert [r.round for r in hist] == [1, 2, 3]
+    assert all(torch.equal(ref.masks[n], resumed.masks[n]) for n in ref.masks)
+    assert _max_diff(ref.model, resumed.model) < 1e-4
+
+
 def test_fedmef_layers_batched_give_the_sequential_gradients(float64):
     """FedMef's client model (NSConv instead of BN, SAP on every layer, 1-bit ReLU): NSConv's standardisation
     under vmap and SAP's vmappable formulation against the layers' own autograd functions, two clients."""
