@@ -99,11 +99,11 @@ class _Layout:
         """Per-parameter views of one client's row."""
         return {n: flat_row[sl].view(self.shapes[n]) for n, sl in self.slices.items()}
 
-    def stack(self, per_client: list[dict[str, torch.Tensor]], fill: float | None = None) -> torch.Tensor:
-        """(clients, numel) from per-client tensors by name; names a client lacks get ``fill``."""
-        rows = [torch.cat([(t[n].detach().reshape(-1).to(torch.get_default_dtype()) if n in t else
-                            torch.full((sl.stop - sl.start,), float(fill if fill is not None else 0.0)))
-                           for n, sl in self.slices.items()]) for t in per_client]
+    def stack(self, per_client: list[dict[str, torch.Tensor]], dtype: torch.dtype, fill: float = 0.0) -> torch.Tensor:
+        """(clients, numel) of ``dtype`` from per-client tensors by name; names a client lacks get ``fill``."""
+        rows = [torch.cat([t[n].detach().reshape(-1).to(dtype) if n in t else
+                           torch.full((sl.stop - sl.start,), fill, dtype=dtype) for n, sl in self.slices.items()])
+                for t in per_client]
         return torch.stack(rows)
 
 
@@ -126,8 +126,8 @@ def train_together(jobs: Sequence[LocalJob], device: torch.device, data: DeviceD
     layout = _Layout(jobs[0].model)
     masked = list(jobs[0].masks)
     dtype = next(jobs[0].model.parameters()).dtype
-    W = layout.stack([ln.params for ln in lanes]).to(device, dtype).requires_grad_(True)  # every client's weights
-    M = layout.stack([ln.masks for ln in lanes], fill=1.0).to(device, dtype)  # 1 where a weight may be nonzero
+    W = layout.stack([ln.params for ln in lanes], dtype).to(device).requires_grad_(True)  # every client's weights
+    M = layout.stack([ln.masks for ln in lanes], dtype, fill=1.0).to(device)  # 1 where a weight may be nonzero
     buffers = [dict(ln.job.model.named_buffers()) for ln in lanes]
     B = {n: torch.stack([b[n].detach() for b in buffers]).to(device) for n in buffers[0]}  # BN stats, NSConv masks
     state: dict[str, torch.Tensor] = {}  # optimizer state, flat like W
@@ -179,7 +179,7 @@ def train_together(jobs: Sequence[LocalJob], device: torch.device, data: DeviceD
         assert W.grad is not None
         grad = W.grad
         for k, g in extra.items():
-            grad[k] += layout.stack([g], fill=0.0)[0].to(device, dtype)
+            grad[k] += layout.stack([g], dtype)[0].to(device)
         for k in active:
             _client_hooks(lanes[k], k, step, layout, grad, masked, W, M, B, state, sync)
         with torch.no_grad():
