@@ -1,9 +1,9 @@
 """The vectorised client engine (toolchain/learning/fl/vectorised.py) against the one-by-one engine.
 
-The reference is ``local_train`` (one client, one torch.optim optimizer, plain modules), which the vectorised
-engine does not call for batchable jobs. In float64 the two agree to rounding noise, so a wrong update,
-batch, augmentation, BN statistic or hook call shows as a real difference; in float32 whole runs agree
-closely and pick the same masks.
+The reference is ``local_train`` (one client at a time, one torch.optim optimizer, the layers' own autograd
+functions), which the vectorised engine does not call. In float64 the two agree to rounding noise, so a wrong
+update, batch, augmentation, BN statistic or hook call shows as a real difference; in float32 whole runs agree
+closely (bench/vectorised_check.py measures how far rounding alone moves a run).
 """
 
 import copy
