@@ -179,7 +179,8 @@ _checkpoint_pickle = types.SimpleNamespace(Unpickler=_CheckpointUnpickler, load=
 def read_checkpoint(path: Path) -> _RunState:
     """A checkpoint written by :func:`simulate` (ours: it is unpickled whole, so never load one from a
     stranger), also one written before a module moved."""
-    return torch.load(path, weights_only=False, pickle_module=_checkpoint_pickle)
+    # map_location: a run checkpointed by the vectorised engine on a GPU resumes on a machine without one
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_checkpoint_pickle)
 
 
 def _load_checkpoint(path: Path, cfg: TrainConfig) -> _RunState | None:
