@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from toolchain.data.datasets import load_dataset
 from toolchain.learning.fl import Federation, TrainConfig, simulate
 from toolchain.learning.fl.memory import MEMORY_RULE
 from toolchain.learning.fl.quality import chance_accuracy
-from toolchain.learning.fl.simulator import read_checkpoint, seed_everything
+from toolchain.learning.fl.simulator import engine_name, read_checkpoint, seed_everything
 from toolchain.learning.options import TRAIN_DEFAULTS, FederatedOptions
 from toolchain.learning.pruning import BUDGET_OPTION, make_strategy
 from toolchain.models.zoo import build_model
@@ -100,11 +101,6 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
         return machine("host", "platform", "python", "torch", "cpus", "torch_threads", "processor",
                        device=f"{device} ({torch.cuda.get_device_name(torch.device(device))})")
     return machine("host", "platform", "python", "torch", "cpus", "torch_threads", "processor", device="cpu")
-
-
-def engine_name(device: str | None) -> str:
-    """How a run's clients were trained: one by one (``local_train``) or together on a device (fl/vectorised.py)."""
-    return "one-by-one cpu" if device is None else f"vectorised {device}"
 
 
 def run_key(method: str, density: float, seed: int) -> str:
@@ -189,6 +185,8 @@ def run_one(grid_name: str, grid: dict[str, Any], data, method: str, density: fl
         "config": cfg.as_dict(), "machine": machine_info(device),
         # the engine of the process that finished the run, and the rounds it ran (the rest came from a checkpoint)
         "engine": engine_name(device), "rounds_this_process": len(hist) - resumed_at,
+        # every round's engine, counted (a run resumed across engines, e.g. on a lent GPU, names each)
+        "rounds_by_engine": dict(Counter(r.engine or engine_name(None) for r in hist)),
         # rounds run by this process (a resumed run's earlier rounds are in the sum of its round records)
         "wall_s_this_process": time.perf_counter() - t0, "wall_s": sum(r.seconds for r in hist),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -196,14 +194,15 @@ def run_one(grid_name: str, grid: dict[str, Any], data, method: str, density: fl
 
 
 def fill(grid_name: str, data_dir: str | None, methods: list[str] | None, max_runs: int | None,
-         device: str | None = None) -> int:
+         device: str | None = None, densities: list[float] | None = None, seeds: list[int] | None = None) -> int:
     grid = GRIDS[grid_name]
     out = RESULTS / f"fl_grid_{grid_name}"
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(grid["dataset"], data_dir)
     done = 0
     for method, density, seed in grid_runs(grid):
-        if methods and method not in methods:
+        if (methods and method not in methods) or (densities and density not in densities) \
+                or (seeds and seed not in seeds):
             continue
         key = run_key(method, density, seed)
         result = out / f"{key}.json"
@@ -286,7 +285,7 @@ def summarize(grid_name: str) -> dict[str, Any]:
             "bytes_up_per_client_round": float(np.mean([r["bytes_up_per_client_round"] for r in rs])),
             "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
             # runs that another engine than the one-by-one CPU engine finished (issue 14: say which rows a GPU made)
-            "engines": sorted({r.get("engine", engine_name(None)) for r in rs}),
+            "engines": sorted({e for r in rs for e in r.get("rounds_by_engine", {r.get("engine", engine_name(None)): 1})}),
         })
     total = len(grid_runs(grid))
     return {"grid": grid_name, "settings": {k: grid[k] for k in ("dataset", "model", "train", "algo_options",
@@ -428,6 +427,8 @@ def main() -> int:
     p.add_argument("--grid", choices=list(GRIDS), default="mnist")
     p.add_argument("--data", default=None, help="dataset folder (CIFAR-10 binary version for --grid cifar10)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the grid's methods")
+    p.add_argument("--densities", default=None, help="comma-separated subset of the grid's densities (1 = FedAvg)")
+    p.add_argument("--seeds", default=None, help="comma-separated subset of the grid's seeds")
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many finished runs")
     p.add_argument("--report", action="store_true", help="render the table/plot from the finished runs and exit")
     p.add_argument("--device", default=None,
@@ -439,7 +440,9 @@ def main() -> int:
         print(markdown(report(args.grid)))
         return 0
     methods = args.methods.split(",") if args.methods else None
-    n = fill(args.grid, args.data, methods, args.max_runs, args.device)
+    densities = [float(v) for v in args.densities.split(",")] if args.densities else None
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else None
+    n = fill(args.grid, args.data, methods, args.max_runs, args.device, densities, seeds)
     report(args.grid)
     print(f"{n} run(s) finished by this process; report in bench/results/fl_grid_{args.grid}.md")
     return 0

@@ -130,7 +130,8 @@ def test_a_vectorised_run_matches_the_one_by_one_run(mnist, algo):
 
 
 def test_a_checkpoint_resumes_on_the_other_engine(mnist, tmp_path):
-    """The server's state stays on the CPU, so a grid run checkpointed by one engine finishes on the other."""
+    """The server's state stays on the CPU, so a grid run checkpointed by one engine finishes on the other, and each
+    round's record names the engine that ran it (a grid row says which rounds a GPU made)."""
     toy = _toy(mnist)
     cfg = TrainConfig(rounds=3, clients=6, per_round=4, batch_size=16, lr=0.1, partition="dirichlet", alpha=0.5,
                       density=0.1, seed=0, algo_options={"delta": 1, "t_end": 3})
@@ -154,6 +155,7 @@ def test_a_checkpoint_resumes_on_the_other_engine(mnist, tmp_path):
         run(checkpoint=ckpt, on_round=stop_after_2)  # one by one on the CPU, "killed" after round 2
     resumed, hist = run(checkpoint=ckpt, clients_device=DEVICE)  # round 3 with the clients batched
     assert [r.round for r in hist] == [1, 2, 3]
+    assert [r.engine for r in hist] == ["one-by-one cpu"] * 2 + [f"vectorised {DEVICE}"]
     assert all(torch.equal(ref.masks[n], resumed.masks[n]) for n in ref.masks)
     assert _max_diff(ref.model, resumed.model) < 1e-4
 

@@ -42,9 +42,17 @@ class RoundRecord:
     seconds: float
     extra: dict[str, float] = field(default_factory=dict)
     device_memory_batch1: dict[str, int] = field(default_factory=dict)  # the same, training on one sample
+    # How this round's clients were trained (engine_name). "" in records written before this field existed
+    # (their class default on unpickling): those rounds ran one by one on the CPU.
+    engine: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def engine_name(clients_device: str | None) -> str:
+    """How a round's clients were trained: one by one (``local_train``) or together on a device (vectorised.py)."""
+    return "one-by-one cpu" if clients_device is None else f"vectorised {clients_device}"
 
 
 def to_tensors(images_u8: np.ndarray, labels: np.ndarray, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,6 +298,7 @@ def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainCo
                disable=not progress, leave=False, dynamic_ncols=True)
     for rnd in bar:
         rec = play_round(strategy, fed, cfg, rnd, rng, exchange, client_model, eval_device=clients_device)
+        rec.engine = engine_name(clients_device)
         history.append(rec)
         bar.set_postfix(acc=f"{rec.accuracy:.4f}", density=f"{rec.density:.3f}")
         if checkpoint is not None:
