@@ -18,7 +18,7 @@ from support.fleet_helpers import JetsonProcess, wasm_board
 from support.fleet_model import make_model
 from support.mosquitto_fixture import mosquitto, mosquitto_factory  # noqa: F401
 
-from toolchain.contracts.wire.messages import ST_IDLE, Hello, Ping, Status, encode
+from toolchain.contracts.wire.messages import ST_IDLE, Hello, Ping, RoundStart, Status, decode, encode
 from toolchain.deploy.emulators import wasm
 from toolchain.fleet import MqttConfig, MqttHost, Signer
 from toolchain.fleet.coordinator import Coordinator, RoundConfig, counted_results, read_rounds
@@ -51,10 +51,27 @@ class _Fleet:
             j.close()
 
 
-def _coordinator(f: _Fleet, out: Path, **kw: object) -> tuple[MqttFleet, Coordinator]:
+class _RoundStartsLost(MqttFleet):
+    """The broker path loses ``device``'s ROUND_STARTs from round ``first`` on. A device killed the instant a round
+    opens could still answer it (its agent replies within milliseconds, before the test's kill lands: CI saw
+    that); with its ROUND_START lost on the way, the kill is what it would be on a real fleet: before it heard."""
+
+    def __init__(self, cfg: MqttConfig, device: str, first: int) -> None:
+        super().__init__(cfg)
+        self.device, self.first = device, first
+
+    def send(self, device: str, raw: bytes) -> None:
+        if device == self.device:
+            msg = decode(raw)
+            if isinstance(msg, RoundStart) and msg.round_id >= self.first:
+                return
+        super().send(device, raw)
+
+
+def _coordinator(f: _Fleet, out: Path, fleet: MqttFleet | None = None, **kw: object) -> tuple[MqttFleet, Coordinator]:
     cfg = RoundConfig(**{"rounds": 3, "k": 8, "lr": 1.0, "batch": 32, "min_devices": 3, "min_results": 3,
                          "deadline_s": 60, "resend_s": 3, "start_timeout_s": 60, **kw})  # type: ignore[arg-type]
-    fleet = MqttFleet(f.mcfg)
+    fleet = fleet or MqttFleet(f.mcfg)
     return fleet, Coordinator(fleet, cfg, out, model=f.m.smf, signer=Signer(hmac_key=KEY), progress=sys.stderr)
 
 
@@ -169,9 +186,11 @@ def test_final_update_acks_and_resend_at_next_start(tmp_path: Path, mosquitto) -
     fleet = coord = None
     out = tmp_path / "coord"
     try:
-        fleet, coord = _coordinator(f, out, rounds=2, min_results=2, deadline_s=4)
+        fleet, coord = _coordinator(f, out, _RoundStartsLost(f.mcfg, "jet-1", 2), rounds=2, min_results=2,
+                                    deadline_s=4)
         c = coord
         assert not c.run(until=lambda: c.round == 2 and c._open, timeout=200), c.summary()
+        assert sorted(c.participants[2]) == f.names, c.summary()  # it was asked, and it dies before it heard
         f.jets[1].kill()
         assert c.run(timeout=200), c.summary()
         assert read_rounds(out)[-1]["devices"] == ["jet-0", "wasm-1"]
