@@ -13,7 +13,7 @@ from toolchain.learning.fl import Federation, TrainConfig, codec, simulate
 from toolchain.learning.fl.masks import apply_masks, density, global_topk, prunable_names
 from toolchain.learning.fl.memory import measure_saved_tensors, training_memory
 from toolchain.learning.fl.messages import TrainIns, TrainRes
-from toolchain.learning.fl.simulator import seed_everything
+from toolchain.learning.fl.simulator import read_checkpoint, seed_everything
 from toolchain.learning.pruning import make_strategy
 from toolchain.models.zoo import build_model
 
@@ -172,6 +172,8 @@ def test_checkpoint_resume_is_bit_identical(toy_fed, tmp_path, algo):
         simulate(make_strategy(algo, cfg), build_model("lenet5", (28, 28, 1), 10), fed, cfg, progress=False,
                  checkpoint=ckpt, on_round=_stop_after(2))
     assert ckpt.is_file()
+    kept = read_checkpoint(ckpt).strategy.ctx
+    assert kept.server_x is None and "fewshot" not in kept.extra  # re-drawn from the data on resume
     if algo == "fedtiny":  # a checkpoint written before the modules moved (issue 18) resumes too
         _as_old_module_paths(ckpt)
     seed_everything(123)  # the resumed run must not depend on the caller's global RNG state
@@ -182,6 +184,22 @@ def test_checkpoint_resume_is_bit_identical(toy_fed, tmp_path, algo):
     for (k, a), b in zip(s_full.model.state_dict().items(), strategy.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert all(torch.equal(s_full.masks[k], strategy.masks[k]) for k in s_full.masks)
+
+
+def test_a_checkpoint_refuses_other_training_data(toy_fed, tmp_path):
+    """A checkpoint keeps the server samples' labels, not the samples: resumed on other data it is refused in
+    one line instead of continuing with a server batch the run never had."""
+    cfg = TrainConfig(rounds=3, clients=4, per_round=3, batch_size=32, lr=0.05, density=0.2, seed=0)
+    ckpt = tmp_path / "run.pt"
+    seed_everything(0)
+    with pytest.raises(_Stop):
+        simulate(make_strategy("snip", cfg), build_model("lenet5", (28, 28, 1), 10),
+                 Federation.from_dataset(toy_fed, cfg), cfg, progress=False, checkpoint=ckpt, on_round=_stop_after(1))
+    other = type(toy_fed)("mnist-other", toy_fed.x_train[::-1].copy(), toy_fed.y_train[::-1].copy(), toy_fed.x_test,
+                          toy_fed.y_test, 10, toy_fed.preprocessing)
+    with pytest.raises(ValueError, match="other training data; delete it to start over"):
+        simulate(make_strategy("snip", cfg), build_model("lenet5", (28, 28, 1), 10),
+                 Federation.from_dataset(other, cfg), cfg, progress=False, checkpoint=ckpt)
 
 
 class _Stop(Exception):

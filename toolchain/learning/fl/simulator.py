@@ -159,11 +159,44 @@ def _share_equal_masks(client_masks: dict[int, dict[str, torch.Tensor]]) -> None
             distinct.append(masks)
 
 
+def server_data(fed: Federation, cfg: TrainConfig, rng: np.random.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The server's own samples, drawn from the training data: a batch of up to 256 from client 0 (``rng``'s first
+    draw) and the few-shot set. A function of the data and the seed only, so checkpoints leave it out."""
+    server_sel = torch.from_numpy(rng.permutation(len(fed.clients[0].y))[: min(256, len(fed.clients[0].y))])
+    fewshot = fewshot_set(fed, int(cfg.algo_options.get("n_shots", 5)), cfg.seed)
+    return fed.clients[0].x[server_sel], fed.clients[0].y[server_sel], fewshot
+
+
 def _save_checkpoint(path: Path, state: _RunState) -> None:
     _share_equal_masks(state.client_masks)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    # The server's samples (3.8 of a CIFAR-10 checkpoint's 4.3 MB) are re-drawn on resume (server_data); the labels
+    # stay, to check that the resumed run's data is the same.
+    ctx = state.strategy.ctx
+    kept = ctx.server_x, ctx.extra.get("fewshot")
+    ctx.server_x = None  # type: ignore[assignment]
+    ctx.extra.pop("fewshot", None)
+    try:
+        torch.save(state, tmp)
+    finally:
+        ctx.server_x = kept[0]
+        if kept[1] is not None:
+            ctx.extra["fewshot"] = kept[1]
     tmp.replace(path)  # atomic: a run killed mid-write keeps the previous checkpoint
+
+
+def _restore_server_data(state: _RunState, fed: Federation, cfg: TrainConfig, path: Path) -> None:
+    """Put back what _save_checkpoint left out (checkpoints written before that still hold it)."""
+    ctx = state.strategy.ctx
+    if ctx.server_x is not None:
+        return
+    x, y, fewshot = server_data(fed, cfg, np.random.default_rng(cfg.seed))
+    if not torch.equal(y, ctx.server_y):
+        raise ValueError(f"checkpoint {path} was written for other training data; delete it to start over")
+    ctx.server_x = x
+    if "fewshot" not in ctx.extra:
+        ctx.extra["fewshot"] = fewshot
 
 
 # Modules that moved since checkpoints were first written (the layered package of issue 18): a checkpoint
@@ -215,10 +248,9 @@ def start_run(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainC
     torch.set_num_threads(max(1, cfg.threads))
     seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    server_sel = rng.permutation(len(fed.clients[0].y))[: min(256, len(fed.clients[0].y))]
-    ctx = ServerContext(cfg, [len(c.y) for c in fed.clients], rng, fed.clients[0].x[torch.from_numpy(server_sel)],
-                        fed.clients[0].y[torch.from_numpy(server_sel)])
-    ctx.extra["fewshot"] = fewshot_set(fed, int(cfg.algo_options.get("n_shots", 5)), cfg.seed)
+    server_x, server_y, fewshot = server_data(fed, cfg, rng)
+    ctx = ServerContext(cfg, [len(c.y) for c in fed.clients], rng, server_x, server_y)
+    ctx.extra["fewshot"] = fewshot
     strategy.setup(model, ctx)
     return rng
 
@@ -285,6 +317,7 @@ def simulate(strategy: Strategy, model: nn.Module, fed: Federation, cfg: TrainCo
         history: list[RoundRecord] = []
     else:
         # the caller's strategy object becomes the resumed one (callers read strategy.model / .masks after)
+        _restore_server_data(state, fed, cfg, checkpoint)  # type: ignore[arg-type]
         strategy.__dict__.update(state.strategy.__dict__)
         rng, client_masks, history = state.rng, state.client_masks, state.history
         torch.set_rng_state(state.torch_rng)
