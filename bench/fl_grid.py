@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -146,6 +147,41 @@ def claim(lock: Path) -> bool:
         os.close(fd)
         return True
     return False
+
+
+def merge(grid_name: str, src: Path) -> list[str]:
+    """Take from another copy of this grid's results folder (a GPU machine's, or an earlier copy kept aside) what
+    is further along: each finished run missing here, and each checkpoint with more rounds than ours. A run that
+    a live process here holds (its lock) is left alone: that process would overwrite what we took."""
+    out = RESULTS / f"fl_grid_{grid_name}"
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    taken = []
+    for result in sorted(src.glob("*.json")):
+        key = result.stem
+        lock = CACHE / grid_name / f"{key}.lock"
+        if (out / result.name).exists() or not claim(lock):
+            continue
+        try:
+            shutil.copy2(result, out / result.name)
+            (out / "checkpoints" / f"{key}.pt").unlink(missing_ok=True)
+            taken.append(f"{key}: finished")
+        finally:
+            lock.unlink(missing_ok=True)
+    for ckpt in sorted((src / "checkpoints").glob("*.pt")):
+        key = ckpt.stem
+        mine = out / "checkpoints" / ckpt.name
+        lock = CACHE / grid_name / f"{key}.lock"
+        if (out / f"{key}.json").exists() or not claim(lock):
+            continue
+        try:
+            theirs = len(read_checkpoint(ckpt).history)
+            ours = len(read_checkpoint(mine).history) if mine.is_file() else 0
+            if theirs > ours:
+                shutil.copy2(ckpt, mine)
+                taken.append(f"{key}: round {theirs} (had {ours})")
+        finally:
+            lock.unlink(missing_ok=True)
+    return taken
 
 
 def memory_figures(hist: list) -> dict[str, Any]:
@@ -448,12 +484,24 @@ def main() -> int:
     p.add_argument("--densities", default=None, help="comma-separated subset of the grid's densities (1 = FedAvg)")
     p.add_argument("--seeds", default=None, help="comma-separated subset of the grid's seeds")
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many finished runs")
+    p.add_argument("--merge", default=None, metavar="DIR",
+                   help="take finished runs and further-along checkpoints from another copy of this grid's results "
+                        "folder (bench/gpu_grid.sh's), then report")
     p.add_argument("--report", action="store_true", help="render the table/plot from the finished runs and exit")
     p.add_argument("--device", default=None,
                    help="train each round's clients together on this device, batched (cuda, cuda:1, cpu; "
                         "toolchain/learning/fl/vectorised.py); default: one by one on the CPU")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.merge:
+        if not Path(args.merge).is_dir():
+            print(f"error: --merge {args.merge}: no such folder (give a copy of bench/results/fl_grid_{args.grid})",
+                  file=sys.stderr)
+            return 2
+        for line in merge(args.grid, Path(args.merge)) or ["nothing further along there"]:
+            print(line)
+        report(args.grid)
+        return 0
     if args.report:
         print(markdown(report(args.grid)))
         return 0

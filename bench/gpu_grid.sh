@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # Fill the CIFAR-10 grid (bench/fl_grid.py) on a lent GPU machine, with the vectorised client engine.
 #
-# The device machine gets the working tree only (64 MiB a call, 25 MB of it the tree itself) and nothing beside
-# it, and CIFAR-10 is 139 MB (six .xz files), so the data travels in four parts of at most 37 MB over back-to-back calls
-# while the machine stays warm (30 s after each call), the last part with the run itself:
+# The device machine gets the working tree only (64 MiB a call, the tree itself included) and nothing beside it,
+# and CIFAR-10 is 139 MB (six .xz files), so the data travels in parts over back-to-back calls while the machine
+# stays warm (30 s after each call), the last part with the run itself. `pack` sizes the parts to what the tree
+# leaves free and prints the calls:
 #
-#   here:   bash bench/gpu_grid.sh pack ../shared/data/cifar10      # .gpu/part-aa..ad + .gpu/SHA256SUMS, git-ignored
+#   here:   bash bench/gpu_grid.sh pack ../shared/data/cifar10      # .gpu/part-* + .gpu/SHA256SUMS, git-ignored
 #   device: run(command="bash bench/gpu_grid.sh check", carry=[".gpu/part-aa"])   # + the engine's float64 tests
-#           run(command="bash bench/gpu_grid.sh unpack", carry=[".gpu/part-ab"]), then -ac,
+#           run(command="bash bench/gpu_grid.sh unpack", carry=[".gpu/part-ab"]), and so on,
 #           each within 30 s of the last call's end
-#   device: run(command="bash bench/gpu_grid.sh run 420 12", carry=[".gpu/part-ad", ".gpu/SHA256SUMS"],
-#               timeout_s=520)                                         # LIMIT_S per worker, WORKERS
-#   here:   tar xzf FILES_AT/results.tgz; cat FILES_AT/checkpoints.tgz.* | tar xzf -   (from the repo root)
-#           python bench/fl_grid.py --grid cifar10 --report
+#   device: run(command="bash bench/gpu_grid.sh run 530 14", carry=[LAST PART, ".gpu/SHA256SUMS"],
+#               timeout_s=595)                                         # LIMIT_S per worker, WORKERS
+#   here:   mkdir -p /tmp/gpu_back && tar xzf FILES_AT/results.tgz -C /tmp/gpu_back &&
+#           cat FILES_AT/checkpoints.tgz.* | tar xzf - -C /tmp/gpu_back
+#           python bench/fl_grid.py --grid cifar10 --merge /tmp/gpu_back/bench/results/fl_grid_cifar10
 #
 # `check` runs tests/test_fl_vectorised.py in float64 on cuda (the engine against the one-by-one CPU engine, every
 # hook): a failure there costs one short call, not the run. `run` starts bench/vectorised_check.py (float32 whole
 # runs, both engines, on this machine) beside the workers: device time is too short to run it first, and a grid
 # filled by an engine that check finds off is not committed. Each run checkpoints every round, so what the time
-# limit cuts off resumes anywhere. Results, checkpoints and logs come back in $OUT. If the machine went cold
-# between calls, `run` says which parts are missing.
+# limit cuts off resumes anywhere. A second `run` on the still-warm machine continues from the first one's state
+# (kept in /tmp: each call's fresh copy of the tree would start over from the committed checkpoints). Results,
+# checkpoints and logs come back in $OUT. If the machine went cold between calls, `run` says which parts are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=/tmp/cifar10
@@ -43,9 +46,20 @@ pack)
   src=${2:?usage: gpu_grid.sh pack CIFAR10_DIR}
   mkdir -p .gpu && { grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude; }
   rm -f .gpu/part-* .gpu/SHA256SUMS
-  (cd "$src" && tar cf - data_batch_{1,2,3,4,5}.bin.xz test_batch.bin.xz) | split -b 35M - .gpu/part-
+  # what travels anyway: tracked files and untracked ones git does not ignore (the device tool's rule)
+  tree=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 -r stat -c %s -- 2>/dev/null \
+          | awk '{s += $1} END {print s + 0}')
+  part=$(( (62 * 1048576 - tree) / 1048576 ))  # MiB, 2 MiB spare for SHA256SUMS and the transfer's own files
+  [ "$part" -ge 8 ] || { echo "the working tree ($((tree / 1048576)) MiB) leaves too little of a call's 64 MiB" \
+                              "for the data; commit fewer checkpoints or ignore more" >&2; exit 2; }
+  (cd "$src" && tar cf - data_batch_{1,2,3,4,5}.bin.xz test_batch.bin.xz) | split -b "${part}M" - .gpu/part-
   (cd .gpu && sha256sum part-* > SHA256SUMS)
-  ls -l .gpu ;;
+  ls -l .gpu
+  parts=(.gpu/part-*)
+  echo "tree $((tree / 1048576)) MiB, parts of ${part} MiB; the calls, back to back:"
+  echo "  run(command=\"bash bench/gpu_grid.sh check\", carry=[\"${parts[0]}\"])"
+  for p in "${parts[@]:1:${#parts[@]}-2}"; do echo "  run(command=\"bash bench/gpu_grid.sh unpack\", carry=[\"$p\"])"; done
+  echo "  run(command=\"bash bench/gpu_grid.sh run 530 14\", carry=[\"${parts[-1]}\", \".gpu/SHA256SUMS\"], timeout_s=595)" ;;
 unpack)
   unpack ;;
 check)
@@ -64,6 +78,8 @@ run)
   { nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 || echo "no nvidia-smi"; } | tee "$out/gpu.txt"
   export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
   logs=/tmp/gpu_grid_logs; rm -rf "$logs"; mkdir -p "$logs"; cp "$out/gpu.txt" "$logs/"
+  state=/tmp/gpu_grid_state  # an earlier `run` on this machine: continue from it
+  if [ -d "$state/fl_grid_cifar10" ]; then $PY bench/fl_grid.py --grid cifar10 --merge "$state/fl_grid_cifar10"; fi
   timeout $((limit - 30)) $PY bench/vectorised_check.py --data "$DATA" --device "$DEVICE" \
     > "$out/check.txt" 2>&1 &
   for i in $(seq "$workers"); do
@@ -72,6 +88,7 @@ run)
   done
   wait || true
   $PY bench/fl_grid.py --grid cifar10 --report > /dev/null || true
+  rm -rf "$state" && mkdir -p "$state" && cp -r bench/results/fl_grid_cifar10 "$state/"
   # at most 8 files of 16 MB come back: one archive of results and logs, the checkpoints in 15 MB pieces
   shopt -s nullglob  # (the engine check's files are absent if its time ran out)
   tar czf "$out/results.tgz" bench/results/fl_grid_cifar10.* bench/results/fl_grid_cifar10/*.json \
