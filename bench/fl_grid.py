@@ -343,6 +343,14 @@ def _on(row: dict[str, Any], key: str, seeds: list[str]) -> float:
     return float(np.mean([row["by_seed"][s][key] for s in seeds]))
 
 
+def _spread(a: dict[str, Any], b: dict[str, Any], key: str, seeds: list[str]) -> str:
+    """`` +- std`` of the per-seed differences a - b (in points) when there are two seeds or more: a gap smaller than
+    that is not one the grid can tell from seed noise."""
+    if len(seeds) < 2:
+        return ""
+    return f" +- {100 * float(np.std([a['by_seed'][s][key] - b['by_seed'][s][key] for s in seeds], ddof=1)):.2f}"
+
+
 def _seeds_said(seeds: list[str]) -> str:
     return f"n = {len(seeds)}: seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}, finished by every compared cell"
 
@@ -363,7 +371,7 @@ def claims(summary: dict[str, Any]) -> list[str]:
                 best = max(base, key=lambda r: _on(r, key, seeds))  # noqa: B023 - used at once
                 gaps.append(100 * (_on(tiny, key, seeds) - _on(best, key, seeds)))
                 said.append(f"{READING[key]}: FedTiny {100 * _on(tiny, key, seeds):.2f} vs {best['method']} "
-                            f"{100 * _on(best, key, seeds):.2f}, {gaps[-1]:+.2f} points")
+                            f"{100 * _on(best, key, seeds):.2f}, {gaps[-1]:+.2f}{_spread(tiny, best, key, seeds)} points")
             verdict = "reproduced" if min(gaps) >= 0 else "missed" if max(gaps) < 0 else "mixed (final vs tail mean)"
             lines.append(f"| FedTiny >= best baseline at {d:g} (paper +2.61) | {'; '.join(said)} "
                          f"({_seeds_said(seeds)}) | {verdict} |")
@@ -378,7 +386,7 @@ def claims(summary: dict[str, Any]) -> list[str]:
                 verdict = "reproduced" if all(held) else "missed" if not any(held) else "mixed (final vs tail mean)"
                 lines.append(f"| FedMef footprint <= 0.715x {other}'s, accuracy within 0.5 at {d:g} | model + activations "
                              f"{train:.3f}x at the training batch ({one:.3f}x at batch 1), accuracy "
-                             + ", ".join(f"{g:+.2f} points {READING[k]}"
+                             + ", ".join(f"{g:+.2f}{_spread(mef, o, k, seeds)} points {READING[k]}"
                                          for g, k in zip(gaps, keys, strict=True)) + f" ({_seeds_said(seeds)}) | {verdict} |")
     return lines
 
