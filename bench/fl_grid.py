@@ -95,6 +95,10 @@ GRIDS: dict[str, dict[str, Any]] = {
                                                                 "magnitude")},
     },
 }
+# Ablation of FedTiny's CIFAR-10 result (docs/training.md): its ABNS-chosen mask with the adjustments off (delta 0),
+# against the main grid's FedTiny (adjusting) and random ERK (its starting budget, no ABNS)
+GRIDS["cifar10-fedtiny-static"] = {**GRIDS["cifar10"], "methods": ["fedtiny"], "seeds": [0, 1],
+                                   "algo_options": {"delta": 0, "t_end": 150}, "per_method": {}}
 
 
 def machine_info(device: str | None = None) -> dict[str, Any]:
