@@ -80,13 +80,20 @@ run)
   logs=/tmp/gpu_grid_logs; rm -rf "$logs"; mkdir -p "$logs"; cp "$out/gpu.txt" "$logs/"
   state=/tmp/gpu_grid_state  # an earlier `run` on this machine: continue from it
   if [ -d "$state/fl_grid_cifar10" ]; then $PY bench/fl_grid.py --grid cifar10 --merge "$state/fl_grid_cifar10"; fi
-  timeout $((limit - 30)) $PY bench/vectorised_check.py --data "$DATA" --device "$DEVICE" \
-    > "$out/check.txt" 2>&1 &
+  if [ "${GPU_GRID_CHECK:-1}" = 1 ]; then  # GPU_GRID_CHECK=0: every CPU for the workers (the check ran before)
+    timeout $((limit - 30)) $PY bench/vectorised_check.py --data "$DATA" --device "$DEVICE" \
+      > "$out/check.txt" 2>&1 &
+  fi
+  # what bounds the workers, for sizing the next lease: GPU utilisation and the CPUs' load every 20 s
+  { while sleep 20; do echo "$(date +%s) $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader \
+      2>/dev/null || echo n/a) load $(cut -d' ' -f1 /proc/loadavg)"; done; } > "$logs/utilisation.txt" 2>&1 &
+  sampler=$!
   for i in $(seq "$workers"); do
     timeout "$limit" $PY bench/fl_grid.py --grid cifar10 --data "$DATA" --device "$DEVICE" > "$logs/worker$i.log" 2>&1 &
     sleep 2
   done
-  wait || true
+  for j in $(jobs -p); do [ "$j" = "$sampler" ] || wait "$j" || true; done
+  kill "$sampler" 2>/dev/null || true
   $PY bench/fl_grid.py --grid cifar10 --report > /dev/null || true
   rm -rf "$state" && mkdir -p "$state" && cp -r bench/results/fl_grid_cifar10 "$state/"
   # at most 8 files of 16 MB come back: one archive of results and logs, the checkpoints in 15 MB pieces
