@@ -10,8 +10,8 @@
 #   device: run(command="bash bench/gpu_grid.sh check", carry=[".gpu/part-aa"])   # + the engine's float64 tests
 #           run(command="bash bench/gpu_grid.sh unpack", carry=[".gpu/part-ab"]), and so on,
 #           each within 30 s of the last call's end
-#   device: run(command="bash bench/gpu_grid.sh run 530 14", carry=[LAST PART, ".gpu/SHA256SUMS"],
-#               timeout_s=595)                                         # LIMIT_S per worker, WORKERS
+#   device: run(command="bash bench/gpu_grid.sh run 545 18", carry=[LAST PART, ".gpu/SHA256SUMS"],
+#               timeout_s=598)                       # LIMIT_S (all workers done by then), WORKERS; + 45 s to spare
 #   here:   mkdir -p /tmp/gpu_back && tar xzf FILES_AT/results.tgz -C /tmp/gpu_back &&
 #           cat FILES_AT/checkpoints.tgz.* | tar xzf - -C /tmp/gpu_back
 #           python bench/fl_grid.py --grid cifar10 --merge /tmp/gpu_back/bench/results/fl_grid_cifar10
@@ -59,7 +59,9 @@ pack)
   echo "tree $((tree / 1048576)) MiB, parts of ${part} MiB; the calls, back to back:"
   echo "  run(command=\"bash bench/gpu_grid.sh check\", carry=[\"${parts[0]}\"])"
   for p in "${parts[@]:1:${#parts[@]}-2}"; do echo "  run(command=\"bash bench/gpu_grid.sh unpack\", carry=[\"$p\"])"; done
-  echo "  run(command=\"bash bench/gpu_grid.sh run 530 14\", carry=[\"${parts[-1]}\", \".gpu/SHA256SUMS\"], timeout_s=595)" ;;
+  echo "  run(command=\"bash bench/gpu_grid.sh run 545 18\", carry=[\"${parts[-1]}\", \".gpu/SHA256SUMS\"], timeout_s=598)"
+  echo "  and with the budget left, within 30 s: run(command=\"GPU_GRID_CHECK=0 bash bench/gpu_grid.sh run L 18\"," \
+       "carry=[\".gpu/SHA256SUMS\"], timeout_s=L+45)" ;;
 unpack)
   unpack ;;
 check)
@@ -89,7 +91,9 @@ run)
       2>/dev/null || echo n/a) load $(cut -d' ' -f1 /proc/loadavg)"; done; } > "$logs/utilisation.txt" 2>&1 &
   sampler=$!
   for i in $(seq "$workers"); do
-    timeout "$limit" $PY bench/fl_grid.py --grid cifar10 --data "$DATA" --device "$DEVICE" > "$logs/worker$i.log" 2>&1 &
+    # started 2 s apart, each stops 2 s earlier: all are done by LIMIT_S, so the call's timeout_s needs only
+    # LIMIT_S plus the merge, report and archives (about 45 s), not the stagger as well
+    timeout $((limit - 2 * (i - 1))) $PY bench/fl_grid.py --grid cifar10 --data "$DATA" --device "$DEVICE" > "$logs/worker$i.log" 2>&1 &
     sleep 2
   done
   for j in $(jobs -p); do [ "$j" = "$sampler" ] || wait "$j" || true; done
