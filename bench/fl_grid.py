@@ -398,6 +398,14 @@ def claims(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def rounds_by_engine(runs: list[dict[str, Any]]) -> Counter:
+    """Rounds per engine over runs (a run finished before rounds recorded their engine ran all on its own)."""
+    total: Counter = Counter()
+    for r in runs:
+        total.update(r.get("rounds_by_engine") or {r.get("engine", engine_name(None)): r["rounds"]})
+    return total
+
+
 def markdown(s: dict[str, Any]) -> str:
     st, tr = s["settings"], s["settings"]["train"]
     lines = [f"# Federated pruning grid `{s['grid']}`: {st['dataset']} / {st['model']}", "",
@@ -407,9 +415,11 @@ def markdown(s: dict[str, Any]) -> str:
              f" (decay {tr.get('lr_decay', 1.0)}/round), augmentation {tr.get('augment', 'none')}; dynamic-method "
              f"options {st['algo_options']} {st['per_method']}; seeds {st['seeds']}; evaluated on the full test set.",
              "", f"Finished runs: **{s['finished_runs']} of {s['total_runs']}** "
-             f"(CPU time of finished runs {s['cpu_s_of_finished_runs'] / 3600:.1f} h). Machines: "
-             + "; ".join(f"{json.loads(m)['processor']} x{json.loads(m)['cpus']}, {json.loads(m)['device']}"
-                         for m in s["machines"]) + ".", "",
+             f"(their rounds' wall time summed: {s['cpu_s_of_finished_runs'] / 3600:.1f} h). Finished on: "
+             + "; ".join(sorted({f"{json.loads(m)['processor']} x{json.loads(m)['cpus']}, {json.loads(m)['device']}, "
+                                 f"torch {json.loads(m)['torch']}" for m in s["machines"]}))
+             + ". Their rounds by engine: " + ", ".join(f"{e} {n}" for e, n in sorted(rounds_by_engine(s["runs"]).items()))
+             + ".", "",
              "Memory (docs/memory.md, peak over all rounds, round 1 included): **total** at the training batch; "
              "**w+g+opt** = weights + gradients + optimizer state + method buffers; **batch 1** = everything when "
              "training on one sample. FedMef's claim uses its own footprint, model + activations (docs/memory.md).", "",
