@@ -18,11 +18,13 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from common import REPO, RESULTS, machine, parser, pyplot, write_results
+from torch import nn
 
 from toolchain.data.datasets import load_dataset
 from toolchain.learning.fl import Federation, TrainConfig, simulate
@@ -70,7 +72,8 @@ def config(spec: dict[str, Any], alpha: float, algo_options: dict[str, Any], rou
            batch: int | None = None, lr: float = 0.05) -> TrainConfig:
     return TrainConfig(rounds=rounds or spec["rounds"], clients=spec["clients"], per_round=spec["per_round"],
                        batch_size=batch or spec["batch"], lr=lr, density=spec["density"], partition="dirichlet",
-                       alpha=alpha, seed=0, eval_every=spec["eval_every"], eval_samples=spec["eval_samples"],
+                       alpha=alpha, seed=spec.get("seed", 0), eval_every=spec["eval_every"],
+                       eval_samples=spec["eval_samples"],
                        algo_options=algo_options)
 
 
@@ -79,7 +82,7 @@ def run_zo(spec: dict[str, Any], data, alpha: float, mask: str, keep_model: bool
             "T": spec["T"], "batch": spec["batch"]}
     cfg = config(spec, alpha, opts)
     fed = Federation.from_dataset(data, cfg)
-    seed_everything(0)
+    seed_everything(spec.get("seed", 0))
     model = build_model(spec["model"], data.input_shape, data.num_classes)
     strategy = make_strategy("ntk-zo", cfg)
     t0 = time.time()
@@ -145,30 +148,67 @@ SWEEP = {**MNIST, "rounds": 600, "K": 20, "eval_every": 100, "eval_samples": 200
          "lrs": (0.0025, 0.005, 0.01, 0.02, 0.04), "masks": ("dense", "ntk", "ntk-datafree")}
 
 
-def part_sweep(alpha: float) -> dict[str, Any]:
-    full = dataset(SWEEP)
+def held_out(spec: dict[str, Any]) -> tuple[Any, Callable[[nn.Module], float]]:
+    """The federation's data without ``spec["val"]`` held-out training images, which the simulator evaluates on
+    (its ``x_test``), and a scorer on the real test set, used only for the chosen runs."""
+    full = dataset(spec)
     perm = np.random.default_rng(0xA1).permutation(len(full.y_train))
-    val, train = perm[:SWEEP["val"]], perm[SWEEP["val"]:]
-    # the simulator evaluates on ``x_test``: give it the validation split; the test set is only used at the end
+    val, train = perm[:spec["val"]], perm[spec["val"]:]
     data = type(full)(full.name, full.x_train[train], full.y_train[train], full.x_train[val], full.y_train[val],
                       full.num_classes, full.preprocessing)
     tx, ty = to_tensors(full.x_test, full.y_test, full)
+
+    def test_accuracy(model: nn.Module) -> float:
+        model.eval()
+        with torch.no_grad():
+            pred = torch.cat([model(tx[i:i + 1000]).argmax(1) for i in range(0, len(ty), 1000)])
+        return float((pred == ty).float().mean())
+
+    return data, test_accuracy
+
+
+def part_seeds(alpha: float, seeds: int) -> dict[str, Any]:
+    """The lr each mask chose in sweep-ALPHA / density-ALPHA-D (on seed 0's held-out data), re-run with seeds
+    1..seeds-1 (partition, initialisation, ZO perturbations): test accuracy mean +- std over seeds."""
+    chosen = []
+    for f in sorted(PARTS.glob(f"sweep-{alpha}.json")) + sorted(PARTS.glob(f"density-{alpha}-*.json")):
+        part = json.loads(f.read_text())
+        for mask, c in part["chosen"].items():
+            chosen.append({"mask": mask, "density": 1.0 if mask == "dense" else part["spec"]["density"],
+                           "lr": c["lr"], "seed0_test_accuracy": c["test_accuracy"]})
+    rows = []
+    for c in chosen:
+        spec = {**SWEEP, "density": c["density"], "lr": {c["mask"]: c["lr"]}}
+        data, test_accuracy = held_out(spec)
+        accs = [c["seed0_test_accuracy"]]
+        for seed in range(1, seeds):
+            rec = run_zo({**spec, "seed": seed}, data, alpha, c["mask"], keep_model=True)
+            accs.append(test_accuracy(rec.pop("model")))
+            print(f"seeds-{alpha} {c['mask']} d {c['density']} lr {c['lr']} seed {seed}: test {accs[-1]:.4f} "
+                  f"({rec['wall_s']:.0f} s)", flush=True)
+        rows.append({**c, "test_accuracy_by_seed": accs, "flops_per_round": rec["flops_per_round"]})
+    return {"alpha": alpha, "seeds": seeds, "rows": rows}
+
+
+def part_sweep(alpha: float, density: float | None = None, masks: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Each mask's lr chosen on held-out data (§4.2). ``density``/``masks``: the density ablation
+    (``--part density-0.1-0.3``): the same protocol for NTK masks at another density; dense ZO and NTK at 0.1 are
+    the rows of ``sweep-ALPHA``, which uses the same split, seed and lr grid."""
+    spec = {**SWEEP, **({"density": density} if density is not None else {}), **({"masks": masks} if masks else {})}
+    data, test_accuracy = held_out(spec)
     runs: list[dict[str, Any]] = []
     chosen: dict[str, dict[str, Any]] = {}
-    for mask in SWEEP["masks"]:
-        grid, mine = list(SWEEP["lrs"]), []
+    for mask in spec["masks"]:
+        grid, mine = list(spec["lrs"]), []
         while len(mine) < len(grid):
             lr = grid[len(mine)]
-            rec = run_zo({**SWEEP, "lr": {mask: lr}}, data, alpha, mask, keep_model=True)
-            model = rec.pop("model").eval()
-            with torch.no_grad():
-                pred = torch.cat([model(tx[i:i + 1000]).argmax(1) for i in range(0, len(ty), 1000)])
+            rec = run_zo({**spec, "lr": {mask: lr}}, data, alpha, mask, keep_model=True)
             rec["val_accuracy"] = rec["final_accuracy"]
-            rec["test_accuracy"] = float((pred == ty).float().mean())
+            rec["test_accuracy"] = test_accuracy(rec.pop("model"))
             mine.append(rec)
-            print(f"sweep-{alpha} {mask} lr {lr}: val {rec['val_accuracy']:.4f} test {rec['test_accuracy']:.4f} "
+            print(f"sweep-{alpha} {mask} d {spec['density']} lr {lr}: val {rec['val_accuracy']:.4f} test {rec['test_accuracy']:.4f} "
                   f"({rec['wall_s']:.0f} s)", flush=True)
-            if len(mine) == len(grid) and len(grid) < len(SWEEP["lrs"]) + 2:
+            if len(mine) == len(grid) and len(grid) < len(spec["lrs"]) + 2:
                 # a best lr on the grid's edge extends the grid by a factor 2 beyond it (at most twice)
                 best_lr = max(mine, key=lambda r: r["val_accuracy"])["options"]["lr"]
                 if best_lr == min(grid):
@@ -181,8 +221,7 @@ def part_sweep(alpha: float) -> dict[str, Any]:
                         "test_accuracy": best["test_accuracy"], "flops_per_round": best["flops_per_round"],
                         "sample_forwards_per_round": best["sample_forwards_per_round"],
                         "active_weights": best["active_weights"]}
-    spec = {k: v for k, v in SWEEP.items() if k != "data"}
-    return {"spec": spec, "alpha": alpha, "runs": runs, "chosen": chosen}
+    return {"spec": {k: v for k, v in spec.items() if k != "data"}, "alpha": alpha, "runs": runs, "chosen": chosen}
 
 
 # ---- (d) mask agreement -------------------------------------------------------------------------------------
@@ -377,6 +416,84 @@ def at_budget(curve: list[dict[str, Any]], budget: float) -> float | None:
     return pts[-1] if pts else None
 
 
+def density_ablation(parts: dict[str, Any], acceptance: dict[str, Any]) -> list[str]:
+    """(b)'s ablation: NTK masks at several densities against dense ZO, each lr chosen on held-out data.
+
+    Pruning lowers the ZO estimate's variance (fewer perturbed weights) and the network's capacity; at 0.1 the second
+    won (§4.2). If variance were the binding limit, some density between 0.1 and 1 would beat dense ZO."""
+    dens = sorted((k for k in parts if k.startswith("density-")), key=lambda k: parts[k]["spec"]["density"])
+    if not dens:
+        return []
+    alpha = parts[dens[0]]["alpha"]
+    base = parts.get(f"sweep-{alpha}")
+    if base is None:
+        return [f"(density ablation: sweep-{alpha} is missing; run it first)", ""]
+    rows = [("dense", 1.0, base["chosen"]["dense"]), ("ntk", base["spec"]["density"], base["chosen"]["ntk"])]
+    rows += [("ntk", parts[k]["spec"]["density"], parts[k]["chosen"]["ntk"]) for k in dens]
+    rows.sort(key=lambda r: r[1])
+    dense = base["chosen"]["dense"]
+    lines = [f"## (b) ablation: NTK mask density (Dirichlet {alpha})", "",
+             f"The protocol of sweep-{alpha} (same split, seed, {base['spec']['rounds']} rounds, K = "
+             f"{base['spec']['K']}, lr grid) for NTK masks at more densities (`--part density-{alpha}-D`). Pruning "
+             "cuts the ZO estimate's variance (fewer perturbed weights) and the network's capacity; if the variance "
+             "were what binds, a density between 0.1 and 1 would beat dense ZO.", "",
+             "| mask | density | active weights | chosen lr | val acc | test acc | test acc - dense | FLOPs / round |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mask, d, c in rows:
+        lines.append(f"| {mask} | {d:g} | {c['active_weights']} | {c['lr']} | {c['val_accuracy']:.4f} | "
+                     f"{c['test_accuracy']:.4f} | {100 * (c['test_accuracy'] - dense['test_accuracy']):+.1f} points | "
+                     f"{c['flops_per_round']:.3g} |")
+    acceptance[f"b_density_ablation_{alpha}"] = {f"{m}_{d:g}": {"test_acc": c["test_accuracy"], "lr": c["lr"],
+                                                              "flops_per_round": c["flops_per_round"]}
+                                                 for m, d, c in rows}
+    seeded = parts.get(f"seeds-{alpha}")
+    if seeded:
+        by = {(r["mask"], r["density"]): r for r in seeded["rows"]}
+        ref = np.array(by[("dense", 1.0)]["test_accuracy_by_seed"])
+        lines += ["", f"The chosen lrs again with seeds 1..{seeded['seeds'] - 1} (`--part seeds-{alpha} --seeds "
+                  f"{seeded['seeds']}`: partition, initialisation and ZO perturbations change; the lr stays seed "
+                  "0's choice). Difference to dense ZO paired by seed, mean +- std.", "",
+                  "| mask | density | lr | test acc per seed | mean +- std | - dense ZO, paired (points) |",
+                  "|---|---|---|---|---|---|"]
+        summary = {}
+        for (mask, d), r in sorted(by.items(), key=lambda kv: kv[0][1]):
+            a = np.array(r["test_accuracy_by_seed"])
+            diff = 100 * (a - ref)
+            summary[f"{mask}_{d:g}"] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)),
+                                        "minus_dense_mean": float(diff.mean()), "minus_dense_std": float(diff.std(ddof=1))}
+            lines.append(f"| {mask} | {d:g} | {r['lr']} | {' / '.join(f'{x:.4f}' for x in a)} | "
+                         f"{100 * a.mean():.1f} +- {100 * a.std(ddof=1):.1f} % | "
+                         + ("-" if mask == "dense" else f"{diff.mean():+.1f} +- {diff.std(ddof=1):.1f}") + " |")
+        acceptance[f"b_density_ablation_{alpha}_seeds"] = summary
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ntk_rows = [r for r in rows if r[0] == "ntk"]
+    ax.plot([r[1] for r in ntk_rows], [100 * r[2]["test_accuracy"] for r in ntk_rows], marker="o",
+            label="NTK ZO, seed 0")
+    ax.axhline(100 * dense["test_accuracy"], color="k", ls="--", label=f"dense ZO (lr {dense['lr']}), seed 0")
+    if seeded:
+        m = [summary[f"ntk_{d:g}"] for _, d, _ in ntk_rows]
+        ax.errorbar([r[1] * 1.04 for r in ntk_rows], [100 * x["mean"] for x in m], [100 * x["std"] for x in m],
+                    fmt="s", ms=4, capsize=3, color="C1", label=f"NTK ZO, {seeded['seeds']} seeds")
+        dm, ds = summary["dense_1"]["mean"], summary["dense_1"]["std"]
+        ax.axhspan(100 * (dm - ds), 100 * (dm + ds), color="k", alpha=0.1, label=f"dense ZO, {seeded['seeds']} seeds")
+    for _, d, c in ntk_rows:
+        ax.annotate(f"lr {c['lr']}", (d, 100 * c["test_accuracy"]), fontsize=7, xytext=(3, -10),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xticks([r[1] for r in ntk_rows], [f"{r[1]:g}" for r in ntk_rows])
+    ax.minorticks_off()
+    ax.set_xlabel("density")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"LeNet-5 / MNIST, Dir {alpha}, {base['spec']['rounds']} ZO rounds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "ntk_zo_density.png", dpi=120)
+    plt.close(fig)
+    return lines + ["", "![test accuracy per density](ntk_zo_density.png)", ""]
+
+
 def report() -> None:
     parts = {p.stem: json.loads(p.read_text()) for p in sorted(PARTS.glob("*.json"))}
     lines = ["# NTK foresight pruning + federated ZO training (issue #5)", "",
@@ -387,7 +504,8 @@ def report() -> None:
                  "3-5 at a time with other engineers' jobs (load average 14-17); the mask study (d) with a load average "
                  "about 4; the four training parts (b, c) were re-run after the aggregation fix, two at a time on an "
                  "otherwise idle machine; the two sweep parts and the Frobenius rows of (d) ran two at a time on an "
-                 "otherwise idle machine (sweeps 19.5 + 19.1 min, Frobenius rows 4.8 min LeNet-5, 37.8 min ResNet-8).")
+                 "otherwise idle machine (sweeps 19.5 + 19.1 min, Frobenius rows 4.8 min LeNet-5, 37.8 min ResNet-8); the "
+                 "density and seed parts of (b)'s ablation one at a time beside two CIFAR-10 grid workers (load about 3).")
     lines.append("")
     acceptance: dict[str, Any] = {}
     if "memory" in parts:
@@ -509,6 +627,7 @@ def report() -> None:
         fig.savefig(RESULTS / "ntk_zo_sweep.png", dpi=120)
         plt.close(fig)
         lines += ["![validation accuracy per lr](ntk_zo_sweep.png)", ""]
+    lines += density_ablation(parts, acceptance)
     if "masks" in parts and "rows" in parts["masks"]:
         mk = parts["masks"]
         st = mk["protocol"]
@@ -558,7 +677,7 @@ def report() -> None:
 def main() -> int:
     ap = parser(__doc__)
     ap.add_argument("--part", help="memory | masks | mnist-0.5 | mnist-0.1 | cifar-0.5 | cifar-0.1 | sweep-0.1 | "
-                                   "sweep-0.5")
+                                   "sweep-0.5 | density-ALPHA-DENSITY (after sweep-ALPHA)")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--seeds", type=int, default=MASK_STUDY["seeds"], help="masks: replicates per row")
     ap.add_argument("--samples", type=int, default=MASK_STUDY["ntk_samples"], help="masks: NTK-SAP draws R per step")
@@ -577,6 +696,11 @@ def main() -> int:
         res = part_masks(args.models.split(","), args.samples, args.seeds, args.objective)
     elif args.part and args.part.startswith("sweep-"):
         res = part_sweep(float(args.part.split("-")[1]))
+    elif args.part and args.part.startswith("seeds-"):  # seeds-ALPHA: the chosen lrs with more seeds
+        res = part_seeds(float(args.part.split("-")[1]), args.seeds)
+    elif args.part and args.part.startswith("density-"):  # density-ALPHA-DENSITY: NTK masks at another density
+        _, alpha, density = args.part.split("-")
+        res = part_sweep(float(alpha), float(density), masks=("ntk",))
     elif args.part and args.part.split("-")[0] in ("mnist", "cifar"):
         name, alpha = args.part.split("-")
         res = part_train(args.part, MNIST if name == "mnist" else CIFAR, float(alpha))
