@@ -242,3 +242,17 @@ def test_augment_batch_is_reproducible_and_shape_preserving():
         assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
     with pytest.raises(ValueError):
         augment_batch(x, "flipcrop", torch.Generator())
+
+
+def test_evaluate_batches_do_not_change_the_result():
+    # evaluate() picks a small batch on the CPU (speed); the reading must be the whole set's, however it is cut
+    from toolchain.learning.fl.local import evaluate
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", (32, 32, 3), 10)
+    x, y = torch.randn(250, 3, 32, 32), torch.randint(0, 10, (250,))
+    whole = evaluate(model, x, y, batch_size=250)
+    for cut in (None, 7, 100):  # None: the CPU default; 7 leaves a short last batch
+        acc, loss = evaluate(model, x, y, batch_size=cut)
+        assert acc == whole[0]
+        assert loss == pytest.approx(whole[1], rel=1e-5)

@@ -162,13 +162,16 @@ def augment_apply(x: torch.Tensor, flip: torch.Tensor, offsets: torch.Tensor | N
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None,
              device: str | torch.device | None = None) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model`` in eval mode; on ``device`` (a copy of the model) if given."""
     model.eval()
     if device is not None and torch.device(device) != next(model.parameters()).device:
         model = copy.deepcopy(model).to(device)
     dev = next(model.parameters()).device
+    # On a CPU, small batches: ResNet-8 took 1.0-1.6 s per 1000 CIFAR images at batch 1000 and 0.26 s at batch 100
+    # (one thread; at 1000, each layer's 64 MB of activations leaves the caches). A GPU wants the large batch.
+    batch_size = batch_size or (1000 if dev.type == "cuda" else 100)
     correct, loss = 0, 0.0
     for i in range(0, len(y), batch_size):
         xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
