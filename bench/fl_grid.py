@@ -99,6 +99,9 @@ GRIDS: dict[str, dict[str, Any]] = {
 # against the main grid's FedTiny (adjusting) and random ERK (its starting budget, no ABNS)
 GRIDS["cifar10-fedtiny-static"] = {**GRIDS["cifar10"], "methods": ["fedtiny"], "seeds": [0, 1],
                                    "algo_options": {"delta": 0, "t_end": 150}, "per_method": {}}
+# FedTiny with FedDST's adjustment rate (0.5 instead of its own 0.1): whether the rate is FedDST's lead at 5 %
+GRIDS["cifar10-fedtiny-alpha"] = {**GRIDS["cifar10"], "methods": ["fedtiny"], "seeds": [0, 1], "densities": [0.05],
+                                  "algo_options": {"delta": 10, "t_end": 150, "alpha": 0.5}, "per_method": {}}
 
 
 def machine_info(device: str | None = None) -> dict[str, Any]:
