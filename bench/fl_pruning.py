@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cpu_kernels  # noqa: F401 - before torch: kernels that round alike on every host (--reproduce)
 import numpy as np
 import torch
 from common import RESULTS, machine, parser, pyplot, write_results
