@@ -9,7 +9,9 @@ Grids:
   methods adjust every 10 rounds until round 150.
 - ``mnist``: the MNIST / LeNet-5 quick protocol of the issue's acceptance command: exactly
   ``toolchain train``'s defaults with ``--clients 10 --per-round 4 --rounds 5``, every method, 1 % and
-  5 %, seeds 0, 1, 2.
+  5 %, seeds 0, 1, 2. ``mnist-equal``: the same on the equal per-layer budget.
+- ``cifar10-fedtiny-static`` and ``cifar10-fedtiny-alpha``: FedTiny ablations on the ``cifar10`` settings, with
+  its mask adjustments off (``delta=0``) and at FedDST's adjustment rate (0.5), seeds 0 and 1 (docs/training.md).
 
 Each run is saved to ``bench/results/fl_grid_<grid>/<method>_d<density>_s<seed>.json`` the moment it
 finishes, and a re-run skips finished runs. A run in progress writes a checkpoint after every round to
