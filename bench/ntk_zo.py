@@ -28,6 +28,7 @@ from torch import nn
 
 from toolchain.data.datasets import load_dataset
 from toolchain.learning.fl import Federation, TrainConfig, simulate
+from toolchain.learning.fl.local import evaluate
 from toolchain.learning.fl.masks import apply_masks, dense_masks
 from toolchain.learning.fl.memory import forward_only_memory, training_memory
 from toolchain.learning.fl.simulator import seed_everything, to_tensors
@@ -157,14 +158,7 @@ def held_out(spec: dict[str, Any]) -> tuple[Any, Callable[[nn.Module], float]]:
     data = type(full)(full.name, full.x_train[train], full.y_train[train], full.x_train[val], full.y_train[val],
                       full.num_classes, full.preprocessing)
     tx, ty = to_tensors(full.x_test, full.y_test, full)
-
-    def test_accuracy(model: nn.Module) -> float:
-        model.eval()
-        with torch.no_grad():
-            pred = torch.cat([model(tx[i:i + 1000]).argmax(1) for i in range(0, len(ty), 1000)])
-        return float((pred == ty).float().mean())
-
-    return data, test_accuracy
+    return data, lambda model: evaluate(model, tx, ty)[0]
 
 
 def part_seeds(alpha: float, seeds: int) -> dict[str, Any]:
@@ -175,18 +169,19 @@ def part_seeds(alpha: float, seeds: int) -> dict[str, Any]:
         part = json.loads(f.read_text())
         for mask, c in part["chosen"].items():
             chosen.append({"mask": mask, "density": 1.0 if mask == "dense" else part["spec"]["density"],
-                           "lr": c["lr"], "seed0_test_accuracy": c["test_accuracy"]})
+                           "lr": c["lr"], "seed0_test_accuracy": c["test_accuracy"],
+                           "flops_per_round": c["flops_per_round"]})
+    data, test_accuracy = held_out(SWEEP)  # the split depends on neither mask nor density
     rows = []
     for c in chosen:
         spec = {**SWEEP, "density": c["density"], "lr": {c["mask"]: c["lr"]}}
-        data, test_accuracy = held_out(spec)
         accs = [c["seed0_test_accuracy"]]
         for seed in range(1, seeds):
             rec = run_zo({**spec, "seed": seed}, data, alpha, c["mask"], keep_model=True)
             accs.append(test_accuracy(rec.pop("model")))
             print(f"seeds-{alpha} {c['mask']} d {c['density']} lr {c['lr']} seed {seed}: test {accs[-1]:.4f} "
                   f"({rec['wall_s']:.0f} s)", flush=True)
-        rows.append({**c, "test_accuracy_by_seed": accs, "flops_per_round": rec["flops_per_round"]})
+        rows.append({**c, "test_accuracy_by_seed": accs})
     return {"alpha": alpha, "seeds": seeds, "rows": rows}
 
 
@@ -416,6 +411,18 @@ def at_budget(curve: list[dict[str, Any]], budget: float) -> float | None:
     return pts[-1] if pts else None
 
 
+def _log_x_axes(ax: Any, ticks: list[float], xlabel: str, ylabel: str, title: str) -> None:
+    """A log x axis labelled at ``ticks`` only, with the report's grid and legend."""
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def density_ablation(parts: dict[str, Any], acceptance: dict[str, Any]) -> list[str]:
     """(b)'s ablation: NTK masks at several densities against dense ZO, each lr chosen on held-out data.
 
@@ -480,14 +487,8 @@ def density_ablation(parts: dict[str, Any], acceptance: dict[str, Any]) -> list[
     for _, d, c in ntk_rows:
         ax.annotate(f"lr {c['lr']}", (d, 100 * c["test_accuracy"]), fontsize=7, xytext=(3, -10),
                     textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xticks([r[1] for r in ntk_rows], [f"{r[1]:g}" for r in ntk_rows])
-    ax.minorticks_off()
-    ax.set_xlabel("density")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"LeNet-5 / MNIST, Dir {alpha}, {base['spec']['rounds']} ZO rounds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _log_x_axes(ax, [r[1] for r in ntk_rows], "density", "test accuracy (%)",
+                f"LeNet-5 / MNIST, Dir {alpha}, {base['spec']['rounds']} ZO rounds")
     fig.tight_layout()
     fig.savefig(RESULTS / "ntk_zo_density.png", dpi=120)
     plt.close(fig)
@@ -607,15 +608,8 @@ def report() -> None:
                 mine = sorted((r for r in p["runs"] if r["mask"] == mask), key=lambda r: r["options"]["lr"])
                 ax.plot([r["options"]["lr"] for r in mine], [100 * r["val_accuracy"] for r in mine], marker="o",
                         label=mask)
-            ax.set_xscale("log")
-            lrs = sorted({r["options"]["lr"] for r in p["runs"]})
-            ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
-            ax.minorticks_off()
-            ax.set_xlabel("lr")
-            ax.set_ylabel("validation accuracy (%)")
-            ax.set_title(f"{key}: {p['spec']['rounds']} rounds")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _log_x_axes(ax, sorted({r["options"]["lr"] for r in p["runs"]}), "lr", "validation accuracy (%)",
+                        f"{key}: {p['spec']['rounds']} rounds")
             c = p["chosen"]
             acceptance[f"b_{key}"] = {
                 "ntk_test_acc": c["ntk"]["test_accuracy"], "dense_test_acc": c["dense"]["test_accuracy"],
@@ -677,7 +671,7 @@ def report() -> None:
 def main() -> int:
     ap = parser(__doc__)
     ap.add_argument("--part", help="memory | masks | mnist-0.5 | mnist-0.1 | cifar-0.5 | cifar-0.1 | sweep-0.1 | "
-                                   "sweep-0.5 | density-ALPHA-DENSITY (after sweep-ALPHA)")
+                                   "sweep-0.5 | density-ALPHA-DENSITY, then seeds-ALPHA (after sweep-ALPHA)")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--seeds", type=int, default=MASK_STUDY["seeds"], help="masks: replicates per row")
     ap.add_argument("--samples", type=int, default=MASK_STUDY["ntk_samples"], help="masks: NTK-SAP draws R per step")
