@@ -42,6 +42,7 @@ from toolchain.learning.flower.driver import (
     server_loop,
 )
 from toolchain.learning.flower.polling import send_and_receive
+from toolchain.learning.flower.secagg import MAX_WEIGHT, SECAGG, SecAggExchange, check_secagg, secagg_mod
 from toolchain.learning.options import TRAIN_DEFAULTS, FederatedOptions
 from toolchain.learning.run_output import write_run
 
@@ -56,13 +57,19 @@ def _mod_table() -> dict[str, Callable]:
     from flwr.clientapp.mod import adaptiveclipping_mod, arrays_size_mod, fixedclipping_mod, message_size_mod
 
     return {"fixedclipping": fixedclipping_mod, "adaptiveclipping": adaptiveclipping_mod,
-            "arrays_size": arrays_size_mod, "message_size": message_size_mod}
+            "arrays_size": arrays_size_mod, "message_size": message_size_mod, SECAGG: secagg_mod}
 
 
-def check_mods(names: list[str]) -> None:
+def check_mods(names: list[str], algo: str | None = None, per_round: int | None = None) -> None:
+    """Known mods, in an order that works; with ``algo``/``per_round``, also whether the run can use them."""
     unknown = sorted(set(names) - set(_mod_table()))
     if unknown:
         raise ToolchainError(f"unknown Flower mod(s) {unknown}; choose from {sorted(_mod_table())}")
+    if SECAGG in names:
+        if names[0] != SECAGG:  # it masks the update the inner mods (e.g. clipping) leave
+            raise ToolchainError(f"list {SECAGG} first in mods (outermost): {','.join(names)}")
+        if algo is not None and per_round is not None:
+            check_secagg(algo, per_round)
 
 
 # ---- records <-> driver objects -----------------------------------------------------------------
@@ -141,7 +148,7 @@ def spec_from_run_config(run_config: dict) -> str:
     spec = make_spec(opts, int(run_config.get("train-limit", 0)) or None, int(run_config.get("test-limit", 0)) or None,
                      float(run_config.get("node-timeout", 300.0)), out=out, engine="flower-app")
     mods = [m for m in str(run_config.get("mods", "")).split(",") if m]
-    check_mods(mods)
+    check_mods(mods, opts.algo, opts.per_round)
     if mods:
         spec.extra["mods"] = mods
     if float(run_config.get("clipping-norm", 0.0)) > 0:
@@ -269,9 +276,12 @@ class GridExchange:
         self.grid, self.node_of, self.timeout, self.clipping_norm = grid, node_of, timeout, clipping_norm
         self.mods = mods  # client mods are on: masks travel as float arrays (see records.split)
 
+    def record(self, o: Outgoing) -> RecordDict:
+        """Instruction ``o`` as this run's records (the SecAgg+ exchange sends them in its own stage)."""
+        return ins_record(o, self.clipping_norm if o.kind == TRAIN else None, self.mods)
+
     def __call__(self, out: list[Outgoing]) -> dict[int, Incoming]:
-        msgs = [Message(ins_record(o, self.clipping_norm if o.kind == "train" else None, self.mods),
-                        dst_node_id=self.node_of[o.cid],
+        msgs = [Message(self.record(o), dst_node_id=self.node_of[o.cid],
                         message_type=SETUP_TYPE if o.kind == "setup" else MessageType.TRAIN,
                         group_id=str(o.rnd)) for o in out]
         got: dict[int, Incoming] = {}
@@ -287,14 +297,19 @@ class GridExchange:
 def serve(grid: Grid, spec: RunSpec) -> dict:
     """The whole server side of a run: build, discover nodes, run the rounds, write ``spec.out``."""
 
-    check_mods(list(spec.extra.get("mods", [])))
+    mods = list(spec.extra.get("mods", []))
     strategy, model, fed, cfg = build_server(spec)
+    check_mods(mods, spec.options["algo"], cfg.per_round)
     find = assign_nodes if simulated(spec) else discover
     node_of = find(grid, cfg.clients, spec.node_timeout)
     log(INFO, "toolchain: %d SuperNodes hold partitions %s", len(node_of), sorted(node_of))
     clip = spec.extra.get(CLIPPING_NORM)
-    exchange = NodeExchange(GridExchange(grid, node_of, clipping_norm=None if clip is None else float(clip),
-                                         mods=bool(spec.extra.get("mods"))))
+    plain = GridExchange(grid, node_of, clipping_norm=None if clip is None else float(clip), mods=bool(mods))
+    if SECAGG in mods:  # training rounds through Flower's SecAgg+ (toolchain/learning/flower/secagg.py)
+        weight = spec.extra.get(MAX_WEIGHT) or max(len(c.y) for c in fed.clients)
+        exchange = NodeExchange(SecAggExchange(grid, node_of, plain, float(weight), spec.extra))
+    else:
+        exchange = NodeExchange(plain)
 
     def run(on_round: Callable) -> list:
         def report(rec) -> None:  # noqa: ANN001 - RoundRecord

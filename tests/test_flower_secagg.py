@@ -1,0 +1,141 @@
+"""SecAgg+ on the Flower engines (toolchain/learning/flower/secagg.py): the server gets the round's weighted average
+and never one client's weights.
+
+The fast test runs the real server side (``apps.serve``: the toolchain's round loop and Flower's
+``SecAggPlusWorkflow`` stages) against the real ClientApp (Flower's ``secaggplus_mod`` around our handler), joined by
+a loopback grid in this process that delivers each message to the node's ClientApp with the node's own
+``Context``, as a SuperNode does, and keeps every reply the server receives. The slow test runs the same through
+``flwr run`` on Flower's simulation engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="flwr is not installed (pip install -e '.[flower]')")
+
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.common import bytes_to_ndarray  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from toolchain.contracts.errors import ToolchainError  # noqa: E402
+from toolchain.learning.flower import make_spec  # noqa: E402
+from toolchain.learning.flower.apps import check_mods, make_client_app, serve  # noqa: E402
+from toolchain.learning.flower.driver import run_inprocess  # noqa: E402
+from toolchain.learning.flower.secagg import CLIPPING_RANGE, DEFAULTS, SECAGG  # noqa: E402
+from toolchain.pipelines.train import TrainOptions  # noqa: E402
+
+CLIENTS, TRAIN_N, TEST_N = 3, 300, 100
+Q_RANGE = 2**22  # SecAggPlusWorkflow's default quantization_range
+
+
+class LoopbackGrid:
+    """The Grid calls the server side makes (node ids, push, pull), answered by ClientApp ``app`` in this process:
+    one ``Context`` per node, kept across messages as a SuperNode keeps it. ``received`` holds every reply the
+    server pulled."""
+
+    def __init__(self, app, nodes: int) -> None:
+        self.app = app
+        self.contexts = {n: Context(1, n, {}, RecordDict(), {}) for n in range(101, 101 + nodes)}
+        self.pending: dict[str, Message] = {}
+        self.received: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for msg in messages:
+            mid = uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = mid  # as the SuperLink (and Flower's simulation engine) assign it
+            server, TaskIdentity.node_id = TaskIdentity.node_id, msg.metadata.dst_node_id  # now in the node's process
+            try:
+                # a copy, as a transport delivers one: the workflow's stage messages share one content object,
+                # and the mod consumes what it reads
+                reply = copy.deepcopy(self.app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id]))
+            finally:
+                TaskIdentity.node_id = server
+            reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self.pending[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        got = [self.pending.pop(i) for i in list(ids) if i in self.pending]
+        self.received.extend(copy.deepcopy(got))  # the workflow consumes what it reads
+        return got
+
+
+def _opts(out: str, algo: str = "fedavg", **kw) -> TrainOptions:
+    return TrainOptions(algo=algo, out=out, model="lenet5", clients=CLIENTS, per_round=CLIENTS, rounds=1,
+                        batch_size=32, lr=0.05, quiet=True, engine="flower-sim", seed=3, **kw)
+
+
+@pytest.mark.parametrize("algo", ["fedavg", "random"])
+def test_secagg_round_gives_the_average_and_no_node_sends_its_weights(tmp_path, algo):
+    spec = make_spec(_opts(str(tmp_path / "run"), algo, density=0.2), TRAIN_N, TEST_N)
+    spec.extra["mods"] = [SECAGG]
+    grid = LoopbackGrid(make_client_app(spec.to_json()), CLIENTS)
+    # what Flower's runtime sets in a ServerApp process (a Message takes its sender from it)
+    identity = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        serve(grid, spec)
+    finally:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = identity
+    got = torch.load(tmp_path / "run" / "model.pt")["state_dict"]
+    _hist, ref = run_inprocess(make_spec(_opts(str(tmp_path / "ref"), algo, density=0.2), TRAIN_N, TEST_N))
+    want = ref.model.state_dict()
+    # SecAgg+ quantises each update (stochastic rounding, step 2 * clip / 2^22 per unit of n / max_weight; every
+    # client here holds n = max_weight samples): the average is off by less than one step, and not bit-exact
+    step = 2 * DEFAULTS[CLIPPING_RANGE] / Q_RANGE
+    diffs = [(got[k] - want[k]).abs().max().item() for k in want]
+    assert max(diffs) < step, (max(diffs), step)
+    assert max(diffs) > 0  # the update really went through SecAgg+ (the plain engines are bit-exact)
+    # what reached the server: 4 stages x 3 nodes, and not one array of weights
+    assert len(grid.received) == 4 * CLIENTS
+    for reply in grid.received:
+        assert not reply.has_error()
+        assert all(len(rec) == 0 for rec in reply.content.array_records.values())
+    masked = [r.content[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] for r in grid.received
+              if Key.MASKED_PARAMETERS in r.content[RECORD_KEY_CONFIGS]]
+    assert len(masked) == CLIENTS
+    # each masked vector holds one value per kept weight (plus SecAgg+'s weight factor), and none is a client's
+    # update: a quantised update sits near 2^21 (clip 8 -> the middle of [0, 2^22)); masked, the values spread
+    # uniformly over [0, 2^32), mean 2^31
+    kept = sum(int(m.sum()) for m in ref.masks.values()) + sum(
+        v.numel() for k, v in want.items() if k not in ref.masks)
+    for vectors in masked:
+        vec = np.concatenate([bytes_to_ndarray(b).ravel() for b in vectors]).astype(np.float64)
+        assert kept <= vec.size <= kept + len(vectors)
+        assert abs(vec.mean() / 2**31 - 1) < 0.05 and vec.std() > 0.25 * 2**32, (vec.mean(), vec.std())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_secagg_on_flowers_simulation_engine(tmp_path):
+    """The same round through ``flwr run`` on a simulation SuperLink (Ray, one virtual SuperNode per client)."""
+    from toolchain.learning.flower.launch import run_simulation
+
+    spec = make_spec(_opts(str(tmp_path / "run")), TRAIN_N, TEST_N)
+    spec.extra["mods"] = [SECAGG]
+    run_simulation(spec, num_cpus=1)
+    got = torch.load(tmp_path / "run" / "model.pt")["state_dict"]
+    _hist, ref = run_inprocess(make_spec(_opts(str(tmp_path / "ref")), TRAIN_N, TEST_N))
+    diffs = [(got[k] - v).abs().max().item() for k, v in ref.model.state_dict().items()]
+    assert 0 < max(diffs) < 2 * DEFAULTS[CLIPPING_RANGE] / Q_RANGE, max(diffs)
+
+
+def test_secagg_refuses_what_it_cannot_sum():
+    with pytest.raises(ToolchainError, match="share one mask"):
+        check_mods([SECAGG], "feddst", 10)
+    with pytest.raises(ToolchainError, match="at least 2 clients"):
+        check_mods([SECAGG], "fedavg", 1)
+    with pytest.raises(ToolchainError, match="first"):
+        check_mods(["fixedclipping", SECAGG])
