@@ -19,8 +19,9 @@ import torch
 
 pytest.importorskip("flwr", reason="flwr is not installed (pip install -e '.[flower]')")
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.common import bytes_to_ndarray  # noqa: E402
+from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
@@ -28,7 +29,7 @@ from toolchain.contracts.errors import ToolchainError  # noqa: E402
 from toolchain.learning.flower import make_spec  # noqa: E402
 from toolchain.learning.flower.apps import check_mods, make_client_app, serve  # noqa: E402
 from toolchain.learning.flower.driver import run_inprocess  # noqa: E402
-from toolchain.learning.flower.secagg import CLIPPING_RANGE, DEFAULTS, SECAGG  # noqa: E402
+from toolchain.learning.flower.secagg import CLIPPING_RANGE, DEFAULTS, MAX_WEIGHT, SECAGG  # noqa: E402
 from toolchain.pipelines.train import TrainOptions  # noqa: E402
 
 CLIENTS, TRAIN_N, TEST_N = 3, 300, 100
@@ -59,6 +60,8 @@ class LoopbackGrid:
                 # a copy, as a transport delivers one: the workflow's stage messages share one content object,
                 # and the mod consumes what it reads
                 reply = copy.deepcopy(self.app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id]))
+            except Exception as e:  # noqa: BLE001 - as Flower's runtime does: the server gets an error reply
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(e).__name__}: {e}"), reply_to=msg)
             finally:
                 TaskIdentity.node_id = server
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
@@ -72,6 +75,19 @@ class LoopbackGrid:
         return got
 
 
+def _serve(spec) -> LoopbackGrid:
+    """``serve`` in this process, against the ClientApp behind a loopback grid."""
+    grid = LoopbackGrid(make_client_app(spec.to_json()), CLIENTS)
+    # what Flower's runtime sets in a ServerApp process (a Message takes its sender from it)
+    identity = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        serve(grid, spec)
+    finally:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = identity
+    return grid
+
+
 def _opts(out: str, algo: str = "fedavg", **kw) -> TrainOptions:
     return TrainOptions(algo=algo, out=out, model="lenet5", clients=CLIENTS, per_round=CLIENTS, rounds=1,
                         batch_size=32, lr=0.05, quiet=True, engine="flower-sim", seed=3, **kw)
@@ -81,14 +97,7 @@ def _opts(out: str, algo: str = "fedavg", **kw) -> TrainOptions:
 def test_secagg_round_gives_the_average_and_no_node_sends_its_weights(tmp_path, algo):
     spec = make_spec(_opts(str(tmp_path / "run"), algo, density=0.2), TRAIN_N, TEST_N)
     spec.extra["mods"] = [SECAGG]
-    grid = LoopbackGrid(make_client_app(spec.to_json()), CLIENTS)
-    # what Flower's runtime sets in a ServerApp process (a Message takes its sender from it)
-    identity = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
-        serve(grid, spec)
-    finally:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = identity
+    grid = _serve(spec)
     got = torch.load(tmp_path / "run" / "model.pt")["state_dict"]
     _hist, ref = run_inprocess(make_spec(_opts(str(tmp_path / "ref"), algo, density=0.2), TRAIN_N, TEST_N))
     want = ref.model.state_dict()
@@ -130,6 +139,16 @@ def test_secagg_on_flowers_simulation_engine(tmp_path):
     _hist, ref = run_inprocess(make_spec(_opts(str(tmp_path / "ref")), TRAIN_N, TEST_N))
     diffs = [(got[k] - v).abs().max().item() for k, v in ref.model.state_dict().items()]
     assert 0 < max(diffs) < 2 * DEFAULTS[CLIPPING_RANGE] / Q_RANGE, max(diffs)
+
+
+def test_secagg_node_with_more_samples_than_the_max_weight_refuses(tmp_path):
+    """A node whose sample count exceeds the run's max weight would overflow SecAgg+'s quantisation range (the mod
+    itself only warns): it refuses, and the round fails with that node's reason in one line."""
+    spec = make_spec(_opts(str(tmp_path / "run")), TRAIN_N, TEST_N)
+    spec.extra.update({"mods": [SECAGG], MAX_WEIGHT: 10})
+    with pytest.raises(ToolchainError, match=r"collect_masked_vectors_stage failed: .*more than the run's max weight"):
+        _serve(spec)
+    assert not (tmp_path / "run" / "model.pt").exists()
 
 
 def test_secagg_refuses_what_it_cannot_sum():

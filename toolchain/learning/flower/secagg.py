@@ -163,14 +163,13 @@ class SecAggExchange:
         ctx = _legacy_context(rnd, legacy)
         state = WorkflowState()
         wf = self.workflow
-        if not wf.setup_stage(self.grid, ctx, state):
-            raise ToolchainError(f"secaggplus round {rnd}: setup failed ({len(state.failures)} node(s) failed)")
-        # the round's real instructions (the workflow adds its stage record to each)
-        state.nid_to_fitins = {self.node_of[o.cid]: self.plain.record(o) for o in out}
-        for stage in (wf.share_keys_stage, wf.collect_masked_vectors_stage, wf.unmask_stage):
+        stages = [wf.setup_stage, wf.share_keys_stage, wf.collect_masked_vectors_stage, wf.unmask_stage]
+        for i, stage in enumerate(stages):
             if not stage(self.grid, ctx, state):
-                raise ToolchainError(f"secaggplus round {rnd}: {stage.__name__} failed "
-                                     f"({len(state.failures)} node(s) failed)")
+                why = f": {state.failures[0]}" if state.failures else " (too few nodes answered)"
+                raise ToolchainError(f"secaggplus round {rnd}: {stage.__name__} failed{why}")
+            if i == 0:  # the round's real instructions (the workflow adds its stage record to each)
+                state.nid_to_fitins = {self.node_of[o.cid]: self.plain.record(o) for o in out}
         got: dict[int, Incoming] = {}
         for proxy, fitres in legacy.results:
             meta = fitres.metrics
