@@ -4,8 +4,8 @@ and never one client's weights.
 The fast test runs the real server side (``apps.serve``: the toolchain's round loop and Flower's
 ``SecAggPlusWorkflow`` stages) against the real ClientApp (Flower's ``secaggplus_mod`` around our handler), joined by
 a loopback grid in this process that delivers each message to the node's ClientApp with the node's own
-``Context``, as a SuperNode does, and keeps every reply the server receives. The slow test runs the same through
-``flwr run`` on Flower's simulation engine.
+``Context``, as a SuperNode does, and keeps every reply the server receives. The slow tests run the same round
+through ``flwr run`` on Flower's simulation engine and on a local SuperLink with SuperNodes.
 """
 
 from __future__ import annotations
@@ -88,9 +88,9 @@ def _serve(spec) -> LoopbackGrid:
     return grid
 
 
-def _opts(out: str, algo: str = "fedavg", **kw) -> TrainOptions:
+def _opts(out: str, algo: str = "fedavg", engine: str = "flower-sim", **kw) -> TrainOptions:
     return TrainOptions(algo=algo, out=out, model="lenet5", clients=CLIENTS, per_round=CLIENTS, rounds=1,
-                        batch_size=32, lr=0.05, quiet=True, engine="flower-sim", seed=3, **kw)
+                        batch_size=32, lr=0.05, quiet=True, engine=engine, seed=3, **kw)
 
 
 @pytest.mark.parametrize("algo", ["fedavg", "random"])
@@ -135,6 +135,27 @@ def test_secagg_on_flowers_simulation_engine(tmp_path):
     spec = make_spec(_opts(str(tmp_path / "run")), TRAIN_N, TEST_N)
     spec.extra["mods"] = [SECAGG]
     run_simulation(spec, num_cpus=1)
+    got = torch.load(tmp_path / "run" / "model.pt")["state_dict"]
+    _hist, ref = run_inprocess(make_spec(_opts(str(tmp_path / "ref")), TRAIN_N, TEST_N))
+    diffs = [(got[k] - v).abs().max().item() for k, v in ref.model.state_dict().items()]
+    assert 0 < max(diffs) < 2 * DEFAULTS[CLIPPING_RANGE] / Q_RANGE, max(diffs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_secagg_on_flowers_deployment_engine(tmp_path):
+    """The same round on a local SuperLink with 3 SuperNodes: every stage message starts a fresh ClientApp process
+    there, so the mod's keys and shares live only in the node's ``context.state`` between stages."""
+    from toolchain.learning.flower.launch import LocalFederation, run_deployment
+
+    spec = make_spec(_opts(str(tmp_path / "run"), engine="flower"), TRAIN_N, TEST_N)
+    spec.extra["mods"] = [SECAGG]
+    fed = LocalFederation(CLIENTS)
+    try:
+        fed.start()
+        run_deployment(spec, fed.address, timeout=360, stream=False, **fed.security())
+    finally:
+        fed.stop()
     got = torch.load(tmp_path / "run" / "model.pt")["state_dict"]
     _hist, ref = run_inprocess(make_spec(_opts(str(tmp_path / "ref")), TRAIN_N, TEST_N))
     diffs = [(got[k] - v).abs().max().item() for k, v in ref.model.state_dict().items()]
