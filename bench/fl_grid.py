@@ -332,8 +332,8 @@ def summarize(grid_name: str) -> dict[str, Any]:
                for at, b in (("at_train_batch", "peak_breakdown"), ("at_batch1", "peak_breakdown_batch1"))},
             "bytes_up_per_client_round": float(np.mean([r["bytes_up_per_client_round"] for r in rs])),
             "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
-            # runs that another engine than the one-by-one CPU engine finished (issue 14: say which rows a GPU made)
-            "engines": sorted({e for r in rs for e in r.get("rounds_by_engine", {r.get("engine", engine_name(None)): 1})}),
+            # the share of the row's rounds each engine trained (issue 14: say which rows a GPU made, and how much)
+            "engine_share": {e: n / sum(by.values()) for by in [rounds_by_engine(rs)] for e, n in sorted(by.items())},
         })
     total = len(grid_runs(grid))
     return {"grid": grid_name, "settings": {k: grid[k] for k in ("dataset", "model", "train", "algo_options",
@@ -450,8 +450,9 @@ def markdown(s: dict[str, Any]) -> str:
              "Memory (docs/memory.md, peak over all rounds, round 1 included): **total** at the training batch; "
              "**w+g+opt** = weights + gradients + optimizer state + method buffers; **batch 1** = everything when "
              "training on one sample. FedMef's claim uses its own footprint, model + activations (docs/memory.md).", "",
-             "Engine: every run trained its clients one by one on the CPU unless its row names another engine "
-             "(`--device`: the round's clients batched on that device, equal up to float rounding; docs/training.md).",
+             "Engine: every run trained its clients one by one on the CPU unless its row names another engine, with "
+             "that engine's share of the row's rounds (`--device`: the round's clients batched on that device, equal "
+             "up to float rounding; docs/training.md). *wall s/run* mixes the engines in those shares.",
              "",
              f"**Tail mean**: the mean of each run's evaluations in the last 1/{TAIL} of the rounds (the final round "
              "alone carries the sampling noise of its 10 clients), then mean +- std over seeds.", "",
@@ -459,7 +460,7 @@ def markdown(s: dict[str, Any]) -> str:
              "w+g+opt KiB | batch 1 KiB | up B/client/round | wall s/run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
-        engines = [e for e in r.get("engines", []) if e != engine_name(None)]
+        engines = [f"{e} {100 * f:.0f} %" for e, f in r.get("engine_share", {}).items() if e != engine_name(None)]
         lines.append(f"| {r['method']}{' (' + ', '.join(engines) + ')' if engines else ''} | {r['density']:g} | "
                      f"{r['n']} | {100 * r['accuracy_mean']:.2f} +- "
                      f"{100 * r['accuracy_std']:.2f} | {100 * r['tail_mean']:.2f} +- {100 * r['tail_std']:.2f} | "
