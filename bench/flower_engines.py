@@ -85,7 +85,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         opts = TrainOptions(algo=args.algo, out=str(work / engine), model=args.model, clients=args.clients,
                             per_round=args.per_round, rounds=args.rounds, batch_size=32, lr=0.05, density=0.2, quiet=True, engine=engine,
                             algo_options={"prune_end": max(1, args.rounds - 1)} if args.algo == "gmp" else {})
-        return make_spec(opts, args.train_samples, args.test_samples)
+        spec = make_spec(opts, args.train_samples, args.test_samples)
+        if engine != "inprocess" and getattr(args, "mods", None):
+            spec.extra["mods"] = list(args.mods)
+        return spec
 
     engines: dict[str, dict[str, Any]] = {}
 
