@@ -11,6 +11,7 @@ through ``flwr run`` on Flower's simulation engine and on a local SuperLink with
 from __future__ import annotations
 
 import copy
+import json
 import uuid
 
 import numpy as np
@@ -27,7 +28,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from toolchain.contracts.errors import ToolchainError  # noqa: E402
 from toolchain.learning.flower import make_spec  # noqa: E402
-from toolchain.learning.flower.apps import check_mods, make_client_app, serve  # noqa: E402
+from toolchain.learning.flower.apps import check_mods, make_client_app, serve, spec_from_run_config  # noqa: E402
 from toolchain.learning.flower.driver import run_inprocess  # noqa: E402
 from toolchain.learning.flower.secagg import CLIPPING_RANGE, DEFAULTS, MAX_WEIGHT, SECAGG  # noqa: E402
 from toolchain.pipelines.train import TrainOptions  # noqa: E402
@@ -179,3 +180,8 @@ def test_secagg_refuses_what_it_cannot_sum():
         check_mods([SECAGG], "fedavg", 1)
     with pytest.raises(ToolchainError, match="first"):
         check_mods(["fixedclipping", SECAGG])
+    # the checked-in app's run config (flwr run flower_app --run-config ...) is checked the same way
+    with pytest.raises(ToolchainError, match="share one mask"):
+        spec_from_run_config({"algo": "feddst", "mods": SECAGG, "clients": 4})
+    assert json.loads(spec_from_run_config({"algo": "fedavg", "mods": SECAGG, "secagg-max-weight": 900}))["extra"] == {
+        "mods": [SECAGG], MAX_WEIGHT: 900.0}

@@ -138,7 +138,7 @@ def spec_from_run_config(run_config: dict) -> str:
     if SPEC_KEY in run_config:
         return str(run_config[SPEC_KEY])
     unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS) - {"train-limit", "test-limit", "mods", "clipping-norm",
-                                                                "node-timeout", "algo-options"})
+                                                                "node-timeout", "algo-options", "secagg-max-weight"})
     if unknown:
         raise ToolchainError(f"unknown run-config key(s) {unknown}; see flower_app/pyproject.toml")
     kw = {RUN_CONFIG_KEYS[k]: v for k, v in run_config.items() if k in RUN_CONFIG_KEYS and v not in ("", 0)}
@@ -148,11 +148,13 @@ def spec_from_run_config(run_config: dict) -> str:
     spec = make_spec(opts, int(run_config.get("train-limit", 0)) or None, int(run_config.get("test-limit", 0)) or None,
                      float(run_config.get("node-timeout", 300.0)), out=out, engine="flower-app")
     mods = [m for m in str(run_config.get("mods", "")).split(",") if m]
-    check_mods(mods, opts.algo, opts.per_round)
+    check_mods(mods, opts.algo, spec.config().per_round)
     if mods:
         spec.extra["mods"] = mods
     if float(run_config.get("clipping-norm", 0.0)) > 0:
         spec.extra[CLIPPING_NORM] = float(run_config["clipping-norm"])
+    if float(run_config.get("secagg-max-weight", 0)) > 0:
+        spec.extra[MAX_WEIGHT] = float(run_config["secagg-max-weight"])
     return spec.to_json()
 
 

@@ -96,7 +96,8 @@ def _fitres_mod(msg: Message, ctx: Context, call_next: Any) -> Message:
     max_weight = float(ctx.state.config_records[RECORD_KEY_STATE]["max_weight"])
     if n > max_weight:  # the mod would only warn, and the sum would overflow its quantisation range
         raise ToolchainError(f"secaggplus: this node trains on {n} samples, more than the run's max weight "
-                             f"{max_weight:g}; set RunSpec.extra['{MAX_WEIGHT}'] >= {n}")
+                             f"{max_weight:g}; set secagg-max-weight >= {n} in the run config "
+                             f"(RunSpec.extra['{MAX_WEIGHT}'])")
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), n,
                     {_LAYOUT: layout, _CID: int(c["cid"]), _RES_TYPE: str(c["res-type"])})
     for name, record in compat.fitres_to_recorddict(fitres, keep_input=False).items():
