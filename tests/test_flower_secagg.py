@@ -42,8 +42,8 @@ class LoopbackGrid:
     one ``Context`` per node, kept across messages as a SuperNode keeps it. ``received`` holds every reply the
     server pulled."""
 
-    def __init__(self, app, nodes: int) -> None:
-        self.app = app
+    def __init__(self, app, nodes: int, tamper=None) -> None:
+        self.app, self.tamper = app, tamper  # tamper(node_id, reply): what a dishonest node changes in its reply
         self.contexts = {n: Context(1, n, {}, RecordDict(), {}) for n in range(101, 101 + nodes)}
         self.pending: dict[str, Message] = {}
         self.received: list[Message] = []
@@ -65,6 +65,8 @@ class LoopbackGrid:
                 reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(e).__name__}: {e}"), reply_to=msg)
             finally:
                 TaskIdentity.node_id = server
+            if self.tamper is not None:
+                self.tamper(msg.metadata.dst_node_id, reply)
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.pending[mid] = reply
             ids.append(mid)
@@ -76,9 +78,9 @@ class LoopbackGrid:
         return got
 
 
-def _serve(spec) -> LoopbackGrid:
+def _serve(spec, tamper=None) -> LoopbackGrid:
     """``serve`` in this process, against the ClientApp behind a loopback grid."""
-    grid = LoopbackGrid(make_client_app(spec.to_json()), CLIENTS)
+    grid = LoopbackGrid(make_client_app(spec.to_json()), CLIENTS, tamper)
     # what Flower's runtime sets in a ServerApp process (a Message takes its sender from it)
     identity = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -170,6 +172,24 @@ def test_secagg_node_with_more_samples_than_the_max_weight_refuses(tmp_path):
     spec.extra.update({"mods": [SECAGG], MAX_WEIGHT: 10})
     with pytest.raises(ToolchainError, match=r"collect_masked_vectors_stage failed: .*more than the run's max weight"):
         _serve(spec)
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_secagg_refuses_a_node_that_lies_about_its_update(tmp_path):
+    """A node's plaintext layout says how the summed vector is cut into tensors; one that disagrees with the
+    others' (here: its first tensor claims another size) fails the round in one line instead of being decoded."""
+
+    def lie(node, reply):
+        metrics = reply.content.config_records.get("fitres.metrics")
+        if node == 102 and metrics is not None:
+            layout = json.loads(str(metrics["toolchain-layout"]))
+            layout["sections"][0][0][2] = [1]
+            metrics["toolchain-layout"] = json.dumps(layout)
+
+    spec = make_spec(_opts(str(tmp_path / "run")), TRAIN_N, TEST_N)
+    spec.extra["mods"] = [SECAGG]
+    with pytest.raises(ToolchainError, match="laid out unlike the others"):
+        _serve(spec, lie)
     assert not (tmp_path / "run" / "model.pt").exists()
 
 

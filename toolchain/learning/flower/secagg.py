@@ -166,21 +166,32 @@ class SecAggExchange:
         wf = self.workflow
         stages = [wf.setup_stage, wf.share_keys_stage, wf.collect_masked_vectors_stage, wf.unmask_stage]
         for i, stage in enumerate(stages):
-            if not stage(self.grid, ctx, state):
+            try:
+                ok = stage(self.grid, ctx, state)
+            except ValueError as e:  # e.g. a node's masked vector of another shape: numpy cannot add it
+                raise ToolchainError(f"secaggplus round {rnd}: {stage.__name__}: {e}") from None
+            if not ok:
                 why = f": {state.failures[0]}" if state.failures else " (too few nodes answered)"
                 raise ToolchainError(f"secaggplus round {rnd}: {stage.__name__} failed{why}")
             if i == 0:  # the round's real instructions (the workflow adds its stage record to each)
                 state.nid_to_fitins = {self.node_of[o.cid]: self.plain.record(o) for o in out}
         got: dict[int, Incoming] = {}
+        shape = None  # every client's weights section (names, encodings, sizes): the sum is only defined if equal
         for proxy, fitres in legacy.results:
             meta = fitres.metrics
             cid = int(meta[_CID])
             if cid_of.get(proxy.node_id) != cid:
                 raise ToolchainError(f"secaggplus round {rnd}: node {proxy.node_id} answered for client {cid}")
             layout = str(meta[_LAYOUT])
-            average = dict(zip(vector_keys(layout), parameters_to_ndarrays(fitres.parameters), strict=True))
-            got[cid] = Incoming(cid, records.join({k: np.asarray(v, np.float32) for k, v in average.items()}, layout),
-                                str(meta[_RES_TYPE]))
+            keys, sections = vector_keys(layout), json.loads(layout)["sections"][0]
+            if shape is not None and sections != shape:
+                raise ToolchainError(f"secaggplus round {rnd}: client {cid}'s update is laid out unlike the others'")
+            shape = sections
+            average = parameters_to_ndarrays(fitres.parameters)
+            if len(average) != len(keys):
+                raise ToolchainError(f"secaggplus round {rnd}: {len(average)} summed arrays for {len(keys)} tensors")
+            arrays = dict(zip(keys, (np.asarray(v, np.float32) for v in average), strict=True))
+            got[cid] = Incoming(cid, records.join(arrays, layout), str(meta[_RES_TYPE]))
         if len(got) != len(out):
             raise ToolchainError(f"secaggplus round {rnd}: {len(out) - len(got)} node(s) did not reply")
         return got
