@@ -100,10 +100,12 @@ GRIDS: dict[str, dict[str, Any]] = {
 # Ablation of FedTiny's CIFAR-10 result (docs/training.md): its ABNS-chosen mask with the adjustments off (delta 0),
 # against the main grid's FedTiny (adjusting) and random ERK (its starting budget, no ABNS)
 GRIDS["cifar10-fedtiny-static"] = {**GRIDS["cifar10"], "methods": ["fedtiny"], "seeds": [0, 1],
-                                   "algo_options": {"delta": 0, "t_end": 150}, "per_method": {}}
+                                   "algo_options": {"delta": 0, "t_end": 150}, "per_method": {},
+                                   "against": ("cifar10", ["fedtiny", "random"]), "label": "FedTiny, delta 0 (ABNS mask only)"}
 # FedTiny with FedDST's adjustment rate (0.5 instead of its own 0.1): whether the rate is FedDST's lead at 5 %
 GRIDS["cifar10-fedtiny-alpha"] = {**GRIDS["cifar10"], "methods": ["fedtiny"], "seeds": [0, 1], "densities": [0.05],
-                                  "algo_options": {"delta": 10, "t_end": 150, "alpha": 0.5}, "per_method": {}}
+                                  "algo_options": {"delta": 10, "t_end": 150, "alpha": 0.5}, "per_method": {},
+                                  "against": ("cifar10", ["fedtiny", "feddst", "random"]), "label": "FedTiny, rate 0.5"}
 
 
 def machine_info(device: str | None = None) -> dict[str, Any]:
@@ -425,6 +427,33 @@ def claims(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def against(summary: dict[str, Any]) -> list[str]:
+    """An ablation grid's rows against its main grid's runs at the same density (``GRIDS[...]["against"]``: that
+    grid and the methods to compare with), paired by seed, on both readings."""
+    ref = GRIDS[summary["grid"]].get("against")
+    if not ref:
+        return []
+    ref_grid, methods = ref
+    theirs = [r for r in summarize(ref_grid)["rows"] if r["method"] in methods]
+    keys = list(READING)
+    lines = ["", f"## Against `{ref_grid}` (same settings otherwise), paired by seed", "",
+             "Each cell: this grid's row minus the other run, in points, mean +- std over the seeds both finished.", "",
+             "| this grid | against | " + " | ".join(READING[k] for k in keys) + " | seeds |",
+             "|---|---|" + "---|" * len(keys) + "---|"]
+    for mine in summary["rows"]:
+        for other in theirs:
+            seeds = _common_seeds([mine, other]) if other["density"] == mine["density"] else []
+            if not seeds:
+                continue
+            cells = [f"{100 * (_on(mine, k, seeds) - _on(other, k, seeds)):+.2f}{_spread(mine, other, k, seeds)}"
+                     for k in keys]
+            name = GRIDS[summary["grid"]].get("label", mine["method"])
+            lines.append(f"| {name} at {mine['density']:g} ({100 * _on(mine, 'tail_mean', seeds):.2f} % tail "
+                         f"mean) | {other['method']} ({100 * _on(other, 'tail_mean', seeds):.2f} %) | "
+                         + " | ".join(cells) + f" | {', '.join(seeds)} |")
+    return lines
+
+
 def rounds_by_engine(runs: list[dict[str, Any]]) -> Counter:
     """Rounds per engine over runs (a run finished before rounds recorded their engine ran all on its own)."""
     total: Counter = Counter()
@@ -471,6 +500,7 @@ def markdown(s: dict[str, Any]) -> str:
     c = claims(s)
     if c:
         lines += ["", "## Paper claims on the finished cells", "", "| claim | measured | verdict |", "|---|---|---|", *c]
+    lines += against(s)
     if s["in_progress"]:
         lines += ["", "## In progress (checkpointed, resumed by the next run of this script)", "",
                   "| run | round | last evaluated accuracy |", "|---|---|---|"]
