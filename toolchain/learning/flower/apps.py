@@ -300,6 +300,7 @@ def serve(grid: Grid, spec: RunSpec) -> dict:
     """The whole server side of a run: build, discover nodes, run the rounds, write ``spec.out``."""
 
     mods = list(spec.extra.get("mods", []))
+    check_mods(mods)  # before the data loads
     strategy, model, fed, cfg = build_server(spec)
     check_mods(mods, spec.options["algo"], cfg.per_round)
     find = assign_nodes if simulated(spec) else discover

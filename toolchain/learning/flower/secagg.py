@@ -4,7 +4,7 @@ one client's update.
 Flower 1.41 ships both halves of SecAgg+ and we run them unchanged: the client mod ``secaggplus_mod`` (key
 agreement, Shamir shares, quantise + mask the update) and the server's ``SecAggPlusWorkflow`` stages (setup,
 share keys, collect masked vectors, unmask). Both speak Flower's legacy ``FitRes`` layout, so this module adapts
-the two ends to the toolchain's messages (docs/flower.md, "SecAgg+"):
+the two ends to the toolchain's messages (docs/flower.md, "Secure aggregation (SecAgg+)"):
 
 * client: :func:`secagg_mod` is ``secaggplus_mod`` with :func:`_fitres_mod` inside it, which hands the mod our
   reply's weight arrays (the kept values, in layout order) as ``fitres.parameters`` plus the sample count, and
