@@ -436,6 +436,7 @@ def against(summary: dict[str, Any]) -> list[str]:
     ref_grid, methods = ref
     theirs = [r for r in summarize(ref_grid)["rows"] if r["method"] in methods]
     keys = list(READING)
+    name = GRIDS[summary["grid"]].get("label", summary["grid"])
     lines = ["", f"## Against `{ref_grid}` (same settings otherwise), paired by seed", "",
              "Each cell: this grid's row minus the other run, in points, mean +- std over the seeds both finished.", "",
              "| this grid | against | " + " | ".join(READING[k] for k in keys) + " | seeds |",
@@ -447,7 +448,6 @@ def against(summary: dict[str, Any]) -> list[str]:
                 continue
             cells = [f"{100 * (_on(mine, k, seeds) - _on(other, k, seeds)):+.2f}{_spread(mine, other, k, seeds)}"
                      for k in keys]
-            name = GRIDS[summary["grid"]].get("label", mine["method"])
             lines.append(f"| {name} at {mine['density']:g} ({100 * _on(mine, 'tail_mean', seeds):.2f} % tail "
                          f"mean) | {other['method']} ({100 * _on(other, 'tail_mean', seeds):.2f} %) | "
                          + " | ".join(cells) + f" | {', '.join(seeds)} |")
